@@ -1,0 +1,3 @@
+from vsup.cli import main
+
+raise SystemExit(main())
