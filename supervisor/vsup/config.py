@@ -1,0 +1,378 @@
+"""Configuration: one TOML file, validated up front, immutable afterwards.
+
+Every problem is reported as ``ConfigError(file, key, problem)`` and turned into one line and
+exit code 2 by the CLI; the daemon never starts half-configured. Each section is a frozen
+dataclass whose fields carry their default and a one-line explanation (``doc``) that
+``vsup check-config --explain`` prints, so the documentation cannot drift from the code.
+
+Lookup order for every subcommand: ``--config PATH`` > ``$VSUP_CONFIG`` > ``/etc/vsup/vsup.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PATH = Path("/etc/vsup/vsup.toml")
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+class ConfigError(Exception):
+    """A config problem, naming the file, the key and what is wrong."""
+
+    def __init__(self, path: Path | str, key: str | None, problem: str) -> None:
+        self.path, self.key, self.problem = str(path), key, problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.path}: {self.key}" if self.key else self.path
+        return f"{where}: {self.problem}"
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    python: str = _f(None, "interpreter that has vLLM installed; vsup never imports vLLM", required=True)
+    model: str = _f(None, "model path or id served at start-up", required=True)
+    served_model_name: str | None = _f(None, "name clients use (--served-model-name); default: model")
+    args: list[str] = _f([], "extra arguments after --model/--host/--port, e.g. -tp 2")
+    env: dict[str, str] = _f({}, "added to the inherited environment of vLLM")
+    host: str = _f("127.0.0.1", "address vLLM listens on (and vsup probes)")
+    port: int = _f(8000, "TCP port of the OpenAI server", min=1, max=65535)
+    log_file: str = _f("/var/log/vsup/vllm.log", "vLLM stdout+stderr, opened for append; vsup tails it")
+    module: str = _f(VLLM_MODULE, "module started with `python -m`; tests point it at a fake server")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: str = _f("/var/lib/vsup", "ledger.json, events.jsonl and incidents/")
+    socket: str = _f("/run/vsup/vsup.sock", "control socket (JSON lines), created 0660")
+    socket_group: str | None = _f(None, "group that owns the socket; members may connect")
+    admin_users: list[str] = _f([], "users allowed lifecycle commands (root and vsup's own user always are)")
+    admin_groups: list[str] = _f([], "groups allowed lifecycle commands")
+    read_users: list[str] = _f([], "users allowed status/events/diagnose only")
+    read_groups: list[str] = _f([], "groups allowed status/events/diagnose only")
+    metrics_host: str = _f("127.0.0.1", "address of the Prometheus endpoint")
+    metrics_port: int | None = _f(None, "Prometheus endpoint port; unset = no endpoint", min=1, max=65535)
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    # Measured on 2-core CPU machines: the tiny model is ready in 40-45 s; real GPU models load
+    # for minutes, so the default is generous and operators shorten it.
+    start_s: float = _f(600.0, "from spawn to ready (health + model listed + canary), else the start failed", min=1)
+    stop_grace_s: float = _f(20.0, "SIGTERM to the API server, then this long before SIGKILL of the whole tree", min=0)
+    # A hung worker keeps the API server in "Waiting for connections to close" forever, so
+    # a stop never waits for clients beyond the grace.
+    kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)
+    canary_s: float = _f(30.0, "one canary chat completion (a few tokens) must finish within this", min=0.1)
+    drain_s: float = _f(60.0, "reload: wait this long for running requests to finish before stopping", min=0)
+    cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
+    probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
+    gpu_release_s: float = _f(30.0, "after teardown, wait this long for GPU memory to be released", min=0)
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    backoff_initial_s: float = _f(1.0, "first delay before an automatic restart", min=0)
+    backoff_max_s: float = _f(60.0, "ceiling of the exponential backoff", min=0)
+    backoff_factor: float = _f(2.0, "each consecutive failure multiplies the delay by this", min=1)
+    max_failures: int = _f(5, "this many failures within window_s -> state failed (until an operator acts)", min=1)
+    window_s: float = _f(600.0, "the window for max_failures", min=1)
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    interval_s: float = _f(5.0, "health + progress probe period while ready", min=0.1)
+    canary_interval_s: float = _f(30.0, "periodic canary completion while ready (0 = only at start)", min=0)
+    stall_s: float = _f(20.0, "requests running but no generated tokens for this long = no progress", min=1)
+    startup_grace_s: float = _f(0.0, "extra time after ready during which stall lines are only warnings", min=0)
+    confirm: int = _f(2, "independent bad signals needed before an unhealthy server is torn down", min=1)
+    canary_prompt: str = _f("Say OK.", "the canary's user message (never a real prompt)")
+    canary_max_tokens: int = _f(4, "tokens the canary asks for", min=1)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    name: str
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+DEFAULT_LADDER = (
+    Remedy("disable-custom-all-reduce", args=["--disable-custom-all-reduce"]),
+    Remedy("nccl-p2p-disable", env={"NCCL_P2P_DISABLE": "1"}),
+)
+
+
+@dataclass(frozen=True)
+class RemediesConfig:
+    enabled: bool = _f(True, "apply the remedy ladder on repeated failures of the same kind")
+    after: int = _f(1, "failures of one kind (engine death or stall soon after start) before the next remedy", min=1)
+    only_tp: bool = _f(True, "apply the ladder only with tensor parallelism > 1 (what the ladder fixes)")
+    ladder: tuple[Remedy, ...] = _f(DEFAULT_LADDER, "[[remedies.ladder]] name/args/env, tried in order")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    model: str
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    served_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    vllm: VllmConfig
+    daemon: DaemonConfig
+    timeouts: TimeoutsConfig
+    restart: RestartConfig
+    probes: ProbesConfig
+    remedies: RemediesConfig
+    models: dict[str, ModelConfig]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.daemon.socket)
+
+    def model_spec(self, name_or_path: str | None = None) -> ModelConfig:
+        """The model to run: a configured [models.NAME], a path/id, or the [vllm] default."""
+        if name_or_path is None:
+            v = self.vllm
+            return ModelConfig(name=v.served_model_name or v.model, model=v.model,
+                               served_model_name=v.served_model_name)
+        if name_or_path in self.models:
+            return self.models[name_or_path]
+        return ModelConfig(name=name_or_path, model=name_or_path)
+
+
+_SECTIONS: dict[str, type] = {
+    "vllm": VllmConfig,
+    "daemon": DaemonConfig,
+    "timeouts": TimeoutsConfig,
+    "restart": RestartConfig,
+    "probes": ProbesConfig,
+    "remedies": RemediesConfig,
+}
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] = os.environ) -> Path:
+    if explicit:
+        return Path(explicit)
+    if environ.get("VSUP_CONFIG"):
+        return Path(environ["VSUP_CONFIG"])
+    return DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str] | None = None, *, check_python: bool = True) -> Config:
+    """Read and validate the config; raises ConfigError on the first problem."""
+    p = resolve_path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(p, None, "file not found (give --config PATH or set VSUP_CONFIG)") from None
+    except OSError as e:
+        raise ConfigError(p, None, f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(p, None, "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, None, f"TOML syntax error: {e}") from None
+    return parse(data, p, check_python=check_python)
+
+
+def parse(data: Mapping[str, Any], path: Path, *, check_python: bool = True) -> Config:
+    for key in data:
+        if key not in _SECTIONS and key != "models":
+            raise ConfigError(path, key, f"unknown section (known: {', '.join([*_SECTIONS, 'models'])})")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, "must be a table")
+        sections[name] = _build(cls, table, name, path)
+    models = _models(data.get("models", {}), path)
+    cfg = Config(path=path, models=models, **sections)
+    _semantic_checks(cfg, check_python)
+    return cfg
+
+
+def _build(cls: type, table: Mapping[str, Any], section: str, path: Path) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(path, f"{section}.{key}", f"unknown key (known: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in table:
+            if f.metadata.get("required"):
+                raise ConfigError(path, key, "required key is missing")
+            continue
+        if cls is RemediesConfig and name == "ladder":
+            values[name] = _ladder(table[name], key, path)
+            continue
+        values[name] = _check_type(table[name], f, key, path)
+    return cls(**values)
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _check_type(value: Any, f: dataclasses.Field, key: str, path: Path) -> Any:
+    ann = str(f.type)
+    want: str
+    if ann.startswith("list[str]"):
+        want = "array of strings"
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    elif ann.startswith("dict[str, str]"):
+        want = "table of strings"
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    elif ann.startswith("bool"):
+        want, ok = "boolean", isinstance(value, bool)
+    elif ann.startswith("int"):
+        want, ok = "integer", isinstance(value, int) and not isinstance(value, bool)
+    elif ann.startswith("float"):
+        want = "number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif ann.startswith("str"):
+        want, ok = "string", isinstance(value, str)
+    else:  # pragma: no cover - a new field type without a checker is a programming error
+        raise AssertionError(f"no type check for {ann}")
+    if not ok:
+        raise ConfigError(path, key, f"expected {want}, got {_type_name(value)} {value!r}")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(path, key, f"{value} is out of range (must be {rng})")
+    if want == "string" and not value.strip():
+        raise ConfigError(path, key, "must not be empty")
+    return value
+
+
+def _str_list(v: Any, key: str, path: Path) -> list[str]:
+    if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        raise ConfigError(path, key, f"expected array of strings, got {_type_name(v)}")
+    return list(v)
+
+
+def _str_table(v: Any, key: str, path: Path) -> dict[str, str]:
+    if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+        raise ConfigError(path, key, "expected a table of strings")
+    return dict(v)
+
+
+def _ladder(v: Any, key: str, path: Path) -> tuple[Remedy, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(path, key, f"expected array of tables, got {_type_name(v)}")
+    out = []
+    for i, item in enumerate(v):
+        k = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(path, k, "expected a table with name, args, env")
+        extra = set(item) - {"name", "args", "env"}
+        if extra:
+            raise ConfigError(path, f"{k}.{sorted(extra)[0]}", "unknown key (known: name, args, env)")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(path, f"{k}.name", "required string")
+        out.append(Remedy(name, _str_list(item.get("args", []), f"{k}.args", path),
+                          _str_table(item.get("env", {}), f"{k}.env", path)))
+    return tuple(out)
+
+
+def _models(v: Any, path: Path) -> dict[str, ModelConfig]:
+    if not isinstance(v, dict):
+        raise ConfigError(path, "models", "must be a table of [models.NAME] tables")
+    out = {}
+    for name, t in v.items():
+        key = f"models.{name}"
+        if not isinstance(t, dict):
+            raise ConfigError(path, key, "must be a table")
+        extra = set(t) - {"model", "args", "env", "served_model_name"}
+        if extra:
+            raise ConfigError(path, f"{key}.{sorted(extra)[0]}",
+                              "unknown key (known: model, args, env, served_model_name)")
+        model = t.get("model")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(path, f"{key}.model", "required string")
+        smn = t.get("served_model_name")
+        if smn is not None and not isinstance(smn, str):
+            raise ConfigError(path, f"{key}.served_model_name", "expected string")
+        out[name] = ModelConfig(name=name, model=model, args=_str_list(t.get("args", []), f"{key}.args", path),
+                                env=_str_table(t.get("env", {}), f"{key}.env", path),
+                                served_model_name=smn)
+    return out
+
+
+_RESERVED_ARGS = {"--model", "--host", "--port"}
+
+
+def _semantic_checks(cfg: Config, check_python: bool) -> None:
+    p = cfg.path
+    for a in cfg.vllm.args:
+        if a.split("=", 1)[0] in _RESERVED_ARGS:
+            raise ConfigError(p, "vllm.args", f"{a.split('=', 1)[0]} is set by vsup from vllm.model/host/port")
+    if check_python:
+        py = Path(cfg.vllm.python)
+        if not py.is_absolute():
+            raise ConfigError(p, "vllm.python", f"must be an absolute path, got {cfg.vllm.python!r}")
+        if not py.exists():
+            raise ConfigError(p, "vllm.python", f"interpreter {py} does not exist")
+        if not os.access(py, os.X_OK) or py.is_dir():
+            raise ConfigError(p, "vllm.python", f"{py} is not an executable file")
+    if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
+        raise ConfigError(p, "restart.backoff_max_s", "must be >= restart.backoff_initial_s")
+    if cfg.daemon.metrics_port is not None and cfg.daemon.metrics_port == cfg.vllm.port:
+        raise ConfigError(p, "daemon.metrics_port", "must differ from vllm.port")
+
+
+def tensor_parallel_size(args: list[str]) -> int:
+    """The -tp/--tensor-parallel-size value in vLLM args (last one wins), 1 if absent."""
+    tp = 1
+    for i, a in enumerate(args):
+        name, _, val = a.partition("=")
+        if name in ("-tp", "--tensor-parallel-size", "--tensor_parallel_size"):
+            if not val and i + 1 < len(args):
+                val = args[i + 1]
+            try:
+                tp = int(val)
+            except ValueError:
+                pass
+    return tp
+
+
+def explain() -> str:
+    """Every key with its default and meaning, for `vsup check-config --explain`."""
+    lines = []
+    for name, cls in _SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("required"):
+                dflt = "(required)"
+            elif f.default is not dataclasses.MISSING:
+                dflt = repr(f.default) if not isinstance(f.default, tuple) else "(see docs)"
+            else:
+                dflt = repr(f.default_factory())  # type: ignore[misc]
+            lines.append(f"  {f.name} = {dflt}    # {f.metadata.get('doc', '')}")
+    lines.append("[models.NAME]  model (required), args, env, served_model_name")
+    return "\n".join(lines)

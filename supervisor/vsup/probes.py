@@ -1,0 +1,133 @@
+"""HTTP probes of the vLLM OpenAI server: health, model list, canary completion, progress.
+
+``/health`` is necessary but never sufficient: a V1 server with a wedged worker answers 200
+for as long as it lives (78 of 78 polls over 155 s here). Only a real completion proves the
+engine serves, and only the token counter in ``/metrics`` tells a slow engine from a stuck
+one. Each probe returns a ``ProbeResult``; none raises for a network or protocol failure.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probe: str            # "health" | "models" | "canary" | "metrics"
+    ok: bool
+    detail: str = ""
+    seconds: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    running: float
+    waiting: float
+    generation_tokens: float
+
+
+_METRIC = re.compile(
+    r"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:generation_tokens_total)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$",
+    re.M,
+)
+
+
+def parse_metrics(text: str) -> Progress | None:
+    """Sum the three series over all label sets; None when vLLM exports none of them."""
+    sums: dict[str, float] = {}
+    for name, value in _METRIC.findall(text):
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        if v != v:  # NaN
+            continue
+        sums[name] = sums.get(name, 0.0) + v
+    if not sums:
+        return None
+    return Progress(sums.get("vllm:num_requests_running", 0.0), sums.get("vllm:num_requests_waiting", 0.0),
+                    sums.get("vllm:generation_tokens_total", 0.0))
+
+
+class Prober:
+    """Probes one server. One pooled async client; ``trust_env=False`` so a host proxy
+    variable can never route a loopback probe elsewhere."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float) -> None:
+        h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.base = f"http://{h}:{port}"
+        self.timeout_s = timeout_s
+        self._client = httpx.AsyncClient(base_url=self.base, trust_env=False, timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _get(self, probe: str, path: str) -> tuple[ProbeResult, httpx.Response | None]:
+        t0 = time.monotonic()
+        try:
+            r = await self._client.get(path)
+        except httpx.TimeoutException:
+            return ProbeResult(probe, False, f"GET {path} timed out after {self.timeout_s:g}s",
+                               time.monotonic() - t0), None
+        except httpx.HTTPError as e:
+            return ProbeResult(probe, False, f"GET {path}: {type(e).__name__}: {e}", time.monotonic() - t0), None
+        dt = time.monotonic() - t0
+        if r.status_code != 200:
+            return ProbeResult(probe, False, f"GET {path} -> HTTP {r.status_code}", dt), r
+        return ProbeResult(probe, True, "200", dt), r
+
+    async def health(self) -> ProbeResult:
+        return (await self._get("health", "/health"))[0]
+
+    async def models(self, expect: str) -> ProbeResult:
+        res, r = await self._get("models", "/v1/models")
+        if not res.ok or r is None:
+            return res
+        try:
+            ids = [m["id"] for m in r.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return ProbeResult("models", False, "GET /v1/models: malformed JSON", res.seconds)
+        if expect not in ids:
+            return ProbeResult("models", False, f"model {expect!r} not listed (listed: {ids})", res.seconds,
+                               {"ids": ids})
+        return ProbeResult("models", True, f"lists {expect!r}", res.seconds, {"ids": ids})
+
+    async def metrics(self) -> ProbeResult:
+        res, r = await self._get("metrics", "/metrics")
+        if not res.ok or r is None:
+            return res
+        p = parse_metrics(r.text)
+        if p is None:
+            return ProbeResult("metrics", False, "no vllm:* request/token series in /metrics", res.seconds)
+        return ProbeResult("metrics", True, "", res.seconds,
+                           {"running": p.running, "waiting": p.waiting, "generation_tokens": p.generation_tokens})
+
+    async def canary(self, model: str, prompt: str, max_tokens: int, timeout_s: float) -> ProbeResult:
+        """One real chat completion. Success needs HTTP 200 and at least one choice."""
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": 0}
+        t0 = time.monotonic()
+        try:
+            r = await self._client.post("/v1/chat/completions", json=body, timeout=timeout_s)
+        except httpx.TimeoutException:
+            return ProbeResult("canary", False, f"no completion within {timeout_s:g}s", time.monotonic() - t0)
+        except httpx.HTTPError as e:
+            return ProbeResult("canary", False, f"{type(e).__name__}: {e}", time.monotonic() - t0)
+        dt = time.monotonic() - t0
+        if r.status_code != 200:
+            snippet = r.text[:200].replace("\n", " ")
+            return ProbeResult("canary", False, f"HTTP {r.status_code}: {snippet}", dt)
+        try:
+            choices = r.json()["choices"]
+            ok = bool(choices)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            return ProbeResult("canary", False, "HTTP 200 without choices", dt)
+        return ProbeResult("canary", True, f"completed in {dt:.2f}s", dt)
