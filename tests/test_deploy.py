@@ -1,0 +1,149 @@
+"""Tests for deploy/: the systemd unit passes systemd-analyze and agrees with the example config."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vsup import config
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "deploy" / "vsup.service"
+TOML = REPO / "deploy" / "vsup.toml"
+INSTALLED_VSUP = "/opt/vsup/bin/vsup"
+INSTALLED_CONFIG = "/etc/vsup/vsup.toml"
+# The console script of the environment running the tests (the repo's .venv).
+VENV_VSUP = Path(sys.executable).parent / "vsup"
+
+
+def unit_entries(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file as (key, value) lists: keys such as DeviceAllow= repeat."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None, f"key outside a section: {raw!r}"
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def one(section: list[tuple[str, str]], key: str) -> str:
+    values = [v for k, v in section if k == key]
+    assert len(values) == 1, f"{key}= appears {len(values)} times"
+    return values[0]
+
+
+def seconds(span: str) -> float:
+    """A systemd time span such as '120s', '15min' or '30' in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span):
+        total += float(number) * units[unit]
+    return total
+
+
+@pytest.fixture(scope="module")
+def service() -> list[tuple[str, str]]:
+    return unit_entries(UNIT.read_text())["Service"]
+
+
+@pytest.fixture(scope="module")
+def example() -> config.Config:
+    return config.load(TOML, check_python=False)
+
+
+def test_systemd_analyze_verify_accepts_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify reports nothing about the unit with its paths pointed at this venv."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: apt-get install -y systemd (Debian package 'systemd')"
+    assert VENV_VSUP.exists(), f"{VENV_VSUP} missing: pip install -e . in this venv"
+    copy = tmp_path / "vsup.service"
+    copy.write_text(UNIT.read_text().replace(INSTALLED_VSUP, str(VENV_VSUP)))
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    about_us = [l for l in (proc.stdout + proc.stderr).splitlines() if "vsup" in l]
+    assert proc.returncode == 0 and not about_us, proc.stdout + proc.stderr
+
+
+def test_verify_would_catch_a_bad_key(tmp_path: Path) -> None:
+    """The verify check above is not vacuous: a misspelt value in the same unit is reported."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: apt-get install -y systemd (Debian package 'systemd')"
+    copy = tmp_path / "vsup.service"
+    text = UNIT.read_text().replace(INSTALLED_VSUP, str(VENV_VSUP))
+    copy.write_text(text.replace("KillMode=mixed", "KillMode=mixd"))
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert "mixd" in proc.stderr
+
+
+def test_every_command_uses_installed_binary_and_config(service: list[tuple[str, str]]) -> None:
+    """ExecStart, ExecReload and ExecStopPost run /opt/vsup/bin/vsup on /etc/vsup/vsup.toml."""
+    expected = {
+        "ExecStart": f"{INSTALLED_VSUP} run --config {INSTALLED_CONFIG}",
+        "ExecReload": f"{INSTALLED_VSUP} reload --current --config {INSTALLED_CONFIG}",
+        "ExecStopPost": f"{INSTALLED_VSUP} cleanup --config {INSTALLED_CONFIG}",
+    }
+    for key, command in expected.items():
+        assert one(service, key) == command
+
+
+def test_notify_type_watchdog_and_kill_mode(service: list[tuple[str, str]]) -> None:
+    """The unit is Type=notify for vsup's pid only, with a watchdog and KillMode=mixed."""
+    assert one(service, "Type") == "notify"
+    assert one(service, "NotifyAccess") == "main"
+    assert seconds(one(service, "WatchdogSec")) > 0
+    assert one(service, "KillMode") == "mixed"
+    assert one(service, "Restart") == "on-failure"
+
+
+def test_example_config_paths_live_in_unit_directories(
+    service: list[tuple[str, str]], example: config.Config
+) -> None:
+    """state_dir, socket and log_file sit in the State-, Runtime- and LogsDirectory the unit creates."""
+    assert Path(example.daemon.state_dir) == Path("/var/lib") / one(service, "StateDirectory")
+    assert Path(example.daemon.socket).parent == Path("/run") / one(service, "RuntimeDirectory")
+    assert Path(example.vllm.log_file).parent == Path("/var/log") / one(service, "LogsDirectory")
+
+
+def test_stop_timeout_outlasts_vsups_own_stop(
+    service: list[tuple[str, str]], example: config.Config
+) -> None:
+    """TimeoutStopSec exceeds vsup's worst-case stop, so systemd never SIGKILLs a stop in progress."""
+    t = example.timeouts
+    vsup_stop = t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s
+    assert seconds(one(service, "TimeoutStopSec")) > vsup_stop
+
+
+def test_start_timeout_outlasts_vsups_start(
+    service: list[tuple[str, str]], example: config.Config
+) -> None:
+    """TimeoutStartSec (also ExecReload's limit) exceeds a reload: drain, stop, release, start."""
+    t = example.timeouts
+    reload_s = t.drain_s + t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s + t.start_s
+    assert seconds(one(service, "TimeoutStartSec")) > reload_s
+
+
+def test_nvidia_devices_are_allowed(service: list[tuple[str, str]]) -> None:
+    """The device allow-list names the NVIDIA device groups (GPU, control, UVM) read-write."""
+    allowed = {v for k, v in service if k == "DeviceAllow"}
+    assert {"char-nvidia-frontend rw", "char-nvidia-uvm rw"} <= allowed
+
+
+def test_example_config_is_valid_with_an_existing_interpreter(tmp_path: Path) -> None:
+    """deploy/vsup.toml passes full validation once vllm.python names a real interpreter."""
+    copy = tmp_path / "vsup.toml"
+    copy.write_text(TOML.read_text().replace("/opt/vllm/venv/bin/python", sys.executable))
+    cfg = config.load(copy)
+    assert cfg.vllm.python == sys.executable
+    assert config.tensor_parallel_size(cfg.vllm.args) == 2
