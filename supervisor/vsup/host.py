@@ -1,0 +1,416 @@
+"""The thin OS seam: every /proc read, signal, unlink and clock call that process-tree
+recording and cleanup make goes through one `Host` object, so tests can substitute a fake
+(supervisord's `options` idea) and the real-vLLM tests prove the real thing.
+
+Nothing here decides anything; it reports what the OS says and does exactly what it is told,
+re-checking identity (pid + create time) right before a signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import signal as _signal
+import stat as _stat
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import posix_ipc
+import psutil
+
+# A pid's create time is read as starttime/CLK_TCK + btime, exactly as psutil does, so values
+# agree with psutil.Process(pid).create_time(). btime (/proc/stat) moves when the wall clock is
+# stepped, so a recorded create time may be off by a clock step: identity comparisons allow this
+# much. A pid reused within a second of its previous owner's start is not a realistic case.
+CREATE_TIME_TOLERANCE_S = 1.0
+
+PR_SET_CHILD_SUBREAPER = 36
+
+_SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """One process as /proc/PID/stat shows it (cmdline only when asked for)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    create_time: float
+    comm: str
+    state: str  # one letter from /proc/PID/stat: R S D Z T t X I ...
+    uid: int
+    cmdline: tuple[str, ...] | None = None
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+    @property
+    def title(self) -> str:
+        """The name a human would use: the setproctitle title if set, else comm."""
+        if self.cmdline:
+            first = self.cmdline[0]
+            # setproctitle puts the whole title in argv[0]; comm is cut at 15 characters.
+            if first.startswith("VLLM::"):
+                return first.split()[0]
+        return self.comm
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """A directory entry of the shm root or the tmp root, with the fields cleanup needs."""
+
+    name: str
+    path: str
+    dev: int
+    ino: int
+    size: int  # st_size, the apparent size
+    alloc: int  # st_blocks * 512: memory the object really occupies on tmpfs
+    uid: int
+    born: float  # min(atime, mtime, ctime): no earlier than creation, see Host.stat
+    is_socket: bool = False
+
+
+@dataclass
+class Holdings:
+    """What one process maps or holds open under the shm and tmp roots, and its socket inodes."""
+
+    files: dict[tuple[int, int], str] = field(default_factory=dict)  # (dev, ino) -> path as seen
+    sockets: set[int] = field(default_factory=set)
+
+
+class SignalResult(Enum):
+    SENT = "sent"
+    GONE = "gone"  # no such process (or already a zombie, which counts as gone)
+    REUSED = "reused"  # the pid now belongs to a different process
+    DENIED = "denied"  # EPERM
+
+
+class Host:
+    """The real OS. `shm_root` and `tmp_root` are parameters so tests can point them elsewhere."""
+
+    def __init__(
+        self,
+        shm_root: Path | str = "/dev/shm",
+        tmp_root: Path | str = "/tmp",
+        proc_root: Path | str = "/proc",
+    ) -> None:
+        self.shm_root = Path(shm_root)
+        self.tmp_root = Path(tmp_root)
+        self.proc_root = Path(proc_root)
+        self._proc = str(self.proc_root)
+        self._shm_prefix = str(self.shm_root).rstrip("/") + "/"
+        self._tmp_prefix = str(self.tmp_root).rstrip("/") + "/"
+        self._clk_tck = os.sysconf("SC_CLK_TCK")
+        self._btime = self._read_btime()
+        self._real_shm = self.shm_root == Path("/dev/shm")
+
+    # ---- clock -------------------------------------------------------------------------------
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    # ---- identity ----------------------------------------------------------------------------
+    def self_pid(self) -> int:
+        return os.getpid()
+
+    def euid(self) -> int:
+        return os.geteuid()
+
+    def username(self, uid: int) -> str:
+        import pwd
+
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    # ---- processes ---------------------------------------------------------------------------
+    def _read_btime(self) -> float:
+        with open(f"{self._proc}/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime"):
+                    return float(line.split()[1])
+        raise RuntimeError("btime not found in /proc/stat")
+
+    def _stat_pid(self, pid: int) -> ProcInfo | None:
+        try:
+            with open(f"{self._proc}/{pid}/stat", "rb") as f:
+                data = f.read()
+            uid = os.stat(f"{self._proc}/{pid}").st_uid
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        lp, rp = data.find(b"("), data.rfind(b")")
+        if lp < 0 or rp < 0:
+            return None
+        comm = data[lp + 1 : rp].decode("utf-8", "replace")
+        f = data[rp + 2 :].split()
+        return ProcInfo(
+            pid=pid,
+            ppid=int(f[1]),
+            pgid=int(f[2]),
+            sid=int(f[3]),
+            create_time=int(f[19]) / self._clk_tck + self._btime,
+            comm=comm,
+            state=f[0].decode(),
+            uid=uid,
+        )
+
+    def cmdline(self, pid: int) -> tuple[str, ...] | None:
+        """argv as /proc/PID/cmdline shows it; a setproctitle title comes back as one element."""
+        try:
+            with open(f"{self._proc}/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        parts = raw.split(b"\0")
+        while parts and parts[-1] == b"":
+            parts.pop()
+        return tuple(p.decode("utf-8", "replace") for p in parts)
+
+    def process(self, pid: int, cmdline: bool = True) -> ProcInfo | None:
+        info = self._stat_pid(pid)
+        if info is None or not cmdline:
+            return info
+        return _with_cmdline(info, self.cmdline(pid))
+
+    def processes(self, cmdline: bool = False) -> dict[int, ProcInfo]:
+        """Every process (not thread) now visible, by pid. One pass over /proc."""
+        out: dict[int, ProcInfo] = {}
+        for name in os.listdir(self._proc):
+            if not name.isdigit():
+                continue
+            info = self.process(int(name), cmdline=cmdline)
+            if info is not None:
+                out[info.pid] = info
+        return out
+
+    # ---- what a process holds ----------------------------------------------------------------
+    def holdings(self, pid: int) -> Holdings | None:
+        """Files under the shm/tmp roots that `pid` maps or has open, and its socket inodes.
+
+        Maps are matched by device and inode, not by name: a process that created a POSIX
+        semaphore maps it under glibc's temporary name `sem.XXXXXX (deleted)`, with the inode of
+        the `sem.mp-*` it was linked to. None when the process is gone or unreadable.
+        """
+        h = Holdings()
+        root = self._shm_prefix.encode()
+        try:
+            with open(f"{self._proc}/{pid}/maps", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        except PermissionError:
+            data = b""
+        if root in data:
+            for line in data.splitlines():
+                i = line.find(root)
+                if i < 0:
+                    continue
+                cols = line[:i].split()
+                if len(cols) < 5:
+                    continue
+                major, _, minor = cols[3].partition(b":")
+                ino = int(cols[4])
+                if ino == 0:
+                    continue
+                dev = os.makedev(int(major, 16), int(minor, 16))
+                h.files.setdefault((dev, ino), line[i:].decode("utf-8", "replace"))
+        fd_dir = f"{self._proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except (FileNotFoundError, ProcessLookupError):
+            return None if not h.files else h
+        except PermissionError:
+            return h
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                m = _SOCKET_LINK.match(target)
+                if m:
+                    h.sockets.add(int(m.group(1)))
+            elif target.startswith(self._shm_prefix) or target.startswith(self._tmp_prefix):
+                try:
+                    st = os.stat(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                h.files.setdefault((st.st_dev, st.st_ino), target)
+        return h
+
+    def unix_sockets(self) -> dict[int, str]:
+        """Bound unix sockets with a path under the tmp root: inode -> path (/proc/net/unix).
+
+        A socket file stays on disk after its process dies, but only a live socket is listed,
+        so "listed" means "someone listens on (or is connected through) this path now".
+        """
+        out: dict[int, str] = {}
+        try:
+            with open(f"{self._proc}/net/unix", "rb") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            return out
+        prefix = self._tmp_prefix.encode()
+        for line in lines:
+            cols = line.split(None, 7)
+            if len(cols) < 8 or not cols[7].startswith(prefix):
+                continue
+            out[int(cols[6])] = cols[7].decode("utf-8", "replace")
+        return out
+
+    def tcp_listeners(self, port: int) -> list[int | None]:
+        """Pids listening on TCP `port` (IPv4 or IPv6); None for a socket whose owner is unseen."""
+        pids: list[int | None] = []
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                if c.pid not in pids:
+                    pids.append(c.pid)
+        return pids
+
+    # ---- signals -----------------------------------------------------------------------------
+    def signal(self, pid: int, create_time: float, sig: int) -> SignalResult:
+        """Send `sig` to `pid` only if it is still the process born at `create_time`.
+
+        A pidfd pins the process between the identity check and the signal, so a pid reused in
+        between cannot be hit; plain kill() is the fallback where pidfds are missing.
+        """
+        pidfd = -1
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return SignalResult.GONE
+        except (AttributeError, OSError):
+            pidfd = -1
+        try:
+            info = self._stat_pid(pid)
+            if info is None:
+                return SignalResult.GONE
+            if abs(info.create_time - create_time) > CREATE_TIME_TOLERANCE_S:
+                return SignalResult.REUSED
+            if info.zombie:
+                return SignalResult.GONE
+            try:
+                if pidfd >= 0:
+                    _signal.pidfd_send_signal(pidfd, sig)
+                else:
+                    os.kill(pid, sig)
+            except ProcessLookupError:
+                return SignalResult.GONE
+            except PermissionError:
+                return SignalResult.DENIED
+            return SignalResult.SENT
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    # ---- files -------------------------------------------------------------------------------
+    def stat(self, path: str | Path) -> FileStat | None:
+        """lstat a path. `born` is min(atime, mtime, ctime): tmpfs keeps no birth time that
+        Python 3.11 can read, and all three start at creation and only move forward unless
+        someone sets them back with utime (which moves ctime to now), so the minimum is an upper
+        bound on when the object was created."""
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        p = str(path)
+        return FileStat(
+            name=os.path.basename(p),
+            path=p,
+            dev=st.st_dev,
+            ino=st.st_ino,
+            size=st.st_size,
+            alloc=st.st_blocks * 512,
+            uid=st.st_uid,
+            born=min(st.st_atime, st.st_mtime, st.st_ctime),
+            is_socket=_stat.S_ISSOCK(st.st_mode),
+        )
+
+    def list_names(self, root: Path) -> list[str]:
+        """Names of the non-directory entries of `root` (the shm or tmp root)."""
+        try:
+            with os.scandir(root) as it:
+                return [e.name for e in it if not e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def unlink_ipc(self, name: str, kind: str) -> None:
+        """Remove /dev/shm/`name`. Raises FileNotFoundError / PermissionError like os.unlink.
+
+        On the real /dev/shm this goes through posix_ipc (glibc adds the `sem.` prefix itself);
+        under another shm root (tests) the file is unlinked directly.
+        """
+        if not self._real_shm or kind == "file":
+            os.unlink(self.shm_root / name)
+            return
+        try:
+            if kind == "sem" and name.startswith("sem."):
+                posix_ipc.unlink_semaphore("/" + name[4:])
+            else:
+                posix_ipc.unlink_shared_memory("/" + name)
+        except posix_ipc.ExistentialError as e:
+            raise FileNotFoundError(errno.ENOENT, str(e), name) from e
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, str(e), name) from e
+
+    def unlink_file(self, path: str) -> None:
+        os.unlink(path)
+
+    # ---- reaping -----------------------------------------------------------------------------
+    def set_child_subreaper(self) -> bool:
+        """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER)."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            return False
+
+    def reap_children(self) -> list[tuple[int, int]]:
+        """waitpid(-1, WNOHANG) until nothing is left to reap: [(pid, raw status)]."""
+        reaped: list[tuple[int, int]] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return reaped
+            if pid == 0:
+                return reaped
+            reaped.append((pid, status))
+
+
+def _with_cmdline(info: ProcInfo, cmdline: tuple[str, ...] | None) -> ProcInfo:
+    return ProcInfo(
+        info.pid,
+        info.ppid,
+        info.pgid,
+        info.sid,
+        info.create_time,
+        info.comm,
+        info.state,
+        info.uid,
+        cmdline if cmdline is not None else (),
+    )
+
+
+def same_process(a_create_time: float, b_create_time: float) -> bool:
+    """Do two create times name the same process (see CREATE_TIME_TOLERANCE_S)?"""
+    return abs(a_create_time - b_create_time) <= CREATE_TIME_TOLERANCE_S
+
+
+def strip_deleted(path: str) -> str:
+    """A maps/fd path without the kernel's " (deleted)" suffix."""
+    return path[: -len(_DELETED)] if path.endswith(_DELETED) else path
