@@ -1,0 +1,44 @@
+# vsup: make demo (the daemon supervising a real TP=2 vLLM, with a reload), make test (everything).
+PY        ?= python3.11
+VENV      := .venv
+VSUP_CACHE ?= $(HOME)/.cache/vsup
+export VSUP_CACHE
+PYTEST_ARGS ?=
+
+.PHONY: venv vllm demo test test-fast bench bench-quick check-config clean-venv
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,metrics]'
+	touch $@
+
+# The real vLLM (CPU build) in its own venv and the three tiny models, cached in $(VSUP_CACHE).
+vllm:
+	scripts/setup_vllm.sh --models
+
+demo: venv vllm
+	$(VENV)/bin/python scripts/demo.py
+
+# The whole suite, real-vLLM tests included (they fail, never skip, when vLLM cannot run).
+test: venv vllm
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests
+
+# Unit tests only (no real vLLM), for quick iteration.
+test-fast: venv
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -q -m 'not vllm' tests
+
+bench: venv vllm
+	$(VENV)/bin/python bench/run.py
+
+bench-quick: venv vllm
+	$(VENV)/bin/python bench/run.py --quick
+
+check-config: venv
+	$(VENV)/bin/vsup check-config deploy/vsup.toml
+
+clean-venv:
+	rm -rf $(VENV)
+
+-include mk/*.mk
