@@ -96,18 +96,51 @@ class Tree:
 
 
 def spawn_tree(tmp: Path, mib: int) -> Tree:
-    ready = tmp / "tree.json"
+    ready = tmp / f"tree-{time.monotonic_ns()}.json"
     argv = [sys.executable, str(FAKE), "tree", "--mib", str(mib), "--ready", str(ready)]
-    proc = subprocess.Popen(argv, env=child_env(), start_new_session=True)
+    try:
+        from vsup import proctree
+    except ImportError:
+        proctree = None
+    if proctree is not None:
+        proc, rec = proctree.spawn(argv, child_env(), tmp / "tree.log", model="fake-gpu-tree", port=0)
+        extra = {"spawned_by": "vsup.proctree.spawn", "record": rec}
+    else:
+        proc = subprocess.Popen(argv, env=child_env(), start_new_session=True)
+        extra = {"spawned_by": "subprocess(start_new_session)"}
     doc = wait_for(lambda: read_json(ready), READY_TIMEOUT_S, "the fake vLLM tree to hold its memory")
-    return Tree(parent=proc, ready=doc, extra={"spawned_by": "subprocess(start_new_session)"})
+    if proctree is not None:
+        proctree.refresh(extra["record"])
+        recorded = {p.pid for p in extra["record"].procs}
+        assert set(doc["workers"]) <= recorded, f"proctree did not record the workers: {recorded}"
+    return Tree(parent=proc, ready=doc, extra=extra)
 
 
-def kill_orphans(tree: Tree) -> dict:
-    """Kill what is left of the tree after its parent died; returns what was done."""
-    for pid in tree.workers:
-        kill_quietly(pid)
-    return {"killed_by": "test SIGKILL of the recorded worker pids", "pids": tree.workers}
+def kill_orphans(tree: Tree, *, foreign_mode: bool = False) -> dict:
+    """Kill what is left of the tree after its parent died; returns what was done.
+
+    Through vsup's cleanup engine when it exists: by the tree's record, or, in ``foreign_mode``,
+    with no record at all (``vsup cleanup --foreign``: orphans found by their VLLM:: titles).
+    """
+    try:
+        from vsup import cleanup
+    except ImportError:
+        cleanup = None
+    rec = tree.extra.get("record")
+    if cleanup is None or (rec is None and not foreign_mode):
+        for pid in tree.workers:
+            kill_quietly(pid)
+        return {"killed_by": "test SIGKILL of the recorded worker pids", "killed": tree.workers}
+    rep = cleanup.cleanup([] if foreign_mode else [rec], foreign=foreign_mode)
+    return {"killed_by": f"vsup.cleanup.cleanup({'foreign=True' if foreign_mode else '[record]'})",
+            "killed": [k["pid"] for k in rep.killed if k["how"] != "exited"],
+            "cleanup_report": {"killed": rep.killed, "remaining": rep.remaining, "clean": rep.clean}}
+
+
+def tree_pids(tree: Tree) -> set[int]:
+    """Every pid vsup attributes to the tree: the record's, or the ready file's."""
+    rec = tree.extra.get("record")
+    return {p.pid for p in rec.procs} | tree.pids if rec is not None else tree.pids
 
 
 @pytest.fixture
@@ -150,14 +183,19 @@ def holders_by_pid(gpus: Gpus, tree_pids: set[int]) -> dict[int | None, dict]:
 # -------------------------------------------------------------------------------------------
 
 
-def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_factory, record):
+REPEATS = int(os.environ.get("VSUP_GPU_REPEATS", "1"))
+
+
+@pytest.mark.parametrize("attempt", range(REPEATS))
+def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_factory, record, attempt):
     """Parent SIGKILLed: the TP workers live on holding memory; cleanup kills them, NVML shows it free."""
     baseline = gpus.baseline()
     t_spawn = time.monotonic()
     tree = tree_factory(WORKER_MIB)
     ready_s = time.monotonic() - t_spawn
 
-    held = holders_by_pid(gpus, tree.pids)
+    pids = tree_pids(tree)
+    held = holders_by_pid(gpus, pids)
     for pid in tree.workers:
         assert pid in held, f"NVML does not list worker {pid}: {list(held.values())}"
         assert held[pid]["in_tree"] and held[pid]["used_mib"] >= WORKER_MIB
@@ -173,22 +211,23 @@ def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_fac
     for pid in tree.workers:
         wait_for(lambda p=pid: ppid_of(p) not in (None, tree.parent.pid), REPARENT_TIMEOUT_S,
                  f"worker {pid} to be reparented")
-    orphans = holders_by_pid(gpus, tree.pids)
+    orphans = holders_by_pid(gpus, pids)
     assert all(pid in orphans and PROCS.alive(pid) for pid in tree.workers), "orphans should hold on"
 
     t0 = time.monotonic()
     done = kill_orphans(tree)
     t_killed = time.monotonic()
-    report = gpus.wait_released(tree.pids, baseline, before=before, poll_s=0.01)
+    report = gpus.wait_released(pids, baseline, before=before, poll_s=0.01)
     t_free = time.monotonic()
 
+    assert set(tree.workers) <= set(done["killed"]), done
     assert report.released, report.reason
     gpu0 = before[0].index
     assert report.freed_mib[gpu0] >= 2 * WORKER_MIB, report
     assert not any(PROCS.alive(p) for p in tree.workers)
-    assert not any(h["in_tree"] for h in gpus.holders(tree.pids))
-    record["orphan_release"] = {
-        **tree.extra, **done,
+    assert not any(h["in_tree"] for h in gpus.holders(pids))
+    record.setdefault("orphan_release", []).append({
+        "spawned_by": tree.extra["spawned_by"], **done,
         "device": before[0].name, "tree_ready_s": round(ready_s, 2),
         "pid_sources": sorted({held[p]["pid_source"] for p in tree.workers}),
         "title_method": tree.ready.get("title_method"),
@@ -197,7 +236,7 @@ def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_fac
         "freed_mib": report.freed_mib,
         "kill_call_s": round(t_killed - t0, 4), "wait_released_s": round(report.elapsed_s, 4),
         "kill_to_free_s": round(t_free - t0, 4),
-    }
+    })
 
 
 def test_nvml_pids_are_this_namespaces_pids(gpus: Gpus, tree_factory, record):
@@ -230,28 +269,53 @@ def test_foreign_holder_is_named_left_alone_and_blocks_start(gpus: Gpus, tree_fa
 
     baseline = gpus.baseline()  # the foreign job's memory is part of the floor we return to
     tree = tree_factory(WORKER_MIB)
+    pids = tree_pids(tree)
     before = gpus.snapshot()
     tree.parent.send_signal(signal.SIGKILL)
     tree.parent.wait()
     t0 = time.monotonic()
-    kill_orphans(tree)
-    report = gpus.wait_released(tree.pids, baseline, before=before, poll_s=0.01)
+    done = kill_orphans(tree)
+    report = gpus.wait_released(pids, baseline, before=before, poll_s=0.01)
     t_free = time.monotonic()
 
     assert report.released, report.reason
+    assert fpid not in done["killed"]
     assert fproc.poll() is None and PROCS.alive(fpid)
-    after = holders_by_pid(gpus, tree.pids)
+    after = holders_by_pid(gpus, pids)
     assert fpid in after and not after[fpid]["in_tree"]
-    refused = gpus.precheck(tree.pids)
+    refused = gpus.precheck(pids)
     assert not refused.ok and f"pid {fpid} " in refused.reason
-    record["foreign"] = {"reason": pre.reason, "foreign_mib": fh["used_mib"],
+    record["foreign"] = {"reason": pre.reason, "foreign_mib": fh["used_mib"], **done,
                          "kill_to_free_s": round(t_free - t0, 4), "freed_mib": report.freed_mib}
+
+
+@pytest.mark.skipif(os.environ.get("VSUP_GPU_ALLOW_FOREIGN_CLEANUP") != "1",
+                    reason="cleanup --foreign kills any orphaned VLLM:: process on this host; set "
+                           "VSUP_GPU_ALLOW_FOREIGN_CLEANUP=1 on a throwaway machine")
+def test_foreign_cleanup_finds_unrecorded_gpu_orphans(gpus: Gpus, tree_factory, foreign, record):
+    """With no record, cleanup --foreign finds the titled orphans by name and frees their memory."""
+    fproc, fdoc = foreign
+    baseline = gpus.baseline()
+    tree = tree_factory(WORKER_MIB)
+    tree.extra.pop("record", None)  # as if vsup never started it
+    before = gpus.snapshot()
+    tree.parent.send_signal(signal.SIGKILL)
+    tree.parent.wait()
+    t0 = time.monotonic()
+    done = kill_orphans(tree, foreign_mode=True)
+    report = gpus.wait_released(tree.pids, baseline, before=before, poll_s=0.01)
+    t_free = time.monotonic()
+    assert set(tree.workers) <= set(done["killed"]), done
+    assert report.released, report.reason
+    assert fproc.poll() is None and fdoc["pid"] not in done["killed"]
+    record["foreign_mode_cleanup"] = {**done, "kill_to_free_s": round(t_free - t0, 4),
+                                      "freed_mib": report.freed_mib}
 
 
 def test_status_summary_counts_the_models_memory(gpus: Gpus, tree_factory, record):
     """vsup status's GPU rows attribute the tree's memory to the model."""
     tree = tree_factory(512)
-    rows = gpu.status_summary(gpus, tree.pids)
+    rows = gpu.status_summary(gpus, tree_pids(tree))
     assert rows is not None
     assert rows[0]["model_mib"] >= 2 * 512
     assert rows[0]["used_mib"] >= rows[0]["model_mib"]
