@@ -81,6 +81,7 @@ class Daemon:
 
     def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]]) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.state_dir = tmp / "state"
         self.socket = tmp / "run" / "vsup.sock"
         self.log_file = tmp / "vllm.log"
@@ -102,9 +103,16 @@ class Daemon:
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen([*VSUP, "run", "--config", str(self.config), *extra],
                                      stdout=self._stderr, stderr=self._stderr, env=env, start_new_session=True)
-        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30, "the control socket")
+        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
         assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
+
+    def _answers(self) -> bool:
+        from vsup.control import DaemonUnreachable
+        try:
+            return bool(self.call("status", timeout=5).get("ok"))
+        except DaemonUnreachable:
+            return False
 
     def cli(self, *args: str, timeout: float = 600, user: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor"), "VSUP_CONFIG": str(self.config)}

@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return daemon.main(cfg, autostart=not args.no_autostart)
     except Exception as e:  # the daemon's own failures at start-up: one line, not a traceback
-        from .control import SocketInUse
+        from .control import ControlSocketError as SocketInUse
         if isinstance(e, (SocketInUse, PermissionError, FileNotFoundError)):
             print(f"vsup: cannot start: {e}", file=sys.stderr)
             return EXIT_FAILED

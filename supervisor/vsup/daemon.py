@@ -146,6 +146,7 @@ class Supervisor:
         self._exiting = False
         self._signals_seen = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._tailer: Any = None
         self._catalog: Any = None
         self._parse: Any = None
         self.notifier = notifier
@@ -267,6 +268,20 @@ class Supervisor:
                 self.q.put_nowait(LogSignal(self.gen, kind, m.sig.id, _redact(m.line.message),
                                             m.line.process, m.line.pid, now))
 
+    async def _catch_up_log(self, timeout: float = 1.5) -> None:
+        """Let the tailer reach the end of the log before explaining a failure: the exit
+        (SIGCHLD) usually arrives before the tailer thread has read the dying words."""
+        if self._tailer is None:
+            return
+        try:
+            size = os.stat(self.cfg.vllm.log_file).st_size
+        except OSError:
+            return
+        end = time.monotonic() + timeout
+        while getattr(self._tailer, "position", size) < size and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # let call_soon_threadsafe'd line batches run
+
     def lines_since_spawn(self) -> list[str]:
         n = min(self._lines_total - self._lines_at_spawn, len(self._lines))
         return list(self._lines)[-n:] if n > 0 else []
@@ -283,15 +298,17 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        tailer = self._start_tailer(loop)
+        tailer = self._tailer = self._start_tailer(loop)
         server = await self._start_control()
-        self.events.emit("daemon_started", version=_version(), config=str(self.cfg.path),
-                         vllm_version=self.vllm_version, socket=str(self.cfg.socket))
-        if self.notifier is not None:
-            self.notifier.ready(self.status_line())
-            if self.notifier.watchdog_interval_s:
-                self._spawn_task(self._watchdog_pinger(self.notifier.watchdog_interval_s))
         try:
+            self.events.emit("daemon_started", version=_version(), config=str(self.cfg.path),
+                             vllm_version=self.vllm_version, socket=str(self.cfg.socket))
+            # READY=1 as soon as commands are accepted, not when the model is: a model load can
+            # take longer than any sane TimeoutStartSec, and `vsup status` must work meanwhile.
+            if self.notifier is not None:
+                self.notifier.ready(self.status_line())
+                if self.notifier.watchdog_interval_s:
+                    self._spawn_task(self._watchdog_pinger(self.notifier.watchdog_interval_s))
             await self._main()
         finally:
             if self.notifier is not None:
@@ -429,6 +446,7 @@ class Supervisor:
         self.spec = spec
         ok, detail, kind, obs = await self._start_tree(spec, it.reason or "start", in_reload=False)
         if ok:
+            self._set_state(State.READY, reason="canary completion served", phase=None)
             self._reply(it.cmd, self.status())
             return Intent("serve")
         if obs is not None:  # a command interrupted the start
@@ -499,6 +517,7 @@ class Supervisor:
                 if isinstance(obs, NotReady):
                     return False, self._root_cause(obs.detail), "engine_dead", None
                 if isinstance(obs, Exited):
+                    await self._catch_up_log()
                     return (False, self._root_cause(f"server exited with status {obs.status} before ready"),
                             "exited", None)
                 if isinstance(obs, LogSignal):
@@ -621,6 +640,7 @@ class Supervisor:
             while True:
                 obs = await self._next()
                 if isinstance(obs, Exited):
+                    await self._catch_up_log()
                     return Intent("recover", reason=self._root_cause(f"server exited with status {obs.status}"),
                                   failure_kind="exited")
                 if isinstance(obs, LogSignal):

@@ -45,6 +45,8 @@ class _Sink:
             except (OSError, ValueError):
                 pass  # a closed stderr (daemonised, journald gone) must never stop the daemon
 
+    info = msg  # structlog's BoundLogger proxies msg() to the logger's info()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -1,0 +1,205 @@
+"""The daemon's state machine against a fake OpenAI server: fast, exhaustive, real processes.
+
+Each test starts `vsup run` as a real process supervising tests/fakes/fake_api_server.py with
+a misbehaviour flag, then asserts on status, the event stream and the processes left behind.
+The state table in vsup.states is the oracle for every transition the events show.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+from conftest import alive, wait_for
+from vsup.states import TRANSITIONS, State
+
+
+def transitions(events: list[dict]) -> list[tuple[str, str]]:
+    return [(e["old"], e["state"]) for e in events if e["event"] == "state"]
+
+
+def assert_legal(events: list[dict]) -> None:
+    for old, new in transitions(events):
+        if old != new:
+            assert State(new) in TRANSITIONS[State(old)], f"illegal {old} -> {new}"
+
+
+def test_ready_only_after_canary(fake_daemon) -> None:
+    """`ready` is declared only after health, the model list and a canary completion succeeded."""
+    d = fake_daemon()
+    s = d.wait_state("ready", timeout=30)
+    assert s["model"] == "fake-model" and s["pid"]
+    evs = d.events()
+    order = [(e["event"], e.get("probe")) for e in evs if e["event"] in ("probe", "ready")]
+    assert order.index(("probe", "canary")) < order.index(("ready", None))
+    assert [p for p in order if p[0] == "probe"][:3] == [("probe", "health"), ("probe", "models"), ("probe", "canary")]
+    assert_legal(evs)
+
+
+def test_exit_status_zero_is_still_a_failure_and_restarts(fake_daemon) -> None:
+    """A server that exits 0 on its own (as vLLM does after a worker dies) is restarted."""
+    d = fake_daemon()
+    s = d.wait_state("ready", timeout=30)
+    os.kill(s["pid"], signal.SIGTERM)  # the fake exits 0 on SIGTERM
+    wait_for(lambda: (x := d.status())["restarts"] == 1 and x["state"] == "ready" and x["pid"] != s["pid"],
+             30, "an automatic restart")
+    assert any(e["event"] == "incident" for e in d.events())
+    assert_legal(d.events())
+
+
+def test_crash_loop_ends_in_failed_with_reason(fake_daemon) -> None:
+    """A server that exits at once every time ends in `failed` after max_failures, with the reason."""
+    d = fake_daemon("exit_at_start")
+    s = d.wait_state("failed", timeout=60)
+    assert "3 failures" in s["reason"]
+    assert "exited with status 1" in s["reason"]
+    assert "Engine core initialization failed" in s["reason"] or "EngineCore failed to start" in s["reason"]
+    spawns = [e for e in d.events() if e["event"] == "spawned"]
+    assert len(spawns) == 3
+    assert_legal(d.events())
+    # an operator start leaves failed (and fails again: the fake still exits)
+    r = d.cli("start")
+    assert r.returncode == 1 and "exited with status 1" in r.stderr
+
+
+def test_engine_death_at_first_request_climbs_the_remedy_ladder(fake_daemon) -> None:
+    """TP>1 and the engine dies at the canary: --disable-custom-all-reduce, then NCCL_P2P_DISABLE, then failed."""
+    d = fake_daemon("die_on_request", extra={"restart": {"max_failures": 3}})
+    s = d.wait_state("failed", timeout=60)
+    spawns = [e for e in d.events() if e["event"] == "spawned"]
+    assert len(spawns) == 3
+    assert "--disable-custom-all-reduce" not in spawns[0]["argv"]
+    assert "--disable-custom-all-reduce" in spawns[1]["argv"]
+    assert spawns[2]["remedies"] == ["disable-custom-all-reduce", "nccl-p2p-disable"]
+    assert s["remedies"] == ["disable-custom-all-reduce", "nccl-p2p-disable"]
+    assert "head_dim=16" in s["reason"]
+    applied = [e["remedy"] for e in d.events() if e["event"] == "remedy_applied"]
+    assert applied == ["disable-custom-all-reduce", "nccl-p2p-disable"]
+
+
+def test_hang_after_ready_is_confirmed_and_recovered(fake_daemon) -> None:
+    """Completions hang while /health is 200: unhealthy, confirmed by a second probe, restarted."""
+    d = fake_daemon("hang_after_ready")
+    first = d.wait_state("ready", timeout=30)
+    wait_for(lambda: d.status()["restarts"] >= 1, 40, "recovery from the hang")
+    evs = d.events()
+    states = [e["state"] for e in evs if e["event"] == "state"]
+    assert "unhealthy" in states
+    rec = next(e for e in evs if e["event"] == "state" and e["state"] == "stopping")
+    assert rec["reason"].startswith("hang confirmed")
+    assert not alive(first["pid"])
+    assert_legal(evs)
+
+
+def test_stall_line_before_ready_is_not_a_failure(fake_daemon) -> None:
+    """The shm stall line during start-up (compilation) is a warning; the start succeeds."""
+    d = fake_daemon(env={"FAKE_VLLM_STALL_BEFORE_READY": "1", "FAKE_VLLM_DELAY_S": "1.5"})
+    d.wait_state("ready", timeout=30)
+    evs = d.events()
+    assert any(e["event"] == "stall_during_startup" for e in evs)
+    assert d.status()["restarts"] == 0
+    assert not any(e["event"] == "incident" for e in evs)
+
+
+def test_stop_kills_the_whole_session_and_daemon_stays(fake_daemon) -> None:
+    """`vsup stop` leaves no process of the tree (children included); the daemon stays in `stopped`."""
+    d = fake_daemon(env={"FAKE_VLLM_CHILDREN": "2"})
+    s = d.wait_state("ready", timeout=30)
+    sid = s["pid"]
+    wait_for(lambda: len(d.status()["tree"]["pids"]) >= 3, 10, "children in the tree record")
+    pids = d.status()["tree"]["pids"]
+    r = d.cli("stop")
+    assert r.returncode == 0, r.stderr
+    assert d.status()["state"] == "stopped"
+    assert not [p for p in pids if alive(p)]
+    assert not [p for p in _session(sid) if alive(p)]
+
+
+def _session(sid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getsid(int(d)) == sid:
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def test_two_reloads_at_once_one_is_busy(fake_daemon) -> None:
+    """While a reload runs, a second lifecycle command gets `busy` naming it; status still answers."""
+    d = fake_daemon(env={"FAKE_VLLM_DELAY_S": "2"})
+    d.wait_state("ready", timeout=30)
+    results: list[subprocess.CompletedProcess[str]] = []
+    t = threading.Thread(target=lambda: results.append(d.cli("reload", "other")))
+    t.start()
+    wait_for(lambda: d.status()["state"] == "reloading", 10, "reloading")
+    r2 = d.call("reload", {"model": "third"})
+    assert r2["ok"] is False and r2["error"]["code"] == "busy" and "reload" in r2["error"]["message"]
+    r3 = d.call("stop")
+    assert r3["error"]["code"] == "busy"
+    t.join(60)
+    assert results[0].returncode == 0, results[0].stderr
+    assert d.status()["model"] == "other"
+
+
+def test_reload_survives_client_disconnect(fake_daemon) -> None:
+    """A client that goes away mid-reload does not stop the reload; the result is in the events."""
+    d = fake_daemon(env={"FAKE_VLLM_DELAY_S": "1"})
+    d.wait_state("ready", timeout=30)
+    p = subprocess.Popen([*__import__("conftest").VSUP, "reload", "next", "--config", str(d.config)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(__import__("conftest").ROOT / "supervisor")})
+    wait_for(lambda: d.status()["state"] == "reloading", 10, "reloading")
+    p.kill()
+    p.wait()
+    s = d.wait_state("ready", timeout=30)
+    assert s["model"] == "next"
+
+
+def test_failed_reload_rolls_back(fake_daemon, tmp_path) -> None:
+    """A reload whose model cannot serve exits 1 with the root cause, and the old model serves again."""
+    d = fake_daemon(extra={"models.broken": {"model": "broken", "env": {"FAKE_VLLM_MODE": "die_on_request"}}})
+    d.wait_state("ready", timeout=30)
+    r = d.cli("reload", "broken")
+    assert r.returncode == 1
+    assert "head_dim=16" in r.stderr and "rolled back" in r.stderr
+    s = d.status()
+    assert s["state"] == "ready" and s["model"] == "fake-model"
+
+
+def test_sigkill_of_vsup_then_restart_removes_old_tree(fake_daemon) -> None:
+    """vsup SIGKILLed while serving: the next vsup kills the old tree (by the ledger) before starting."""
+    d = fake_daemon(env={"FAKE_VLLM_CHILDREN": "1"})
+    s = d.wait_state("ready", timeout=30)
+    wait_for(lambda: len(d.status()["tree"]["pids"]) >= 2, 10, "child recorded")
+    old = d.status()["tree"]["pids"]
+    d.proc.kill()
+    d.proc.wait()
+    assert alive(s["pid"])  # vLLM keeps running when vsup dies
+    d.start()
+    s2 = d.wait_state("ready", timeout=30)
+    assert s2["pid"] != s["pid"]
+    assert not [p for p in old if alive(p)]
+    assert any(e["event"] == "leftovers_found" for e in d.events())
+
+
+def test_unknown_model_args_are_bad_request(fake_daemon) -> None:
+    """reload without a model is a bad_request; the daemon and the model are unaffected."""
+    d = fake_daemon()
+    d.wait_state("ready", timeout=30)
+    r = d.call("reload", {})
+    assert r["error"]["code"] == "bad_request"
+    r = d.call("reload", {"model": 5})
+    assert r["error"]["code"] == "bad_request"
+    assert d.status()["state"] == "ready"
+
+
+def test_cli_unreachable_daemon_exit_3(fake_daemon) -> None:
+    """With no daemon running, the CLI says so and exits 3."""
+    d = fake_daemon(start=False)
+    r = d.cli("status")
+    assert r.returncode == 3 and "daemon" in r.stderr
