@@ -57,7 +57,7 @@ LIVE_START_SLACK_S = 1.0
 # Names vLLM (and the libraries under it) create in /dev/shm.
 SHM_PATTERN = re.compile(
     r"^(psm_.+|sem\.mp-.+|nccl-.+|torch_.+|vllm_mm_.+|VLLM_OBJECT_STORAGE_SHM_BUFFER.*"
-    r"|vllm_offload_.+\.mmap|vllm_ec_.+\.mmap)$"
+    r"|vllm_offload_.+\.mmap|vllm_ec_.+\.mmap|vllm_dist_.+)$"
 )
 
 
@@ -366,7 +366,8 @@ def cleanup(
         for name in host.list_names(host.tmp_root):
             if DIST_FILE.match(name) or ZMQ_SOCKET.match(name):
                 files.append(tmp_prefix + name)
-    bound = set(host.unix_sockets().values())
+    # In a dry run the targets still live: their sockets do not count as "in use".
+    bound = {path for ino, path in host.unix_sockets().items() if not (dry_run and ino in sockets)}
     done: set[str] = set()
     for path in files:
         if path in done or not path.startswith(tmp_prefix):

@@ -60,6 +60,8 @@ class ProcInfo:
             # setproctitle puts the whole title in argv[0]; comm is cut at 15 characters.
             if first.startswith("VLLM::"):
                 return first.split()[0]
+            if any("multiprocessing.resource_tracker" in a for a in self.cmdline):
+                return "resource_tracker"
         return self.comm
 
 
