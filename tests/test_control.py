@@ -1,0 +1,825 @@
+"""Tests of the control socket: protocol, error codes, socket safety, access control, load."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import pwd
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vsup
+from vsup.control import (
+    ERROR_CODES,
+    Acl,
+    CommandError,
+    ControlClient,
+    ControlServer,
+    ControlSocketError,
+    ControlSocketInUse,
+    DaemonUnreachable,
+    Peer,
+    Request,
+)
+
+WAIT_S = 10.0  # upper bound for anything the tests await; never a sleep
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition") -> Any:
+    """Poll `predicate` until truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class ServerThread:
+    """A ControlServer on its own event loop in a thread, so blocking clients can talk to it."""
+
+    def __init__(self, path: Path, handlers: dict[str, Any], **kwargs: Any) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        kwargs.setdefault("acl", Acl())
+        self.server = ControlServer(
+            path, handlers, on_event=lambda name, fields: self.events.append((name, fields)), **kwargs
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
+
+    def run(self, coro: Any, timeout: float = WAIT_S) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def set(self, event: asyncio.Event) -> None:
+        """Set an asyncio.Event of the server loop from the test thread."""
+        self.loop.call_soon_threadsafe(event.set)
+
+    def wait(self, event: asyncio.Event, timeout: float = WAIT_S) -> None:
+        """Block until an asyncio.Event of the server loop is set."""
+        self.run(asyncio.wait_for(event.wait(), timeout), timeout + 1)
+
+    def event_names(self) -> list[str]:
+        return [name for name, _ in list(self.events)]
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        try:
+            self.run(self.server.start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.run(self.server.close(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        assert not self.loop_errors, f"unhandled errors on the server loop: {self.loop_errors}"
+
+
+class Conn:
+    """A raw client connection speaking lines, for protocol-level tests."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(WAIT_S)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def send(self, data: bytes | dict[str, Any]) -> None:
+        if isinstance(data, dict):
+            data = json.dumps(data).encode() + b"\n"
+        self.sock.sendall(data)
+
+    def line(self) -> dict[str, Any]:
+        """The next line as JSON; fails if the server closes first."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, f"connection closed; pending bytes {self.buf!r}"
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(raw)
+
+    def at_eof(self) -> bool:
+        """True when the server closed the connection with nothing more to read."""
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return chunk == b"" and self.buf == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A fresh directory that every user may traverse (tmp_path is 0700 for root only)."""
+    path = Path(tempfile.mkdtemp(prefix="vsup-ctl-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Gates:
+    """asyncio.Events shared between a test and its handlers (created lazily on the server loop)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, name: str) -> asyncio.Event:
+        return self._events.setdefault(name, asyncio.Event())
+
+
+def make_handlers(gates: Gates) -> dict[str, Any]:
+    async def status(req: Request) -> Any:
+        return {"state": "ready", "uid": req.peer.uid}
+
+    async def echo(req: Request) -> Any:
+        return req.args
+
+    async def phases(req: Request) -> Any:
+        for phase in ("drain", "stop", "start"):
+            await req.progress(phase=phase, elapsed_s=0.5)
+        return {"phases": 3}
+
+    async def fail(req: Request) -> Any:
+        raise CommandError("failed", "engine core died: CUDA out of memory")
+
+    async def busy(req: Request) -> Any:
+        raise CommandError("busy", "reload of 'b' is running")
+
+    async def crash(req: Request) -> Any:
+        raise RuntimeError("boom")
+
+    async def not_json(req: Request) -> Any:
+        return {"value": object()}
+
+    async def bad_code(req: Request) -> Any:
+        raise CommandError("nope", "made up")
+
+    async def needs_model(req: Request) -> Any:
+        return {"model": req.arg("model", str), "wait_s": req.arg("wait_s", float, 1.0)}
+
+    async def reload(req: Request) -> Any:
+        gates["reload_started"].set()
+        await gates["reload_go"].wait()
+        await req.progress(phase="stop", elapsed_s=1.0)
+        gates["reload_done"].set()
+        return {"model": "b"}
+
+    async def events(req: Request) -> Any:
+        try:
+            gates["events_started"].set()
+            await req.event({"event": "state_changed", "state": "ready"})
+            await asyncio.Event().wait()  # follow until cancelled
+        except asyncio.CancelledError:
+            gates["events_cancelled"].set()
+            raise
+
+    async def flood(req: Request) -> Any:
+        blob = "x" * 65536
+        sent = 0
+        while await req.event({"n": sent, "blob": blob}):
+            sent += 1
+            await asyncio.sleep(0)  # yield so the loop can flush and serve others
+        gates["flood_dropped"].set()
+        return {"sent": sent}
+
+    return {
+        "status": status,
+        "echo": echo,
+        "phases": phases,
+        "fail": fail,
+        "busy": busy,
+        "crash": crash,
+        "not_json": not_json,
+        "bad_code": bad_code,
+        "needs_model": needs_model,
+        "reload": reload,
+        "events": events,
+        "flood": flood,
+    }
+
+
+@pytest.fixture
+def gates() -> Gates:
+    return Gates()
+
+
+@pytest.fixture
+def server(sock_dir: Path, gates: Gates) -> Iterator[ServerThread]:
+    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)) as srv:
+        yield srv
+
+
+# --- protocol -----------------------------------------------------------------------------------
+
+
+def test_status_reply_echoes_id(server: ServerThread) -> None:
+    """A status request is answered ok with its result and the request's own id."""
+    reply = ControlClient(server.server.path).call("status")
+    assert reply == {"id": 1, "ok": True, "result": {"state": "ready", "uid": os.geteuid()}}
+
+
+def test_string_ids_are_echoed(server: ServerThread) -> None:
+    """A string id comes back unchanged."""
+    conn = Conn(server.server.path)
+    try:
+        conn.send({"id": "abc-1", "cmd": "status"})
+        assert conn.line()["id"] == "abc-1"
+    finally:
+        conn.close()
+
+
+def test_progress_lines_precede_result(server: ServerThread) -> None:
+    """Progress lines arrive in order before the final reply."""
+    seen: list[dict[str, Any]] = []
+    reply = ControlClient(server.server.path).call("phases", on_progress=seen.append)
+    assert [p["phase"] for p in seen] == ["drain", "stop", "start"]
+    assert reply["ok"] is True and reply["result"] == {"phases": 3}
+
+
+def test_sequential_requests_on_one_connection(server: ServerThread) -> None:
+    """Three pipelined requests on one connection are answered in order."""
+    conn = Conn(server.server.path)
+    try:
+        conn.send(b"".join(json.dumps({"id": i, "cmd": "echo", "args": {"n": i}}).encode() + b"\n" for i in (1, 2, 3)))
+        replies = [conn.line() for _ in range(3)]
+        assert [(r["id"], r["result"]["n"]) for r in replies] == [(1, 1), (2, 2), (3, 3)]
+    finally:
+        conn.close()
+
+
+def test_request_without_trailing_newline_before_eof(server: ServerThread) -> None:
+    """A last request cut off by the client's half-close (printf | socat) is still answered."""
+    conn = Conn(server.server.path)
+    try:
+        conn.send(b'{"id": 7, "cmd": "status"}')
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.line()["ok"] is True
+        assert conn.at_eof()
+    finally:
+        conn.close()
+
+
+def test_error_codes_constant_is_the_documented_set() -> None:
+    """ERROR_CODES holds exactly the documented codes, each with a one-line meaning."""
+    assert set(ERROR_CODES) == {
+        "bad_request", "unknown_command", "busy", "forbidden", "failed", "too_large", "timeout", "internal",
+    }
+    assert all(text and "\n" not in text for text in ERROR_CODES.values())
+
+
+@pytest.mark.parametrize(
+    ("line", "echoed_id"),
+    [
+        (b"{not json", None),
+        (b"\xff\xfe", None),
+        (b"[1, 2]", None),
+        (b'"status"', None),
+        (b'{"cmd": "status"}', None),
+        (b'{"id": true, "cmd": "status"}', None),
+        (b'{"id": 1.5, "cmd": "status"}', None),
+        (b'{"id": 4}', 4),
+        (b'{"id": 4, "cmd": 17}', 4),
+        (b'{"id": 4, "cmd": "echo", "args": [1]}', 4),
+        (b'{"id": 4, "cmd": "echo", "arg": {}}', 4),
+        (b'{"id": 4, "cmd": "echo", "args": {"x": NaN}}', None),
+        (b"[" * 30000 + b"]" * 30000, None),
+        (b"", None),
+    ],
+)
+def test_bad_request_keeps_connection_open(server: ServerThread, line: bytes, echoed_id: Any) -> None:
+    """Each malformed line gets bad_request (with its id where readable); the next request works."""
+    conn = Conn(server.server.path)
+    try:
+        conn.send(line + b"\n")
+        reply = conn.line()
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+        assert reply["id"] == echoed_id
+        conn.send({"id": 99, "cmd": "status"})
+        assert conn.line() == {"id": 99, "ok": True, "result": {"state": "ready", "uid": os.geteuid()}}
+    finally:
+        conn.close()
+    assert "control_bad_request" in server.event_names()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [({}, "missing argument 'model'"), ({"model": 3}, "'model' must be str"), ({"model": "b", "wait_s": True}, "must be float")],
+)
+def test_wrong_args_are_bad_request(server: ServerThread, args: dict[str, Any], message: str) -> None:
+    """Missing or wrong-typed command args, checked with Request.arg, are bad_request."""
+    reply = ControlClient(server.server.path).call("needs_model", args)
+    assert reply["error"]["code"] == "bad_request"
+    assert message in reply["error"]["message"]
+
+
+def test_request_arg_accepts_int_for_float(server: ServerThread) -> None:
+    """An integer where a float is wanted is accepted as a float."""
+    reply = ControlClient(server.server.path).call("needs_model", {"model": "b", "wait_s": 2})
+    assert reply["result"] == {"model": "b", "wait_s": 2.0}
+
+
+def test_unknown_command(server: ServerThread) -> None:
+    """An unknown cmd is unknown_command and lists the known ones."""
+    reply = ControlClient(server.server.path).call("relaod")
+    assert reply["error"]["code"] == "unknown_command"
+    assert "reload" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(("cmd", "code", "text"), [("busy", "busy", "reload of 'b'"), ("fail", "failed", "CUDA out of memory")])
+def test_command_errors_pass_through(server: ServerThread, cmd: str, code: str, text: str) -> None:
+    """A CommandError raised by a handler is the reply's code and message."""
+    reply = ControlClient(server.server.path).call(cmd)
+    assert reply["ok"] is False and reply["error"]["code"] == code and text in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(("cmd", "text"), [("crash", "RuntimeError: boom"), ("not_json", "not JSON"), ("bad_code", "unknown control error code")])
+def test_handler_bug_is_internal_and_daemon_survives(server: ServerThread, cmd: str, text: str) -> None:
+    """A handler bug answers internal, is reported as an event, and status still works."""
+    reply = ControlClient(server.server.path).call(cmd)
+    assert reply["error"]["code"] == "internal" and text in reply["error"]["message"]
+    internal = [fields for name, fields in server.events if name == "control_internal_error"]
+    assert internal and internal[0]["cmd"] == cmd
+    assert ControlClient(server.server.path).call("status")["ok"] is True
+
+
+def test_line_over_limit_is_too_large_and_closes(sock_dir: Path, gates: Gates) -> None:
+    """A line one byte over max_line gets too_large and the connection is closed."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
+        conn = Conn(srv.server.path)
+        try:
+            conn.send(b"x" * 1025 + b"\n")
+            reply = conn.line()
+            assert reply == {"id": None, "ok": False, "error": {"code": "too_large", "message": reply["error"]["message"]}}
+            assert conn.at_eof()
+        finally:
+            conn.close()
+
+
+def test_line_at_limit_is_accepted(sock_dir: Path, gates: Gates) -> None:
+    """A request line of exactly max_line bytes is served."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
+        request = b'{"id": 1, "cmd": "status"}'
+        conn = Conn(srv.server.path)
+        try:
+            conn.send(request + b" " * (1024 - len(request)) + b"\n")
+            assert conn.line()["ok"] is True
+        finally:
+            conn.close()
+
+
+def test_unbounded_line_is_too_large(server: ServerThread) -> None:
+    """A megabyte without a newline is cut off at the default 64 KiB limit."""
+    conn = Conn(server.server.path)
+    try:
+        try:
+            conn.send(b"y" * (1024 * 1024))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed once it had seen enough
+        assert conn.line()["error"]["code"] == "too_large"
+    finally:
+        conn.close()
+
+
+def test_no_newline_times_out(sock_dir: Path, gates: Gates) -> None:
+    """A client that never finishes its line gets timeout after read_timeout_s, then EOF."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), read_timeout_s=0.2) as srv:
+        conn = Conn(srv.server.path)
+        try:
+            conn.send(b'{"id": 1, "cmd": "sta')
+            reply = conn.line()
+            assert reply["id"] is None and reply["error"]["code"] == "timeout"
+            assert conn.at_eof()
+        finally:
+            conn.close()
+        assert ControlClient(srv.server.path).call("status")["ok"] is True
+
+
+# --- socket file ---------------------------------------------------------------------------------
+
+
+def test_socket_mode_and_created_parent(sock_dir: Path, gates: Gates) -> None:
+    """A missing parent is created 0750 with the socket group; the socket is 0660 with that group."""
+    group = os.getgid() if os.getgid() != 0 else grp.getgrnam("daemon").gr_gid
+    path = sock_dir / "run" / "vsup" / "vsup.sock"
+    with ServerThread(path, make_handlers(gates), socket_group=group):
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group
+        dir_st = os.stat(path.parent)
+        assert stat.S_IMODE(dir_st.st_mode) == 0o750 and dir_st.st_gid == group
+    assert not path.exists() and not Path(f"{path}.lock").exists()
+
+
+def test_existing_directory_left_alone(sock_dir: Path, gates: Gates) -> None:
+    """An existing parent directory keeps its mode."""
+    os.chmod(sock_dir, 0o711)
+    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)):
+        assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o711
+
+
+def test_stale_socket_is_replaced(sock_dir: Path, gates: Gates) -> None:
+    """A socket file nobody listens on (a crashed daemon's) is removed and bound anew."""
+    path = sock_dir / "vsup.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    os.chmod(path, 0o700)
+    with ServerThread(path, make_handlers(gates)) as srv:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660  # ours, not the stale 0700 one
+        assert ControlClient(srv.server.path).call("status")["ok"] is True
+
+
+def test_non_socket_at_path_is_refused(sock_dir: Path, gates: Gates) -> None:
+    """A regular file at the socket path is neither removed nor replaced."""
+    path = sock_dir / "vsup.sock"
+    path.write_text("precious")
+    srv = ServerThread(path, make_handlers(gates))
+    with pytest.raises(ControlSocketError, match="not a socket"):
+        srv.__enter__()
+    assert path.read_text() == "precious"
+    assert sorted(p.name for p in sock_dir.iterdir()) == ["vsup.sock"]
+
+
+def test_second_server_on_live_path_is_refused(server: ServerThread, gates: Gates) -> None:
+    """A second daemon on the same path fails clearly; the first keeps its socket and serves."""
+    inode = os.lstat(server.server.path).st_ino
+    second = ServerThread(server.server.path, make_handlers(gates))
+    with pytest.raises(ControlSocketInUse, match=f"another vsup daemon \\(pid {os.getpid()}\\)"):
+        second.__enter__()
+    assert os.lstat(server.server.path).st_ino == inode
+    assert ControlClient(server.server.path).call("status")["ok"] is True
+
+
+def test_foreign_listener_is_refused(sock_dir: Path, gates: Gates) -> None:
+    """A live listener on the path without vsup's lock (another program) is not replaced."""
+    path = sock_dir / "vsup.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        other.bind(str(path))
+        other.listen(1)
+        srv = ServerThread(path, make_handlers(gates))
+        with pytest.raises(ControlSocketInUse, match="is listening"):
+            srv.__enter__()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert not Path(f"{path}.lock").exists()
+    finally:
+        other.close()
+
+
+def test_failed_start_leaves_nothing_and_can_retry(sock_dir: Path, gates: Gates) -> None:
+    """A bind failure (path too long) leaves no file behind and releases the lock."""
+    path = sock_dir / ("s" * 120)
+    srv = ServerThread(path, make_handlers(gates))
+    with pytest.raises(ControlSocketError, match="cannot create control socket"):
+        srv.__enter__()
+    assert list(sock_dir.iterdir()) == []
+    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)) as ok:
+        assert ControlClient(ok.server.path).call("status")["ok"] is True
+
+
+def test_failed_start_removes_directory_it_created(sock_dir: Path, gates: Gates) -> None:
+    """A directory created by a start that then failed is removed again."""
+    srv = ServerThread(sock_dir / "new" / ("s" * 120), make_handlers(gates))
+    with pytest.raises(ControlSocketError):
+        srv.__enter__()
+    assert list(sock_dir.iterdir()) == []
+
+
+def test_close_is_idempotent_and_spares_a_successor(sock_dir: Path, gates: Gates) -> None:
+    """close() twice is fine and does not unlink a socket another process bound meanwhile."""
+    path = sock_dir / "vsup.sock"
+    srv = ServerThread(path, make_handlers(gates)).__enter__()
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(path)
+        successor.bind(str(path))
+        inode = os.lstat(path).st_ino
+        srv.run(srv.server.close())
+        srv.run(srv.server.close())
+        assert os.lstat(path).st_ino == inode
+    finally:
+        srv.__exit__(None, None, None)
+        successor.close()
+
+
+def test_close_cancels_stuck_handler_after_grace(sock_dir: Path, gates: Gates) -> None:
+    """close() waits handler_grace_s for a running handler, then cancels it; the client gets failed."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), handler_grace_s=0.1) as srv:
+        conn = Conn(srv.server.path)
+        try:
+            conn.send({"id": 1, "cmd": "reload"})
+            srv.wait(gates["reload_started"])
+            srv.run(srv.server.close())
+            reply = conn.line()
+            assert reply["error"]["code"] == "failed" and "closing" in reply["error"]["message"]
+            assert not gates["reload_done"].is_set()
+        finally:
+            conn.close()
+
+
+# --- disconnects and slow clients ---------------------------------------------------------------
+
+
+def test_disconnect_mid_command_does_not_cancel_it(server: ServerThread, gates: Gates) -> None:
+    """A client that goes away mid-reload does not stop the reload; its result becomes an event."""
+    conn = Conn(server.server.path)
+    conn.send({"id": 5, "cmd": "reload"})
+    server.wait(gates["reload_started"])
+    conn.close()
+    wait_until(lambda: "control_client_gone" in server.event_names(), what="the server to see the client leave")
+    server.set(gates["reload_go"])
+    server.wait(gates["reload_done"])
+    wait_until(lambda: "control_reply_undelivered" in server.event_names(), what="undelivered event")
+    undelivered = dict(server.events)["control_reply_undelivered"]
+    assert undelivered["cmd"] == "reload" and undelivered["id"] == 5 and undelivered["ok"] is True
+
+
+def test_follow_handler_is_cancelled_when_client_leaves(server: ServerThread, gates: Gates) -> None:
+    """A read-only follow (events) stops when its client is gone instead of streaming forever."""
+    conn = Conn(server.server.path)
+    conn.send({"id": 1, "cmd": "events", "args": {"follow": True}})
+    assert conn.line() == {"id": 1, "event": {"event": "state_changed", "state": "ready"}}
+    conn.close()
+    server.wait(gates["events_cancelled"])
+    assert "control_client_gone" in server.event_names()
+
+
+def test_slow_reader_is_dropped_and_daemon_stays_responsive(sock_dir: Path, gates: Gates) -> None:
+    """A client that never reads a flood of events is dropped; status is answered meanwhile."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_write_buffer=256 * 1024) as srv:
+        conn = Conn(srv.server.path)
+        try:
+            conn.send({"id": 1, "cmd": "flood"})
+            srv.wait(gates["flood_dropped"])
+            assert ControlClient(srv.server.path).call("status")["ok"] is True
+            dropped = [f for n, f in srv.events if n == "control_client_dropped"]
+            assert dropped and "does not read" in dropped[0]["reason"]
+        finally:
+            conn.close()
+
+
+def test_many_connections_extra_refused_then_status_answers(sock_dir: Path, gates: Gates) -> None:
+    """300 concurrent connections: max_clients are served, the rest get busy; then status works."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_clients=64) as srv:
+        conns: list[socket.socket] = []
+        try:
+            for _ in range(300):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(WAIT_S)
+                s.connect(str(srv.server.path))
+                conns.append(s)
+            refused: set[int] = set()
+
+            def collect() -> bool:
+                readable, _, _ = select.select([s for s in conns if s.fileno() not in refused], [], [], 0.05)
+                for s in readable:
+                    reply = json.loads(s.makefile("rb").readline())
+                    assert reply["error"]["code"] == "busy"
+                    refused.add(s.fileno())
+                return len(refused) >= 300 - 64
+
+            wait_until(collect, what="busy replies")
+            assert len(refused) == 300 - 64
+            assert "control_overloaded" in srv.event_names()
+            # The served ones still work while the refused ones are still open.
+            held = [s for s in conns if s.fileno() not in refused]
+            held[0].sendall(b'{"id": 1, "cmd": "status"}\n')
+            assert json.loads(held[0].makefile("rb").readline())["ok"] is True
+        finally:
+            for s in conns:
+                s.close()
+
+        def status_ok() -> bool:
+            return ControlClient(srv.server.path).call("status")["ok"] is True
+
+        wait_until(status_ok, what="status after the load dropped")
+
+
+# --- client errors ---------------------------------------------------------------------------------
+
+
+def test_client_without_daemon_says_not_running(sock_dir: Path) -> None:
+    """No socket file: DaemonUnreachable says the daemon is not running."""
+    with pytest.raises(DaemonUnreachable, match="not running"):
+        ControlClient(sock_dir / "absent.sock").call("status")
+
+
+def test_client_on_stale_socket_says_not_running(sock_dir: Path) -> None:
+    """A socket file nobody listens on: DaemonUnreachable calls it stale."""
+    path = sock_dir / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    with pytest.raises(DaemonUnreachable, match="stale socket file"):
+        ControlClient(path).call("status")
+
+
+def test_client_sees_busy_reply_when_overloaded(sock_dir: Path, gates: Gates) -> None:
+    """With every slot taken, ControlClient returns the busy reply instead of failing."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_clients=1) as srv:
+        holder = Conn(srv.server.path)
+        try:
+            holder.send({"id": 1, "cmd": "status"})
+            holder.line()  # the slot is now surely taken
+            reply = ControlClient(srv.server.path).call("status")
+            assert reply["ok"] is False and reply["error"]["code"] == "busy" and reply["id"] is None
+        finally:
+            holder.close()
+
+
+# --- access control ---------------------------------------------------------------------------------
+
+
+def _peer(uid: int, *groups: int) -> Peer:
+    return Peer(pid=1, uid=uid, gid=groups[0] if groups else uid, groups=frozenset(groups))
+
+
+def test_acl_root_and_daemon_uid_are_admin() -> None:
+    """Root and the daemon's own uid are admin even with an empty Acl."""
+    acl = Acl()
+    assert acl.is_admin(_peer(0), daemon_uid=990)
+    assert acl.is_admin(_peer(990), daemon_uid=990)
+    assert not acl.can_read(_peer(1000, 1000), daemon_uid=990)
+
+
+def test_acl_read_and_admin_by_supplementary_group() -> None:
+    """A supplementary group grants what the Acl gives that group, and no more."""
+    acl = Acl(read_gids=frozenset({50}), admin_gids=frozenset({60}))
+    reader, admin = _peer(1000, 1000, 50), _peer(1001, 1001, 60)
+    assert acl.can_read(reader, daemon_uid=990) and not acl.is_admin(reader, daemon_uid=990)
+    assert acl.can_read(admin, daemon_uid=990) and acl.is_admin(admin, daemon_uid=990)
+
+
+def test_acl_from_names_resolves_and_rejects_unknown() -> None:
+    """Names resolve through the user database; an unknown name is a ValueError naming it."""
+    acl = Acl.from_names(read_users=["root"], admin_groups=["root", 4242])
+    assert acl.read_uids == {0} and acl.admin_gids == {0, 4242}
+    with pytest.raises(ValueError, match="unknown group 'no-such-group-vsup'"):
+        Acl.from_names(read_groups=["no-such-group-vsup"])
+
+
+def test_peer_groups_are_looked_up(server: ServerThread) -> None:
+    """The handler's Peer carries the connecting uid's groups from the user database."""
+    seen: list[Peer] = []
+
+    async def whoami(req: Request) -> Any:
+        seen.append(req.peer)
+        return None
+
+    server.server.handlers["whoami"] = whoami
+    assert ControlClient(server.server.path).call("whoami")["ok"] is True
+    me = pwd.getpwuid(os.geteuid())
+    assert seen[0].uid == os.geteuid() and seen[0].pid == os.getpid()
+    assert set(os.getgrouplist(me.pw_name, me.pw_gid)) <= seen[0].groups
+
+
+# --- another user, for real ---------------------------------------------------------------------
+
+OTHER_USER = "vsuptest"
+OTHER_GROUP = "vsuptestgrp"
+
+CLIENT_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from vsup.control import ControlClient, DaemonUnreachable
+try:
+    reply = ControlClient(Path(sys.argv[2]), timeout_s=10).call(sys.argv[3])
+except DaemonUnreachable as exc:
+    print(json.dumps({"unreachable": str(exc)}))
+else:
+    print(json.dumps({"reply": reply}))
+"""
+
+
+class OtherUser:
+    """A real second user (member of OTHER_GROUP) and an interpreter it may execute."""
+
+    def __init__(self, python: str) -> None:
+        entry = pwd.getpwnam(OTHER_USER)
+        self.uid = entry.pw_uid
+        self.primary_gid = entry.pw_gid
+        self.group_gid = grp.getgrnam(OTHER_GROUP).gr_gid
+        self.python = python
+
+    def call(self, path: Path, cmd: str) -> dict[str, Any]:
+        """Run ControlClient(path).call(cmd) as this user in a fresh process."""
+        supervisor_dir = str(Path(vsup.__file__).resolve().parent.parent)
+        done = subprocess.run(
+            ["runuser", "-u", OTHER_USER, "--", self.python, "-c", CLIENT_SCRIPT, supervisor_dir, str(path), cmd],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+
+def _ensure_user() -> None:
+    subprocess.run(["groupadd", "-f", OTHER_GROUP], check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", OTHER_GROUP, OTHER_USER],
+            capture_output=True, text=True,
+        )
+        if made.returncode != 0:
+            pwd.getpwnam(OTHER_USER)  # created by a concurrent session: fine; else let it raise
+        return
+    if OTHER_GROUP not in [g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem]:
+        subprocess.run(["usermod", "-aG", OTHER_GROUP, OTHER_USER], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """The user `vsuptest` in group `vsuptestgrp`, created if missing (left in place: shared)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user and run a client as it")
+    _ensure_user()
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(
+            ["runuser", "-u", OTHER_USER, "--", python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
+            capture_output=True, cwd="/",
+        )
+        if probe.returncode == 0:
+            return OtherUser(python)
+    pytest.skip(f"no Python >= 3.11 that {OTHER_USER} may execute")
+
+
+def test_other_user_reader_may_read_but_not_reload(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+    """A user with read rights through a supplementary group gets status but forbidden for reload."""
+    acl = Acl(read_gids=frozenset({other_user.group_gid}))
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid) as srv:
+        status = other_user.call(srv.server.path, "status")["reply"]
+        assert status["ok"] is True and status["result"]["uid"] == other_user.uid
+        reload = other_user.call(srv.server.path, "reload")["reply"]
+        assert reload["error"]["code"] == "forbidden" and "admin" in reload["error"]["message"]
+        forbidden = [f for n, f in srv.events if n == "control_forbidden"]
+        assert forbidden[0]["uid"] == other_user.uid and forbidden[0]["cmd"] == "reload" and forbidden[0]["pid"] > 0
+        assert not gates["reload_started"].is_set()
+
+
+def test_other_user_outside_acl_is_forbidden(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+    """A user who can connect but is in no Acl list is refused even status, as forbidden."""
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid) as srv:
+        reply = other_user.call(srv.server.path, "status")["reply"]
+        assert reply["error"]["code"] == "forbidden"
+        assert f"uid {other_user.uid} may not use" in reply["error"]["message"]
+
+
+def test_other_user_admin_may_reload(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+    """A user listed as admin may run a lifecycle command."""
+    acl = Acl(admin_uids=frozenset({other_user.uid}))
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid) as srv:
+        srv.set(gates["reload_go"])
+        assert other_user.call(srv.server.path, "reload")["reply"]["ok"] is True
+
+
+def test_user_outside_socket_group_cannot_connect(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+    """With the socket 0660 root:root, another user gets EACCES explained as a group problem."""
+    acl = Acl(read_uids=frozenset({other_user.uid}))  # the Acl would allow; the file mode does not
+    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=0) as srv:
+        result = other_user.call(srv.server.path, "status")
+        assert "permission denied: you are not in group root" in result["unreachable"]
+        assert "mode 0660 root:root" in result["unreachable"]
+    assert not any(name == "control_forbidden" for name, _ in srv.events)
+
+
+def test_user_outside_directory_group_is_told_so(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+    """A created 0750 directory keeps non-members out; the message names the directory."""
+    path = sock_dir / "run" / "s.sock"
+    with ServerThread(path, make_handlers(gates), socket_group=0):
+        result = other_user.call(path, "status")
+        assert f"its directory {path.parent} is mode 0750 root:root" in result["unreachable"]
