@@ -267,6 +267,14 @@ def test_inner_namespace_pid_is_mapped_through_nspid():
     assert (p.pid, p.pid_source) == (900, "nspid")
 
 
+def test_inner_pid_found_in_two_containers_stays_unresolved():
+    """The same inner pid in two containers, both on the GPU, is ambiguous: nothing is blamed."""
+    g, _n, _v = open_fake([FakeDevice(procs=[(7, GIB)])],
+                          {900: FakeProc(nspid=[7]), 901: FakeProc(nspid=[7])})
+    (p,) = g.snapshot()[0].procs
+    assert (p.pid, p.pid_source) == (None, "unresolved")
+
+
 def test_host_pid_is_paired_by_device_file():
     """A host pid invisible here pairs with the one local process holding /dev/nvidiaN open."""
     devs = [FakeDevice(procs=[(555001, GIB)], minor=0), FakeDevice(procs=[], minor=1, uuid="GPU-1")]
