@@ -147,6 +147,7 @@ class Supervisor:
         self._signals_seen = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tailer: Any = None
+        self._gpu_baseline: dict[int, int] | None = None
         self._catalog: Any = None
         self._parse: Any = None
         self.notifier = notifier
@@ -476,9 +477,13 @@ class Supervisor:
                            f"({holder.get('name')}, user {holder.get('user')}): not ours, not touched",
                     "port_busy", None)
         if self.gpus is not None:
-            pre = self.gpus.precheck(set())
+            # Every process of ours is gone by now: whoever still holds GPU memory is someone
+            # else's, and starting beside it would fail (or OOM) later, in a worse place.
+            pre = await asyncio.to_thread(self.gpus.precheck, set())
             if not pre.ok:
+                self.events.emit("gpu_precheck", ok=False, reason=pre.reason)
                 return False, f"GPU pre-start check: {pre.reason}", "gpu_busy", None
+            self._gpu_baseline = self.gpus.baseline()
         argv, env = self._command(spec)
         self._rotate_log()
         self.gen += 1
@@ -833,6 +838,7 @@ class Supervisor:
         if tree is None:
             return await self._cleanup_dead()
         self.events.emit("teardown", reason=reason, grace_s=grace, pids=sorted({p.pid for p in tree.procs}))
+        gpu_before = await asyncio.to_thread(self.gpus.snapshot) if self.gpus is not None else None
         with contextlib.suppress(Exception):
             tree = await asyncio.to_thread(proctree.refresh, tree)  # last look at what it holds
         self.ledger.upsert(replace(tree, ended=True) if hasattr(tree, "ended") else tree)
@@ -852,8 +858,9 @@ class Supervisor:
                                          grace_s=self.cfg.timeouts.cleanup_grace_s)
         self._cleanup_event("teardown", report, seconds=round(time.monotonic() - t0, 3))
         if self.gpus is not None:
-            rel = await asyncio.to_thread(self.gpus.wait_released, {p.pid for p in tree.procs}, None,
-                                          timeout_s=self.cfg.timeouts.gpu_release_s)
+            rel = await asyncio.to_thread(self.gpus.wait_released, {p.pid for p in tree.procs},
+                                          self._gpu_baseline, timeout_s=self.cfg.timeouts.gpu_release_s,
+                                          before=gpu_before)
             self.events.emit("gpu_release", **_as_dict(rel))
         if report.clean:
             self.ledger.remove(tree.id)
