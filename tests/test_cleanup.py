@@ -439,3 +439,228 @@ def test_port_holder_names_the_listener():
     assert port_holder(8202, host=h) is None
     h.listeners[8203] = [None]
     assert port_holder(8203, host=h)["pid"] is None
+
+
+# =============================================================================================
+# Real OS: fake vLLM-like trees (tests/fakes/fake_vllm.py), real signals and unlinks.
+# =============================================================================================
+import os  # noqa: E402
+import pwd  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fakes.trees import Decoy, FakeTree, ScopedHost, alive, rand_name, read_json, session_pids, unlink_quiet, wait_for  # noqa: E402
+
+from vsup.host import Host  # noqa: E402
+from vsup.proctree import refresh  # noqa: E402
+
+OTHER_USER = "vsuptest"
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """A second user (created if missing, removed afterwards only if we created it)."""
+    created = False
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+        created = True
+    try:
+        yield OTHER_USER
+    finally:
+        if created:
+            subprocess.run(["userdel", OTHER_USER], check=False)
+
+
+class OtherUserOrphan:
+    """A `VLLM::Worker_TP0`-titled orphan and an unheld psm_* segment, both of another user."""
+
+    def __init__(self, user: str) -> None:
+        self.shm = rand_name("psm_vsupother")
+        script = (
+            "(exec -a VLLM::Worker_TP0 sleep 600 </dev/null >/dev/null 2>&1) & echo $!; "
+            f"head -c 8192 /dev/zero > /dev/shm/{self.shm}"
+        )
+        out = subprocess.run(
+            ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "setsid", "bash", "-c", script],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+        self.pid = int(out.stdout.strip())
+        wait_for(lambda: os.path.exists(f"/dev/shm/{self.shm}"), 30, "other-user segment")
+        self.sid = Host().process(self.pid).sid
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        unlink_quiet(f"/dev/shm/{self.shm}")
+
+
+@pytest.fixture(scope="module")
+def decoys(tmp_path_factory, other_user):
+    """What must survive every cleanup: a live tree vsup started (refreshed record), a segment
+    held by an unrelated process, a PostgreSQL segment, another user's orphan and segment."""
+    base = tmp_path_factory.mktemp("decoys")
+    started = []
+    try:
+        live = FakeTree(base / "live", "--tp", "1", "--segments", "2")
+        started.append(live)
+        holder = Decoy(base / "holder", "holder", shm=rand_name("psm_vsupdecoy"), user=None)
+        started.append(holder)
+        pg = f"/dev/shm/{rand_name('PostgreSQL.')}"
+        Path(pg).write_bytes(b"\0" * 4096)
+        other = OtherUserOrphan(other_user)
+        started.append(other)
+        live.wait_ready()
+        refresh(live.rec)
+        yield {"live": live, "holder": holder, "pg": pg, "other": other}
+    finally:
+        for s in started:
+            s.stop()
+        if "pg" in locals():
+            unlink_quiet(pg)
+
+
+def assert_decoys_intact(d) -> None:
+    live, holder, other = d["live"], d["holder"], d["other"]
+    assert all(alive(p) for p in live.pids), "live tree lost a process"
+    assert all(os.path.exists(f"/dev/shm/{n}") for n in live.shm_names), "live tree lost a segment"
+    assert all(os.path.exists(f"/tmp/{n}") for n in live.tmp_names), "live tree lost a file"
+    assert alive(holder.pid) and os.path.exists(f"/dev/shm/{holder.shm}")
+    assert os.path.exists(d["pg"])
+    assert alive(other.pid) and os.path.exists(f"/dev/shm/{other.shm}")
+
+
+def scoped(d, *trees: FakeTree, extra_sids=()) -> ScopedHost:
+    shm = {d["holder"].shm, Path(d["pg"]).name, d["other"].shm, *d["live"].shm_names}
+    tmp = set(d["live"].tmp_names)
+    for t in trees:
+        shm |= set(t.shm_names)
+        tmp |= set(t.tmp_names)
+    sids = {d["live"].sid, d["holder"].sid, d["other"].sid, *(t.sid for t in trees), *extra_sids}
+    return ScopedHost(sids, shm_allow=shm.__contains__, tmp_allow=tmp.__contains__)
+
+
+@pytest.fixture
+def tree_factory(tmp_path):
+    trees: list[FakeTree] = []
+
+    def make(*args: str, via_vsup: bool = True) -> FakeTree:
+        t = FakeTree(tmp_path / f"tree{len(trees)}", *args, via_vsup=via_vsup)
+        trees.append(t)
+        t.wait_ready()
+        return t
+
+    try:
+        yield make
+    finally:
+        for t in trees:
+            t.stop()
+
+
+def test_real_dead_tree_is_removed_and_decoys_survive(decoys, tree_factory):
+    """A vsup-started tree whose API server was SIGKILLed (engine ignoring SIGTERM) is removed:
+    processes, segments, semaphores, store and sockets; every decoy survives."""
+    t = tree_factory("--ignore-sigterm", "engine", "--hold-dist")
+    refresh(t.rec)
+    t.kill_api()
+    rep = cleanup([t.rec], live=[decoys["live"].rec], host=scoped(decoys, t), grace_s=1.0)
+    assert rep.clean, rep.remaining
+    assert not any(alive(p) for p in t.pids)
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in t.shm_names)
+    assert not any(os.path.exists(f"/tmp/{n}") for n in t.tmp_names)
+    assert {"pid": t.info["engine"], "name": "VLLM::EngineCore", "sid": t.sid, "how": "SIGKILL"} in rep.killed
+    assert rep.bytes_freed > 0
+    assert_decoys_intact(decoys)
+
+
+def test_real_foreign_orphans_removed_second_run_finds_nothing(decoys, tree_factory):
+    """Orphans of a server vsup never started are found by title and session, killed in order,
+    their segments and semaphores gone (bytes counted), a zombie reported; a second run finds
+    nothing; the decoys, including a live unrecorded server, survive."""
+    t = tree_factory("--zombie", via_vsup=False)
+    t.kill_api()
+    host = scoped(decoys, t)
+    rep = cleanup([], foreign=True, host=host, grace_s=2.0)
+    assert rep.clean, rep.remaining
+    assert {k["pid"] for k in rep.killed} == {t.info["tracker"], t.info["engine"], *t.info["workers"]}
+    assert [z["pid"] for z in rep.zombies] == [t.info["zombie"]]
+    assert not any(alive(p) for p in t.pids)
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in t.shm_names)
+    assert rep.bytes_freed > 0
+    assert {u["name"] for u in rep.unlinked} == set(t.shm_names)
+    again = cleanup([], foreign=True, host=host, grace_s=2.0)
+    assert (again.killed, again.unlinked, again.removed_files, again.remaining) == ([], [], [], [])
+    assert_decoys_intact(decoys)
+
+
+def test_real_other_users_orphan_needs_all_users(other_user, tmp_path):
+    """Another user's orphan and segment are skipped; as root with all_users they are removed."""
+    o = OtherUserOrphan(other_user)
+    try:
+        host = ScopedHost({o.sid}, shm_allow={o.shm}.__contains__)
+        rep = cleanup([], foreign=True, host=host, grace_s=1.0)
+        assert alive(o.pid) and os.path.exists(f"/dev/shm/{o.shm}")
+        assert {s["name"] for s in rep.skipped} >= {f"pid {o.pid} (VLLM::Worker_TP0)", o.shm}
+        rep = cleanup([], foreign=True, all_users=True, host=host, grace_s=1.0)
+        assert rep.clean
+        wait_for(lambda: not alive(o.pid), 5, "other user's orphan gone")
+        assert not os.path.exists(f"/dev/shm/{o.shm}")
+    finally:
+        o.stop()
+
+
+def test_real_pid_reuse_is_not_killed(tmp_path):
+    """A recorded pid whose create time differs (the pid was reused) is never signalled."""
+    from vsup.proctree import ProcRef, TreeRecord
+
+    p = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        ct = Host().process(p.pid).create_time
+        leader = ProcRef(p.pid, ct - 30, "python", ["python"])
+        rec = TreeRecord("reuse", "m", 8200, ct - 31, leader, p.pid, p.pid, [leader])
+        rep = cleanup([rec], host=ScopedHost({p.pid}), grace_s=0.5)
+        assert p.poll() is None and rep.killed == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_real_thousands_of_entries_in_a_shm_root(tmp_path):
+    """3000 entries in a (tmp) shm root: 1000 unheld vLLM debris go, foreign names and a held
+    segment stay, and it takes seconds, not minutes."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    for i in range(2000):
+        (shm / f"other.{i}").write_bytes(b"")
+    for i in range(1000):
+        (shm / f"psm_{i:06x}").write_bytes(b"x" * 16)
+    held = open(shm / "psm_000001", "rb")  # noqa: SIM115 - held by this very process
+    try:
+        host = ScopedHost(set(), shm_allow=lambda n: True, shm_root=shm, tmp_root=tmp_path / "tmp")
+        t0 = time.monotonic()
+        rep = cleanup([], host=host)
+        took = time.monotonic() - t0
+        left = set(os.listdir(shm))
+        assert len(left) == 2001 and "psm_000001" in left
+        assert len(rep.unlinked) == 999
+        assert {"name": "psm_000001", "reason": f"in use by pid {os.getpid()} ({Host().process(os.getpid()).title})"} in rep.skipped
+        assert took < 20, took
+    finally:
+        held.close()
+
+
+def test_real_unscoped_dry_run_spares_live_trees(decoys):
+    """On the whole real host, a foreign dry run targets nothing of a live tree or of the
+    decoys, and changes nothing."""
+    shm_before = set(os.listdir("/dev/shm"))
+    rep = cleanup([], foreign=True, dry_run=True, live=[decoys["live"].rec])
+    ours = set(decoys["live"].pids) | {decoys["holder"].pid, decoys["other"].pid}
+    assert not ours & {k["pid"] for k in rep.killed}
+    protected = {*decoys["live"].shm_names, decoys["holder"].shm, Path(decoys["pg"]).name, decoys["other"].shm}
+    assert not protected & {u["name"] for u in rep.unlinked}
+    assert set(os.listdir("/dev/shm")) >= shm_before & protected
+    assert_decoys_intact(decoys)

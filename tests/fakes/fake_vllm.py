@@ -110,6 +110,7 @@ def worker_main(rank: int, opts: dict, seg_names: list[str], locks: list) -> Non
     sock, path = listen_uuid_socket(opts["tmp_root"])
     log(name, "gpu_worker.py:1", f"attached {len(segs)} segments; listening on {path}")
     write_json(os.path.join(opts["work"], f"worker{rank}.json"), {"pid": os.getpid(), "socket": path})
+    keep = (sock, segs)  # noqa: F841 - alive until the process ends
     parent = os.getppid()
     while os.getppid() == parent:  # vLLM workers watch the engine core through a death pipe
         time.sleep(0.2)
@@ -168,7 +169,7 @@ def engine_main(opts: dict, locks: list) -> None:
             "zombie": zombie,
         },
     )
-    del held_dist, sock
+    keep = (held_dist, sock, segs)  # noqa: F841 - alive until the process ends
     while True:
         signal.pause()
 
@@ -226,7 +227,7 @@ def api_main(a: argparse.Namespace) -> None:
     log("APIServer", "launcher.py:1", "Application startup complete.")
     if a.ready:
         write_json(a.ready, ready)
-    del lsock
+    keep = (lsock, engine)  # noqa: F841 - alive until the process ends
     while True:
         signal.pause()
 
