@@ -1,0 +1,6 @@
+"""The harness module sits beside its tests; make it importable as `harness`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
