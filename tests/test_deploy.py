@@ -147,3 +147,27 @@ def test_example_config_is_valid_with_an_existing_interpreter(tmp_path: Path) ->
     cfg = config.load(copy)
     assert cfg.vllm.python == sys.executable
     assert config.tensor_parallel_size(cfg.vllm.args) == 2
+
+
+def test_unit_commands_parse_with_the_cli(service: list[tuple[str, str]]) -> None:
+    """Every Exec*= line of the unit is a command line `vsup` accepts (subcommand and options)."""
+    from vsup.cli import build_parser
+
+    for key in ("ExecStart", "ExecReload", "ExecStopPost"):
+        argv = one(service, key).split()
+        assert argv[0] == INSTALLED_VSUP
+        args = build_parser().parse_args(argv[1:])
+        assert args.config == INSTALLED_CONFIG
+
+
+def test_check_config_accepts_example_except_missing_interpreter(tmp_path: Path) -> None:
+    """`vsup check-config deploy/vsup.toml` only objects to the GPU box's interpreter path."""
+    as_shipped = subprocess.run([str(VENV_VSUP), "check-config", str(TOML)],
+                                capture_output=True, text=True, timeout=60)
+    assert as_shipped.returncode == 2
+    assert as_shipped.stderr.strip() == (
+        f"vsup: config error: {TOML}: vllm.python: interpreter /opt/vllm/venv/bin/python does not exist")
+    copy = tmp_path / "vsup.toml"
+    copy.write_text(TOML.read_text().replace("/opt/vllm/venv/bin/python", sys.executable))
+    here = subprocess.run([str(VENV_VSUP), "check-config", str(copy)], capture_output=True, text=True, timeout=60)
+    assert here.returncode == 0, here.stderr
