@@ -55,7 +55,7 @@ _LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "TRACE": "DEBUG", None
 # (`levels`). Skipping failure signatures on INFO/DEBUG lines keeps the busiest lines cheap.
 _FAILURE_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL", "none"})
 _REQUIRED = ("id", "kind", "pattern", "keys", "versions", "meaning", "action", "examples")
-_OPTIONAL = ("fields", "line_kinds", "levels")
+_OPTIONAL = ("fields", "line_kinds", "levels", "generic", "suspect_collectives")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -77,6 +77,8 @@ class Signature:
     examples: tuple[str, ...]
     regex: re.Pattern[str] = field(repr=False, compare=False)
     fields: tuple[tuple[str, re.Pattern[str]], ...] = field(default=(), repr=False, compare=False)
+    generic: bool = False  # a consequence reported after the real failure; never the root cause
+    suspect_collectives: bool = False  # typical of a hung/broken TP collective (custom AR, NCCL P2P)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +266,18 @@ def _build(entry: Any, ctx: str) -> Signature:
     if not isinstance(line_kinds, list) or not set(line_kinds) <= LINE_KINDS or not line_kinds:
         raise CatalogError(f"{ctx}: line_kinds must be a non-empty subset of {sorted(LINE_KINDS)}")
     default_levels = _FAILURE_LEVELS if entry["kind"] in FAILURE_KINDS else LEVELS
+    for flag in ("generic", "suspect_collectives"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise CatalogError(f"{ctx}: {flag} must be true or false")
     levels = entry.get("levels", sorted(default_levels))
     if not isinstance(levels, list) or not set(levels) <= LEVELS or not levels:
         raise CatalogError(f"{ctx}: levels must be a non-empty subset of {sorted(LEVELS)}")
     return Signature(
         id=entry["id"], kind=entry["kind"], pattern=entry["pattern"], keys=tuple(keys),
         versions=entry["versions"], meaning=entry["meaning"], action=entry["action"],
-        line_kinds=frozenset(line_kinds), levels=frozenset(levels), examples=tuple(examples), regex=regex, fields=tuple(fields),
+        line_kinds=frozenset(line_kinds), levels=frozenset(levels), examples=tuple(examples), regex=regex,
+        fields=tuple(fields), generic=entry.get("generic", False),
+        suspect_collectives=entry.get("suspect_collectives", False),
     )
 
 

@@ -1,0 +1,380 @@
+"""Offline analysis of a vLLM log: what happened, why, and what to do (`vsup diagnose`).
+
+`analyze(lines)` parses and matches every line (logparse + the signature catalog), follows
+tracebacks per process, and reduces the log to a `Diagnosis`:
+
+verdict (issue 5), the worst state any *run* in the log reached:
+  startup_failed > engine_dead > stalled > healthy, or unknown when no line was recognised.
+
+* A *run* is one start of the server. A log appended to across restarts holds several; a new run
+  begins at a start-up line (config dump, version banner) once the current run has failed or shut
+  down. Logs that begin mid-run are one run without start-up lines.
+* A run was *up* if it shows a ready line (uvicorn "Application startup complete.") or serving
+  signs: received/added requests, access-log lines, stats lines. Any up sign in the run counts,
+  even after the failure: a 500 access line after "Engine loop has died" proves the server was
+  serving, which matters for logs that begin mid-run.
+* A failure (kinds startup_failed, oom, nccl_error, engine_dead, worker_died) in a run that was
+  never up is `startup_failed`; in a run that was up, `engine_dead` (so a death at the first
+  request is engine_dead: the server had reported ready).
+* Generic failure lines (see below) after a shutdown line of the same run are ignored: 0.32 logs
+  "AsyncLLM output_handler failed." and EngineDeadError on every requested stop. A specific
+  failure still counts (after SIGKILL of the engine core a worker first logs "Parent process
+  exited", then the API server "engine core exited unexpectedly").
+* A stall line (shm_stall) after an up sign is `stalled`. A stall before any up sign is start-up
+  work (compilation, loading) if a ready line follows later in the run, so `healthy`; if the run
+  ends without a ready line after it (nothing after it, or only serving signs of a log that began
+  mid-run), it is `stalled`.
+
+root_cause: the most specific message explaining the verdict. For a failure: starting at the run's
+first failure line, the first traceback whose exception chain has a non-generic exception (the
+chain is read from its last exception back to its first, so "RuntimeError: Engine core
+initialization failed" falls back to the ValueError that caused it); else a traceback ending just
+before that line (a worker may print its traceback before the engine notices); else the first
+non-generic failure line (a worker killed by a signal leaves "Worker proc VllmWorker-1 died
+unexpectedly (exit code: -9)" and only generic tracebacks); else the first failure line.
+"Generic" is a catalog flag: EngineDeadError, "EngineCore encountered a fatal error", "Executor
+failed." and the like are consequences other processes report. For a stall: the first stall line
+that decided the verdict. Messages are redacted (vsup.redact) like everything vsup prints.
+
+advice: the root cause signature's action; then, for TP>1 (worker processes seen, or
+tensor_parallel_size > 1 in the config dump) when the engine died or stalled before any inference
+request had succeeded in that run, and the cause is a hang-type failure (catalog flag
+suspect_collectives, or only generic lines): `--disable-custom-all-reduce`, then
+`NCCL_P2P_DISABLE=1` (the seed's fix and the documented next step); then the actions of the other
+specific failure signatures of that run; and `vsup cleanup` when leaked resources were reported.
+
+findings: failures, stalls, ready lines, leaks and custom all-reduce lines as they occur (at most
+`MAX_PER_SIGNATURE` per signature: a stall repeats every 60 s for hours), and only the first
+serving, progress, start-up and shutdown line of each run (a busy log has millions).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+from vsup.logparse import LogLine, exception_text, parse_line
+from vsup.redact import redact
+from vsup.signatures import FAILURE_KINDS, Catalog, Signature, default_catalog
+
+__all__ = ["Finding", "Diagnosis", "analyze", "diagnose_file", "render_text", "VERDICTS", "MAX_PER_SIGNATURE",
+           "ADVICE_DISABLE_CUSTOM_AR", "ADVICE_NCCL_P2P"]
+
+VERDICTS = ("startup_failed", "engine_dead", "stalled", "healthy", "unknown")
+MAX_PER_SIGNATURE = 20
+# A traceback that ends this many lines before the first failure line may still be its cause.
+_LOOKBACK_LINES = 30
+_UP_KINDS = frozenset({"ready", "serving", "progress"})
+_FIRST_PER_RUN_KINDS = frozenset({"serving", "progress", "starting", "shutdown"})
+_RUN_START_SIGS = frozenset({"engine_config", "startup_progress"})
+_WORKER_PROC = re.compile(r"Worker")
+_TP_ARG = re.compile(r"(?:^|\s)(?:-tp|--tensor-parallel-size|--tensor_parallel_size)[ =](\d+)")
+_INFERENCE_PATH = re.compile(r"^/(?:v1/(?:chat/)?completions|v1/responses|v1/messages|generate|inference/)")
+_TB_START = "Traceback (most recent call last):"
+_TB_CHAIN = ("During handling of the above exception", "The above exception was the direct cause")
+
+ADVICE_DISABLE_CUSTOM_AR = (
+    "TP>1 and the engine died or stalled at the first request: restart with --disable-custom-all-reduce "
+    "(vLLM's custom all-reduce can hang on PCIe GPUs whose P2P is reported but broken; the seed incident's fix)."
+)
+ADVICE_NCCL_P2P = (
+    "If that does not help: also set NCCL_P2P_DISABLE=1 (or NCCL_P2P_LEVEL=NVL), and check IOMMU/ACS settings."
+)
+_TP_ADVICE = (ADVICE_DISABLE_CUSTOM_AR, ADVICE_NCCL_P2P)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str
+    line: int  # 1-based
+    process: str | None
+    pid: int | None
+    message: str  # redacted
+    signature: str = ""  # catalog id; not part of the JSON output
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "line": self.line, "process": self.process, "pid": self.pid,
+                "message": self.message}
+
+
+@dataclass(slots=True)
+class Diagnosis:
+    verdict: str
+    findings: list[Finding]
+    root_cause: str | None
+    advice: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """Exactly {"verdict", "findings": [{"kind","line","process","pid","message"}], "root_cause", "advice"}."""
+        return {
+            "verdict": self.verdict,
+            "findings": [f.to_json() for f in self.findings],
+            "root_cause": self.root_cause,
+            "advice": list(self.advice),
+        }
+
+
+# ---------------------------------------------------------------------------- internal state
+
+@dataclass(slots=True)
+class _Exc:
+    line: int
+    text: str
+    sig: Signature | None
+
+
+@dataclass(slots=True)
+class _Chain:
+    """One traceback (with the chained ones after it) of one process."""
+    start: int
+    end: int
+    excs: list[_Exc] = field(default_factory=list)
+    state: str = "frames"  # "frames" until the exception line, then "after"
+    expect_more: bool = False  # saw "The above exception was ..." : the next Traceback continues it
+
+
+@dataclass(slots=True)
+class _Event:
+    line: int
+    ll: LogLine
+    sig: Signature
+
+
+@dataclass(slots=True)
+class _Run:
+    start: int
+    up: bool = False  # an up sign so far
+    up_any: bool = False  # an up sign anywhere in the run
+    ended_clean: bool = False  # shutdown or failure seen: a start-up line now begins a new run
+    shutting_down: bool = False  # a shutdown line seen: generic failures after it are its noise
+    failures: list[_Event] = field(default_factory=list)
+    stall_up: _Event | None = None  # first stall after an up sign
+    pending_stall: _Event | None = None  # first stall before any up sign, not yet explained by a ready
+    unresolved_stall: _Event | None = None  # a pending stall that an up sign other than ready followed
+    ok_inference: int = 0  # successful inference requests so far
+    ok_before_failure: int | None = None
+    ok_before_stall: int | None = None
+    first_kinds: set[str] = field(default_factory=set)
+    end: int = 0
+
+    def stall_event(self) -> _Event | None:
+        return self.stall_up or self.unresolved_stall or self.pending_stall
+
+
+class _Analyzer:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.findings: list[Finding] = []
+        self.per_sig: dict[str, int] = {}
+        self.runs: list[_Run] = [_Run(start=1)]
+        self.chains: list[_Chain] = []
+        self.open_chains: dict[tuple[str | None, int | None], _Chain] = {}
+        self.workers_seen = False
+        self.tp_size = 0
+        self.leaks: list[Signature] = []
+        self.recognised = False
+        self.lineno = 0
+
+    # -- per line
+    def feed(self, raw: str) -> None:
+        self.lineno += 1
+        n = self.lineno
+        ll = parse_line(raw)
+        if ll.process is not None and not self.workers_seen and _WORKER_PROC.search(ll.process):
+            self.workers_seen = True
+        msg = ll.message
+        indented = msg[:1] in (" ", "\t")
+        m = None if indented else self.catalog.match(ll)
+        self._track_traceback(n, ll, msg, indented, m.sig if m else None)
+        if m is None:
+            if not self.tp_size and ("-tp" in msg or "tensor-parallel" in msg or "tensor_parallel" in msg):
+                t = _TP_ARG.search(msg)
+                if t:
+                    self.tp_size = int(t.group(1))
+            return
+        self.recognised = True
+        self._on_match(n, ll, m.sig, m.groups)
+
+    def _track_traceback(self, n: int, ll: LogLine, msg: str, indented: bool, sig: Signature | None) -> None:
+        key = (ll.process, ll.pid)
+        chain = self.open_chains.get(key)
+        if msg.endswith(_TB_START):
+            if chain is None or not chain.expect_more:
+                chain = _Chain(start=n, end=n)
+                self.chains.append(chain)
+                self.open_chains[key] = chain
+            chain.state, chain.expect_more, chain.end = "frames", False, n
+            return
+        if chain is None:
+            return
+        if msg.startswith(_TB_CHAIN):
+            chain.expect_more, chain.end = True, n
+        elif msg == "" or indented:
+            chain.end = n  # frame, source or caret line, or a blank between chained tracebacks
+        elif chain.state == "frames" and (exc := exception_text(msg)) is not None:
+            chain.excs.append(_Exc(n, exc, sig))
+            chain.state, chain.end = "after", n
+        elif not chain.expect_more:
+            del self.open_chains[key]
+
+    def _on_match(self, n: int, ll: LogLine, sig: Signature, groups: dict[str, Any]) -> None:
+        kind = sig.kind
+        run = self.runs[-1]
+        if sig.id in _RUN_START_SIGS and run.ended_clean:
+            run.end = n - 1
+            run = _Run(start=n)
+            self.runs.append(run)
+        if sig.id == "engine_config" and isinstance(groups.get("tp"), int):
+            self.tp_size = max(self.tp_size, groups["tp"])
+        ev = _Event(n, ll, sig)
+
+        if kind in _UP_KINDS:
+            if kind == "ready" and run.pending_stall is not None:
+                run.pending_stall = None  # start-up work: it came up after the stall
+            elif run.pending_stall is not None and run.unresolved_stall is None:
+                run.unresolved_stall = run.pending_stall  # up without a ready: mid-run log
+            run.up = run.up_any = True
+            if sig.id == "access_log" and 200 <= groups.get("status", 0) < 300 \
+                    and _INFERENCE_PATH.match(str(groups.get("path", ""))):
+                run.ok_inference += 1
+        elif kind in FAILURE_KINDS:
+            if sig.generic and run.shutting_down:
+                return  # 0.32 logs EngineDeadError on every requested stop: noise, not a failure
+            run.failures.append(ev)
+            if run.ok_before_failure is None:
+                run.ok_before_failure = run.ok_inference
+            run.ended_clean = True
+        elif kind == "shm_stall":
+            if run.up:
+                if run.stall_up is None:
+                    run.stall_up = ev
+                    run.ok_before_stall = run.ok_inference
+            elif run.pending_stall is None:
+                run.pending_stall = ev
+                run.ok_before_stall = run.ok_inference
+        elif kind == "shutdown":
+            run.ended_clean = run.shutting_down = True
+        elif kind == "leaked_resources":
+            self.leaks.append(sig)
+
+        if kind in _FIRST_PER_RUN_KINDS:
+            if kind in run.first_kinds:
+                return
+            run.first_kinds.add(kind)
+        count = self.per_sig.get(sig.id, 0)
+        if count >= MAX_PER_SIGNATURE:
+            return
+        self.per_sig[sig.id] = count + 1
+        self.findings.append(Finding(kind, n, ll.process, ll.pid, redact(ll.message), sig.id))
+
+    # -- conclusions
+    def result(self) -> Diagnosis:
+        self.runs[-1].end = self.lineno
+        if not self.recognised:
+            return Diagnosis("unknown", [], None, [])
+        verdict, run = "healthy", None
+        for rank, name in ((0, "startup_failed"), (1, "engine_dead"), (2, "stalled")):
+            for r in self.runs:
+                if (name == "startup_failed" and r.failures and not r.up_any) or \
+                   (name == "engine_dead" and r.failures and r.up_any) or \
+                   (name == "stalled" and r.stall_event() is not None):
+                    verdict, run = name, r
+                    break
+            if run is not None:
+                break
+        root_cause, root_sig = (None, None) if run is None else self._root_cause(verdict, run)
+        advice = self._advice(verdict, run, root_sig)
+        return Diagnosis(verdict, self.findings, root_cause, advice)
+
+    def _root_cause(self, verdict: str, run: _Run) -> tuple[str | None, Signature | None]:
+        if verdict == "stalled":
+            ev = run.stall_event()
+            assert ev is not None
+            return redact(ev.ll.message), ev.sig
+        first = run.failures[0].line
+        in_run = [c for c in self.chains if run.start <= c.start <= run.end]
+        after = [c for c in in_run if c.start >= first]
+        before = [c for c in reversed(in_run) if c.start < first and c.end >= first - _LOOKBACK_LINES]
+        for chain in after + before:
+            for exc in reversed(chain.excs):
+                if exc.sig is None or not exc.sig.generic:
+                    return redact(exc.text), exc.sig
+        for ev in run.failures:
+            if not ev.sig.generic:
+                return redact(ev.ll.message), ev.sig
+        ev = run.failures[0]
+        return redact(ev.ll.message), ev.sig
+
+    def _advice(self, verdict: str, run: _Run | None, root_sig: Signature | None) -> list[str]:
+        advice: list[str] = []
+
+        def add(text: str) -> None:
+            if text and text not in advice:
+                advice.append(text)
+
+        if root_sig is not None:
+            add(root_sig.action)
+        if run is not None and verdict in ("engine_dead", "stalled"):
+            ok_before = run.ok_before_failure if verdict == "engine_dead" else run.ok_before_stall
+            hang_type = root_sig is not None and (root_sig.generic or root_sig.suspect_collectives)
+            tp_gt_1 = self.workers_seen or self.tp_size > 1
+            if tp_gt_1 and hang_type and not ok_before:
+                for text in _TP_ADVICE:
+                    add(text)
+        if run is not None:
+            specific = [ev.sig for ev in run.failures if not ev.sig.generic]
+            for sig in specific or [ev.sig for ev in run.failures[:1]]:
+                add(sig.action)
+        for sig in self.leaks:
+            add(sig.action)
+        return advice
+
+
+# ---------------------------------------------------------------------------- public API
+
+def analyze(lines: Iterable[str], catalog: Catalog | None = None) -> Diagnosis:
+    """Diagnose a vLLM log given as lines (trailing newlines allowed). See the module docstring."""
+    a = _Analyzer(catalog if catalog is not None else default_catalog())
+    for raw in lines:
+        a.feed(raw)
+    return a.result()
+
+
+def _read_lines(path: str | PathLike[str]) -> Iterator[str]:
+    # Binary iteration splits on b"\n" only, so line numbers match grep -n even when tqdm wrote
+    # bare "\r"; each line is decoded on its own, so invalid UTF-8 costs one replacement char.
+    with open(path, "rb") as f:
+        for b in f:
+            yield b.decode("utf-8", errors="replace")
+
+
+def diagnose_file(path: str | PathLike[str], catalog: Catalog | None = None) -> Diagnosis:
+    """`analyze` a log file. Raises OSError if it cannot be opened or read."""
+    return analyze(_read_lines(path), catalog)
+
+
+def render_text(d: Diagnosis, *, max_findings: int = 25, width: int = 160) -> str:
+    """A short human summary of a Diagnosis."""
+
+    def cut(s: str) -> str:
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    out = [f"verdict: {d.verdict}"]
+    if d.root_cause:
+        out.append(f"root cause: {cut(d.root_cause)}")
+    if d.advice:
+        out.append("advice:")
+        out.extend(f"  {i}. {a}" for i, a in enumerate(d.advice, 1))
+    if d.findings:
+        out.append(f"findings ({len(d.findings)}):")
+        for f in d.findings[:max_findings]:
+            who = f" [{f.process} {f.pid}]" if f.process else (f" [pid {f.pid}]" if f.pid else "")
+            out.append(cut(f"  line {f.line:>6}  {f.kind:<16}{who} {f.message}"))
+        if len(d.findings) > max_findings:
+            out.append(f"  ... {len(d.findings) - max_findings} more (use --json for all)")
+    elif d.verdict == "unknown":
+        out.append("no vLLM log line was recognised")
+    return "\n".join(out)
