@@ -335,6 +335,18 @@ def test_bad_request_keeps_connection_open(server: ServerThread, line: bytes, ec
     assert "control_bad_request" in server.event_names()
 
 
+def test_bad_line_flood_is_summarised_in_events(server: ServerThread) -> None:
+    """Ten bad lines on one connection give three single events and one summary, not ten."""
+    conn = Conn(server.server.path)
+    try:
+        conn.send(b"nope\n" * 10)
+        assert [conn.line()["error"]["code"] for _ in range(10)] == ["bad_request"] * 10
+    finally:
+        conn.close()
+    wait_until(lambda: any("7 more" in f.get("reason", "") for _, f in server.events), what="summary event")
+    assert server.event_names().count("control_bad_request") == 4
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [({}, "missing argument 'model'"), ({"model": 3}, "'model' must be str"), ({"model": "b", "wait_s": True}, "must be float")],
@@ -565,6 +577,30 @@ def test_disconnect_mid_command_does_not_cancel_it(server: ServerThread, gates: 
     wait_until(lambda: "control_reply_undelivered" in server.event_names(), what="undelivered event")
     undelivered = dict(server.events)["control_reply_undelivered"]
     assert undelivered["cmd"] == "reload" and undelivered["id"] == 5 and undelivered["ok"] is True
+
+
+def test_half_closed_client_still_gets_progress_and_reply(server: ServerThread, gates: Gates) -> None:
+    """A client that shuts down only its sending side (socat -t) still receives the reply."""
+    from vsup.control import _EOF
+
+    conn = Conn(server.server.path)
+    try:
+        conn.send({"id": 3, "cmd": "reload"})
+        server.wait(gates["reload_started"])
+        conn.sock.shutdown(socket.SHUT_WR)
+
+        def server_saw_eof() -> bool:
+            conns = list(server.server._connections.values())
+            return bool(conns) and conns[0]._ahead is _EOF
+
+        wait_until(server_saw_eof, what="the server to read the EOF")
+        server.set(gates["reload_go"])
+        assert conn.line() == {"id": 3, "progress": {"phase": "stop", "elapsed_s": 1.0}}
+        assert conn.line() == {"id": 3, "ok": True, "result": {"model": "b"}}
+        assert conn.at_eof()
+    finally:
+        conn.close()
+    assert "control_client_gone" not in server.event_names()
 
 
 def test_follow_handler_is_cancelled_when_client_leaves(server: ServerThread, gates: Gates) -> None:

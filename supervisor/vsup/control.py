@@ -105,6 +105,8 @@ DEFAULT_MAX_WRITE_BUFFER = 1024 * 1024
 DEFAULT_HANDLER_GRACE_S = 2.0
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_READ_ONLY_COMMANDS = frozenset({"status", "events", "diagnose"})
+# Bad lines of one connection reported as single events; the rest are summed up at its end.
+BAD_LINE_EVENTS = 3
 # Kernel accept queue. Connections beyond max_clients are accepted and refused with `busy`,
 # so the queue only has to absorb a burst between two turns of the event loop.
 LISTEN_BACKLOG = 512
@@ -299,6 +301,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _log_id(rid: str | int) -> str | int:
+    """A request id fit for an event: ids are echoed whole, but logged at most 64 characters."""
+    return rid if isinstance(rid, int) or len(rid) <= 64 else rid[:61] + "..."
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -361,7 +368,11 @@ class _Connection:
         self.writer = writer
         self.pid, self.uid, self.gid = creds
         self.gone = asyncio.Event()
+        self._gone_watch = asyncio.ensure_future(self.gone.wait())
         self._peer: Peer | None = None
+        self._line_task: asyncio.Task[Any] | None = None  # the pending read of the next line
+        self._ahead: Any = None  # a line (or _EOF/_TOO_LARGE) read while a handler ran
+        self._bad_lines = 0
         # The transport calls connection_lost for every way a connection ends (peer reset,
         # failed write, our abort); wait_closed() is the public view of that.
         self._closed_watch = asyncio.ensure_future(writer.wait_closed())
@@ -447,106 +458,103 @@ class _Connection:
             return True
 
     async def serve(self) -> None:
-        server = self.server
-        gone_watch = asyncio.ensure_future(self.gone.wait())
-        line_task: asyncio.Task[Any] | None = None
-        ahead: Any = None  # a line (or _EOF/_TOO_LARGE) read while the previous request ran
+        """Answer requests in order until EOF, a fatal input error, or the client is gone."""
         try:
-            while True:
-                if ahead is None:
-                    if line_task is None:
-                        line_task = asyncio.ensure_future(self._read_line())
-                    done, _ = await asyncio.wait(
-                        {line_task, gone_watch},
-                        timeout=server.read_timeout_s,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if line_task not in done:
-                        if gone_watch not in done:
-                            server._emit("control_bad_request", **self.fields(), code="timeout")
-                            await self.send(
-                                _error(
-                                    None,
-                                    "timeout",
-                                    f"no complete request line within {server.read_timeout_s} s",
-                                )
-                            )
-                        return
-                    ahead, line_task = line_task.result(), None
-                item, ahead = ahead, None
-                if item is _EOF:
-                    return
-                if item is _TOO_LARGE:
-                    server._emit("control_bad_request", **self.fields(), code="too_large")
-                    await self.send(
-                        _error(None, "too_large", f"request line longer than {server.max_line} bytes")
-                    )
-                    return
-                try:
-                    rid, cmd, args = parse_request(item)
-                except _BadRequest as exc:
-                    server._emit(
-                        "control_bad_request", **self.fields(), code="bad_request", reason=exc.message
-                    )
-                    if not await self.send(_error(exc.id, "bad_request", exc.message)):
-                        return
-                    continue
-                request, refusal = await self._admit(rid, cmd, args)
-                if refusal is not None:
-                    if not await self.send(refusal):
-                        return
-                    continue
-                task = server._spawn(request)
-                # While the handler runs, keep one line of read-ahead pending: it notices EOF and
-                # resets, and keeps a pipelined request for after this reply. EOF alone does not
-                # mean gone: `socat -t` half-closes after sending and still reads the reply.
-                while not task.done():
-                    waits: set[asyncio.Future[Any]] = {task, gone_watch}
-                    if ahead is None and line_task is None:
-                        line_task = asyncio.ensure_future(self._read_line())
-                    if line_task is not None:
-                        waits.add(line_task)
-                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    if line_task is not None and line_task in done:
-                        ahead, line_task = line_task.result(), None
-                    if gone_watch in done and not task.done():
-                        request._detached = True
-                        server._emit(
-                            "control_client_gone", **self.fields(), cmd=request.cmd, id=request.id
-                        )
-                        if request.cmd in server.read_only_commands:
-                            task.cancel()  # output only: nobody is left to read it
-                        return
-                if not await self.send(server._reply_for(request, task)):
+            while (line := await self._next_line()) is not None:
+                reply = await self._answer(line)
+                if reply is None or not await self.send(reply):
                     return
         finally:
-            for pending in (line_task, gone_watch):
+            for pending in (self._line_task, self._gone_watch):
                 if pending is not None:
                     pending.cancel()
+            if self._bad_lines > BAD_LINE_EVENTS:
+                self.server._emit(
+                    "control_bad_request", **self.fields(), code="bad_request",
+                    reason=f"{self._bad_lines - BAD_LINE_EVENTS} more bad lines not reported singly",
+                )
             await self._close()
 
-    async def _admit(
-        self, rid: str | int, cmd: str, args: dict[str, Any]
-    ) -> tuple[Request | None, dict[str, Any] | None]:
-        """The request, or the refusal to send instead (forbidden, unknown_command)."""
+    async def _next_line(self) -> bytes | None:
+        """The next request line, or None after answering too_large/timeout, at EOF or gone."""
+        server = self.server
+        if self._ahead is None:
+            if self._line_task is None:
+                self._line_task = asyncio.ensure_future(self._read_line())
+            done, _ = await asyncio.wait(
+                {self._line_task, self._gone_watch},
+                timeout=server.read_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self._line_task not in done:
+                if self._gone_watch not in done:
+                    server._emit("control_bad_request", **self.fields(), code="timeout")
+                    message = f"no complete request line within {server.read_timeout_s} s"
+                    await self.send(_error(None, "timeout", message))
+                return None
+            self._ahead, self._line_task = self._line_task.result(), None
+        item, self._ahead = self._ahead, None
+        if item is _TOO_LARGE:
+            server._emit("control_bad_request", **self.fields(), code="too_large")
+            await self.send(_error(None, "too_large", f"request line longer than {server.max_line} bytes"))
+            return None
+        return None if item is _EOF else item
+
+    async def _answer(self, line: bytes) -> dict[str, Any] | bytes | None:
+        """The reply to one line; None if the client went away while its handler ran."""
+        server = self.server
+        try:
+            rid, cmd, args = parse_request(line)
+        except _BadRequest as exc:
+            self._bad_lines += 1
+            if self._bad_lines <= BAD_LINE_EVENTS:  # one client must not flood the event log
+                server._emit("control_bad_request", **self.fields(), code="bad_request", reason=exc.message)
+            return _error(exc.id, "bad_request", exc.message)
+        request = await self._admit(rid, cmd, args)
+        if not isinstance(request, Request):
+            return request  # the refusal
+        task = server._spawn(request)
+        # While the handler runs, keep one line of read-ahead pending: it notices a full close
+        # and keeps a pipelined request for after this reply. A read EOF alone does not mean
+        # gone: `socat -t` half-closes after sending and still reads the reply.
+        while not task.done():
+            waits: set[asyncio.Future[Any]] = {task, self._gone_watch}
+            if self._ahead is None and self._line_task is None:
+                self._line_task = asyncio.ensure_future(self._read_line())
+            if self._line_task is not None:
+                waits.add(self._line_task)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if self._line_task is not None and self._line_task in done:
+                self._ahead, self._line_task = self._line_task.result(), None
+            if self._gone_watch in done and not task.done():
+                request._detached = True
+                server._emit("control_client_gone", **self.fields(), cmd=request.cmd, id=_log_id(request.id))
+                if request.cmd in server.read_only_commands:
+                    task.cancel()  # output only: nobody is left to read it
+                return None
+        return server._reply_for(request, task)
+
+    async def _admit(self, rid: str | int, cmd: str, args: dict[str, Any]) -> Request | dict[str, Any]:
+        """The request to run, or the refusal to send instead (forbidden, unknown_command).
+
+        A user with no rights at all learns nothing, not even which commands exist.
+        """
         server = self.server
         peer = await self.peer()
-        request = Request(rid, cmd, args, peer, self)
         can_read = server.acl.can_read(peer, daemon_uid=server.daemon_uid)
         if can_read and cmd not in server.handlers:
             known = ", ".join(sorted(server.handlers))
-            return None, _error(rid, "unknown_command", f"unknown command {_short(cmd)}; known: {known}")
+            return _error(rid, "unknown_command", f"unknown command {_short(cmd)}; known: {known}")
         if can_read and (
-            cmd in server.read_only_commands
-            or server.acl.is_admin(peer, daemon_uid=server.daemon_uid)
+            cmd in server.read_only_commands or server.acl.is_admin(peer, daemon_uid=server.daemon_uid)
         ):
-            return request, None
+            return Request(rid, cmd, args, peer, self)
         server._emit("control_forbidden", **self.fields(), cmd=cmd[:64])
         if can_read:
             message = f"{cmd!r} needs admin rights; uid {peer.uid} may only read"
         else:
             message = f"uid {peer.uid} may not use the vsup control socket"
-        return None, _error(rid, "forbidden", message)
+        return _error(rid, "forbidden", message)
 
     async def _close(self) -> None:
         transport = self.writer.transport
@@ -788,7 +796,8 @@ class ControlServer:
                 os.chown(self.path, -1, self.socket_group)
         except OSError as exc:
             sock.close()
-            raise ControlSocketError(f"cannot create control socket {self.path}: {exc.strerror or exc}") from None
+            reason = exc.strerror or str(exc)
+            raise ControlSocketError(f"cannot create control socket {self.path}: {reason}") from None
         return sock
 
     def _unlink_socket(self) -> None:
@@ -814,7 +823,8 @@ class ControlServer:
             if self._refused == 0:
                 self._emit("control_overloaded", active=len(self._connections), max_clients=self.max_clients)
             self._refused += 1
-            writer.write(_encode(_error(None, "busy", f"too many control connections ({self.max_clients}); try again")))
+            message = f"too many control connections ({self.max_clients}); try again"
+            writer.write(_encode(_error(None, "busy", message)))
             writer.transport.close()
             return
         if self._refused:
@@ -842,7 +852,7 @@ class ControlServer:
     def _spawn(self, request: Request) -> asyncio.Task[Any]:
         handler = self.handlers[request.cmd]
         task = asyncio.get_running_loop().create_task(
-            _run_handler(handler, request), name=f"vsup-control {request.cmd} {request.id!r}"
+            _run_handler(handler, request), name=f"vsup-control {request.cmd[:64]} {_log_id(request.id)}"
         )
         self._handler_tasks.add(task)
         task.add_done_callback(functools.partial(self._handler_done, request))
@@ -850,7 +860,7 @@ class ControlServer:
 
     def _handler_done(self, request: Request, task: asyncio.Task[Any]) -> None:
         self._handler_tasks.discard(task)
-        fields = {"uid": request.peer.uid, "pid": request.peer.pid, "cmd": request.cmd, "id": request.id}
+        fields = _request_fields(request)
         if task.cancelled():
             exc: BaseException | None = None
         else:
@@ -875,24 +885,20 @@ class ControlServer:
     def _reply_for(self, request: Request, task: asyncio.Task[Any]) -> dict[str, Any] | bytes:
         request._finished = True
         if task.cancelled():
-            return _error(request.id, "failed", f"{request.cmd} was cancelled: the control server is closing")
+            why = ": the control server is closing" if self._state == "closing" else ""
+            return _error(request.id, "failed", f"{request.cmd} was cancelled before it finished{why}")
         exc = task.exception()
         if isinstance(exc, CommandError):
             return _error(request.id, exc.code, exc.message)
         if exc is not None:
-            return _error(request.id, "internal", f"{request.cmd}: internal error (logged): {type(exc).__name__}: {exc}")
+            message = f"{request.cmd}: internal error (logged): {type(exc).__name__}: {exc}"
+            return _error(request.id, "internal", message)
         try:
             return _encode({"id": request.id, "ok": True, "result": task.result()})
         except (TypeError, ValueError) as err:
-            self._emit(
-                "control_internal_error",
-                uid=request.peer.uid,
-                pid=request.peer.pid,
-                cmd=request.cmd,
-                id=request.id,
-                error=f"result is not JSON: {err}",
-            )
-            return _error(request.id, "internal", f"{request.cmd}: internal error (logged): result is not JSON: {err}")
+            message = f"{request.cmd}: internal error (logged): result is not JSON: {err}"
+            self._emit("control_internal_error", **_request_fields(request), error=message)
+            return _error(request.id, "internal", message)
 
     def _emit(self, name: str, **fields: Any) -> None:
         if self.on_event is None:
@@ -901,6 +907,10 @@ class ControlServer:
             self.on_event(name, fields)
         except Exception:  # the event sink must never take the control socket down with it
             log.exception("control on_event(%s) failed", name)
+
+
+def _request_fields(request: Request) -> dict[str, Any]:
+    return {"uid": request.peer.uid, "pid": request.peer.pid, "cmd": request.cmd, "id": _log_id(request.id)}
 
 
 async def _run_handler(handler: Handler, request: Request) -> Any:
@@ -957,6 +967,9 @@ class ControlClient:
             sock.settimeout(self.timeout_s)
             try:
                 sock.connect(str(self.path))
+            except TimeoutError:
+                reason = f"the daemon did not accept the connection within {self.timeout_s} s (hung?)"
+                raise DaemonUnreachable(self.path, reason) from None
             except OSError as exc:
                 raise DaemonUnreachable(self.path, _explain_connect_error(self.path, exc)) from None
             try:
@@ -964,7 +977,8 @@ class ControlClient:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # refused at once (busy): its reply may still be waiting to be read
             except TimeoutError:
-                raise DaemonUnreachable(self.path, f"the daemon did not accept the request within {self.timeout_s} s") from None
+                reason = f"the daemon did not take the request within {self.timeout_s} s (hung?)"
+                raise DaemonUnreachable(self.path, reason) from None
             with sock.makefile("rb") as stream:
                 while True:
                     try:
@@ -972,11 +986,11 @@ class ControlClient:
                     except TimeoutError:
                         raise DaemonUnreachable(self.path, f"no reply within {self.timeout_s} s") from None
                     except OSError as exc:
-                        raise DaemonUnreachable(self.path, f"connection lost: {exc.strerror or exc}") from None
+                        reason = f"connection lost: {exc.strerror or exc}"
+                        raise DaemonUnreachable(self.path, reason) from None
                     if not raw:
-                        raise DaemonUnreachable(
-                            self.path, "the daemon closed the connection before replying (did it stop or restart?)"
-                        )
+                        reason = "the daemon closed the connection before replying (did it stop?)"
+                        raise DaemonUnreachable(self.path, reason)
                     try:
                         msg = json.loads(raw)
                     except ValueError:
