@@ -4,13 +4,30 @@ errors), then on the real OS with fake vLLM-like trees and planted decoys."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from fakes.fake_host import API_CMD, TRACKER_CMD, FakeHost, add_vllm_tree
+from fakes.trees import (
+    OTHER_USER,
+    Decoy,
+    FakeTree,
+    OtherUserOrphan,
+    ScopedHost,
+    alive,
+    other_user_fixture,
+    rand_name,
+    unlink_quiet,
+    wait_for,
+)
 
 from vsup.cleanup import Report, cleanup, find_orphans, port_holder, render_table
-from vsup.proctree import IpcRef
+from vsup.host import Host
+from vsup.proctree import IpcRef, refresh
 
 FAST = dict(grace_s=2.0, tracker_grace_s=3.0, kill_wait_s=2.0, poll_s=0.05)
 
@@ -444,59 +461,8 @@ def test_port_holder_names_the_listener():
 # =============================================================================================
 # Real OS: fake vLLM-like trees (tests/fakes/fake_vllm.py), real signals and unlinks.
 # =============================================================================================
-import os  # noqa: E402
-import pwd  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-from fakes.trees import Decoy, FakeTree, ScopedHost, alive, rand_name, read_json, session_pids, unlink_quiet, wait_for  # noqa: E402
-
-from vsup.host import Host  # noqa: E402
-from vsup.proctree import refresh  # noqa: E402
-
-OTHER_USER = "vsuptest"
-
-
-@pytest.fixture(scope="module")
-def other_user():
-    """A second user (created if missing, removed afterwards only if we created it)."""
-    created = False
-    try:
-        pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
-        created = True
-    try:
-        yield OTHER_USER
-    finally:
-        if created:
-            subprocess.run(["userdel", OTHER_USER], check=False)
-
-
-class OtherUserOrphan:
-    """A `VLLM::Worker_TP0`-titled orphan and an unheld psm_* segment, both of another user."""
-
-    def __init__(self, user: str) -> None:
-        self.shm = rand_name("psm_vsupother")
-        script = (
-            "(exec -a VLLM::Worker_TP0 sleep 600 </dev/null >/dev/null 2>&1) & echo $!; "
-            f"head -c 8192 /dev/zero > /dev/shm/{self.shm}"
-        )
-        out = subprocess.run(
-            ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "setsid", "bash", "-c", script],
-            check=True, capture_output=True, text=True, timeout=30,
-        )
-        self.pid = int(out.stdout.strip())
-        wait_for(lambda: os.path.exists(f"/dev/shm/{self.shm}"), 30, "other-user segment")
-        self.sid = Host().process(self.pid).sid
-
-    def stop(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        unlink_quiet(f"/dev/shm/{self.shm}")
+other_user = other_user_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -216,3 +216,56 @@ class ScopedHost(Host):
 
     def unix_sockets(self) -> dict[int, str]:
         return {i: p for i, p in super().unix_sockets().items() if self.tmp_allow(Path(p).name)}
+
+
+OTHER_USER = "vsuptest"
+
+
+def other_user_fixture():
+    """A module fixture: a second user (created if missing, removed afterwards only if created here)."""
+    import pwd
+
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def other_user():
+        created = False
+        try:
+            pwd.getpwnam(OTHER_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+            created = True
+        try:
+            yield OTHER_USER
+        finally:
+            if created:
+                subprocess.run(["userdel", OTHER_USER], check=False)
+
+    return other_user
+
+
+class OtherUserOrphan:
+    """A `VLLM::Worker_TP0`-titled orphan and an unheld psm_* segment, both of another user."""
+
+    def __init__(self, user: str) -> None:
+        self.shm = rand_name("psm_vsupother")
+        script = (
+            "(exec -a VLLM::Worker_TP0 sleep 600 </dev/null >/dev/null 2>&1) & echo $!; "
+            f"head -c 8192 /dev/zero > /dev/shm/{self.shm}"
+        )
+        out = subprocess.run(
+            ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "setsid", "bash", "-c", script],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+        self.pid = int(out.stdout.strip())
+        wait_for(lambda: os.path.exists(f"/dev/shm/{self.shm}"), 30, "other-user segment")
+        self.sid = Host().process(self.pid).sid
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        unlink_quiet(f"/dev/shm/{self.shm}")
+
+
