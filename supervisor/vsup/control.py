@@ -238,7 +238,8 @@ class Request:
 
     @property
     def disconnected(self) -> asyncio.Event:
-        """Set once the client is known to be gone (a write failed, it was dropped, or reset)."""
+        """Set once the client is gone: it closed both directions, reset, a write failed, or it
+        was dropped for not reading. A half-close (shutdown of its sending side) is not gone."""
         return self._conn.gone
 
     async def progress(self, **fields: Any) -> None:
@@ -260,11 +261,9 @@ class Request:
                 raise CommandError("bad_request", f"{self.cmd}: missing argument {name!r}")
             return default
         value = self.args[name]
-        if isinstance(value, bool) and bool not in kinds:  # bool is an int to isinstance
-            pass
-        elif isinstance(value, kinds):
-            return value
-        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
+            return value  # (bool is an int to isinstance: true is no count)
+        if float in kinds and type(value) is int:
             return float(value)
         wanted = " or ".join(k.__name__ for k in kinds)
         raise CommandError(
@@ -569,7 +568,19 @@ class _Connection:
 
 
 class ControlServer:
-    """The daemon's control socket: create it safely, serve requests to handlers, remove it."""
+    """The daemon's control socket: create it safely, serve requests to handlers, remove it.
+
+    Next to the socket lives `<socket>.lock` (flock, holding the daemon's pid) for as long as
+    the server runs. Events passed to on_event(name, fields), for the daemon to log:
+      control_forbidden        uid, pid, gid, cmd: a refused request
+      control_bad_request      uid, pid, gid, code (bad_request, too_large, timeout), reason
+      control_overloaded       active, max_clients: the first refusal of an overload
+      control_overload_ended   refused: how many were refused during it
+      control_internal_error   uid, pid, cmd, id, error, traceback: a handler bug
+      control_client_gone      uid, pid, gid, cmd, id: the client left while its handler ran
+      control_reply_undelivered  uid, pid, cmd, id, ok, code, message: that handler's outcome
+      control_client_dropped   uid, pid, gid, reason: a client that did not read its replies
+    """
 
     def __init__(
         self,
@@ -722,7 +733,7 @@ class ControlServer:
                 ) from None
             # A closing daemon unlinks the lock file: if we locked that unlinked inode, retry.
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+                same = _file_id(os.fstat(fd)) == _file_id(os.stat(self.lock_path))
             except FileNotFoundError:
                 same = False
             if same:
@@ -737,7 +748,7 @@ class ControlServer:
         if self._lock_fd is None:
             return
         try:
-            if os.fstat(self._lock_fd).st_ino == os.stat(self.lock_path).st_ino:
+            if _file_id(os.fstat(self._lock_fd)) == _file_id(os.stat(self.lock_path)):
                 os.unlink(self.lock_path)  # still locked by us: no one else can be using it
         except OSError:
             pass
@@ -786,8 +797,7 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(self.path))
-            st = os.lstat(self.path)
-            self._socket_id = (st.st_dev, st.st_ino)
+            self._socket_id = _file_id(os.lstat(self.path))
             # Not listening yet, so connect() is refused until listen(): the file's mode before
             # this chmod is never usable. We rejected a temporary umask instead: the umask is
             # process-wide and would change files other threads create meanwhile.
@@ -804,8 +814,7 @@ class ControlServer:
         if self._socket_id is None:
             return
         try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._socket_id:
+            if _file_id(os.lstat(self.path)) == self._socket_id:
                 os.unlink(self.path)  # only our own: a successor may have bound the path since
         except FileNotFoundError:
             pass
@@ -915,6 +924,10 @@ def _request_fields(request: Request) -> dict[str, Any]:
 
 async def _run_handler(handler: Handler, request: Request) -> Any:
     return await handler(request)
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def _read_pid(fd: int) -> str:
