@@ -7,9 +7,13 @@ headers on every install); ``cysystemd`` is the same with Cython. The protocol i
 of ``KEY=VALUE`` lines to a Unix socket, so a small module we can test byte for byte wins.
 
 Invariants:
-- Never raises and never blocks the event loop: the send is ``MSG_DONTWAIT``; a failure is
-  logged once (the second failure of a watchdog ping every few seconds would flood the journal)
-  and the message is dropped. A blocked send would wedge the loop that must keep pinging.
+- Never raises, and never blocks the event loop for long: a send waits at most
+  ``SEND_TIMEOUT_S`` for room in the receiver's queue. The queue holds only
+  ``net.unix.max_dgram_qlen`` datagrams (10 on hosts without systemd's sysctl defaults), and a
+  reload emits a dozen messages in a millisecond: with a non-blocking send the READY=1 that ends
+  the reload was the one dropped (seen in tests). A receiver that does not read at all costs one
+  timeout; later sends fail at once until one gets through. Failures are logged once (a failing
+  watchdog ping every few seconds would flood the journal) and the message is dropped.
 - One datagram per call, so systemd sees ``READY=1`` and its ``STATUS=`` atomically.
 - The environment is read, never changed: vsup passes vLLM an explicit environment, from which
   the daemon removes ``NOTIFY_SOCKET``/``WATCHDOG_*`` so vLLM cannot speak for us.
@@ -22,10 +26,16 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
+
+# How long one send may wait for systemd to make room in its queue. systemd reads the notify
+# socket on every loop iteration: microseconds when healthy; a manager that does not read for
+# this long is wedged or gone, and waiting longer would only stall vsup's own loop.
+SEND_TIMEOUT_S = 0.25
 
 _KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -54,6 +64,7 @@ class Notifier:
         )
         self._sock: socket.socket | None = None
         self._failed_logged = False
+        self._stalled = False  # the last send timed out: don't wait again until one succeeds
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, pid: int | None = None) -> Notifier:
@@ -122,10 +133,20 @@ class Notifier:
     def _send(self, payload: bytes) -> None:
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A kernel-side bound on the wait for queue room (the socket stays blocking,
+                # so no busy polling): the send returns EAGAIN after SEND_TIMEOUT_S.
+                sec = int(SEND_TIMEOUT_S)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", sec, int((SEND_TIMEOUT_S - sec) * 1_000_000)))
+                self._sock = sock
             assert self._address is not None
-            self._sock.sendto(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self._address)
+            flags = socket.MSG_NOSIGNAL | (socket.MSG_DONTWAIT if self._stalled else 0)
+            self._sock.sendto(payload, flags, self._address)
+            self._stalled = False
         except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                self._stalled = True
             if not self._failed_logged:
                 self._failed_logged = True
                 reason = "receiver queue full" if exc.errno == errno.EAGAIN else str(exc)
