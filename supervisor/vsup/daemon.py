@@ -1104,13 +1104,15 @@ class Supervisor:
         recent = list(self.events.recent)[-n:] if n else []
         if not req.args.get("follow"):
             return {"events": recent}
-        for ev in recent:
-            await req.event(ev)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
         unsubscribe = self.events.subscribe(lambda ev: q.put_nowait(ev) if not q.full() else None)
         try:
-            while True:
-                await req.event(await q.get())
+            for ev in recent:
+                if not await req.event(ev):
+                    return {"followed": False}
+            while await req.event(await q.get()):
+                pass
+            return {"followed": True}
         finally:
             unsubscribe()
 
