@@ -39,8 +39,10 @@ from vsup.proctree import (
     tree_members,
 )
 
-# SIGTERM to SIGKILL. vLLM 0.32 engine core and workers exit within about a second of SIGTERM
-# when healthy; a wedged one never does, so waiting longer only delays the restart.
+# SIGTERM to SIGKILL. vLLM 0.32 workers exit at once on SIGTERM; an engine core orphaned by an
+# API-server SIGKILL did not exit within 5 s of SIGTERM in the real TP=2 test (then SIGKILL, and
+# the tracker still cleaned up), and a wedged process never does: a longer grace only delays
+# the restart.
 GRACE_S = 5.0
 # How long the resource_tracker may take to unlink its registered segments and exit once the
 # other processes are gone (measured under 3 s on 2 cores with 4 segments and 2 semaphores).
@@ -218,7 +220,7 @@ def cleanup(
     for rec in dead:
         for p in tree_members(rec, snap):
             candidates.setdefault(p.pid, p)
-    n_tree = len(candidates)
+    tree_pids = set(candidates)
     if foreign:
         for p in find_orphans(snap):
             candidates.setdefault(p.pid, p)
@@ -232,9 +234,11 @@ def cleanup(
             rep.skipped.append({"name": _label(p), "reason": owner(p.uid)})
         else:
             targets.append(p)
+    n_tree_targets = sum(1 for p in targets if p.pid in tree_pids)
     say(
-        f"found {len(targets)} process(es) to stop ({n_tree} of dead trees, "
-        f"{len(candidates) - n_tree} orphaned), {len(rep.zombies)} zombie(s)"
+        f"found {len(targets)} process(es) to stop ({n_tree_targets} of dead trees, "
+        f"{len(targets) - n_tree_targets} orphaned), {len(rep.zombies)} zombie(s), "
+        f"{len(candidates) - len(targets) - len(rep.zombies)} skipped"
     )
     target_pids = {p.pid for p in targets}
 
@@ -359,7 +363,7 @@ def cleanup(
     for name, st in before.items():
         if (st.dev, st.ino) not in seen:
             _freed(rep, name, ipc_kind(name), st, "holder exit")
-            say(f"{name} was removed by its owner (resource_tracker) after the kill")
+            say(f"{name} was removed by its holders' exit (resource_tracker or exit handler)")
 
     # 4. files ----------------------------------------------------------------------------
     if foreign:
