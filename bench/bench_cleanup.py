@@ -126,6 +126,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     started: list[int] = []
+    nproc = len([d for d in os.listdir("/proc") if d.isdigit()])
     try:
         for n in (10, 100, 1000):
             times, freed, done = [], 0, 0
@@ -152,8 +153,7 @@ def main() -> None:
                 rows.append(("processes", n, mode, times, f"{killed} killed (SIGTERM)"))
     finally:
         remove_leftovers(started)
-    nproc = len([d for d in os.listdir("/proc") if d.isdigit()])
-    print(f"cleanup() wall time, median of {a.reps} (min-max); host: {os.cpu_count()} CPUs, ~{nproc} processes\n")
+    print(f"cleanup() wall time, median of {a.reps} (min-max); host: {os.cpu_count()} CPUs, {nproc} processes before the run\n")
     print("| what | N | mode | median | min - max | result |")
     print("| --- | ---: | --- | ---: | ---: | --- |")
     for what, n, mode, times, result in rows:

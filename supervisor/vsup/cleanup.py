@@ -160,13 +160,16 @@ class _Killer:
                 self.say(f"{_label(p)}: permission denied for {sig.name}")
         return pending
 
-    def term_then_kill(self, procs: list[ProcInfo], grace_s: float, kill_wait_s: float, sig=signal.SIGTERM) -> None:
+    def term_then_kill(self, procs: list[ProcInfo], grace_s: float, kill_wait_s: float) -> None:
         if not procs:
             return
-        left = _wait_gone(self.host, self.send(procs, sig), grace_s, self.poll_s)
+        left = _wait_gone(self.host, self.send(procs, signal.SIGTERM), grace_s, self.poll_s)
         if left:
             self.say(f"{len(left)} still alive after {grace_s:g} s; SIGKILL")
-            left = _wait_gone(self.host, self.send(left, signal.SIGKILL), kill_wait_s, self.poll_s)
+            self.kill(left, kill_wait_s)
+
+    def kill(self, procs: list[ProcInfo], kill_wait_s: float) -> None:
+        left = _wait_gone(self.host, self.send(procs, signal.SIGKILL), kill_wait_s, self.poll_s)
         for p in left:
             self.stuck[p.pid] = f"still alive {kill_wait_s:g} s after SIGKILL"
 
@@ -292,7 +295,9 @@ def cleanup(
         if trackers:
             say(f"waiting up to {tracker_grace_s:g} s for the resource tracker to unlink its segments")
             left = _wait_gone(host, trackers, tracker_grace_s, poll_s)
-            killer.term_then_kill(left, 0.0, kill_wait_s, sig=signal.SIGKILL)
+            if left:
+                # It ignores SIGTERM by design; what it did not unlink is unlinked below.
+                killer.kill(left, kill_wait_s)
         killer.report(targets)
 
     # 3. unlink ---------------------------------------------------------------------------
