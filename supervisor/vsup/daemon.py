@@ -263,7 +263,10 @@ class Supervisor:
                 continue
             kind = m.sig.kind
             if kind == "serving":
-                self._served_since_ready += 1
+                g = m.groups
+                if g.get("method") == "POST" and str(g.get("path", "")).startswith("/v1/") \
+                        and g.get("status") == "200":
+                    self._served_since_ready += 1  # completions served: "the first requests"
                 continue
             if kind in FATAL_KINDS or kind in STRIKE_KINDS or kind == "ready":
                 self.q.put_nowait(LogSignal(self.gen, kind, m.sig.id, _redact(m.line.message),
@@ -282,6 +285,17 @@ class Supervisor:
         while getattr(self._tailer, "position", size) < size and time.monotonic() < end:
             await asyncio.sleep(0.02)
         await asyncio.sleep(0)  # let call_soon_threadsafe'd line batches run
+
+    async def _settle_log(self, quiet_s: float = 0.5, max_s: float = 3.0) -> None:
+        """Wait until the log has been quiet for `quiet_s` (at most `max_s`): a fatal line is
+        followed by the traceback that names the cause, often from another process."""
+        end = time.monotonic() + max_s
+        seen = self._lines_total
+        while time.monotonic() < end:
+            await asyncio.sleep(quiet_s)
+            if self._lines_total == seen:
+                return
+            seen = self._lines_total
 
     def lines_since_spawn(self) -> list[str]:
         n = min(self._lines_total - self._lines_at_spawn, len(self._lines))
@@ -490,6 +504,7 @@ class Supervisor:
         self._leader_gone.clear()
         self.leader_status = None
         self._lines_at_spawn = self._lines_total
+        self._served_since_ready = 0
         try:
             self.popen, self.tree = proctree.spawn(argv, env, Path(self.cfg.vllm.log_file),
                                                    model=spec.model, port=self.cfg.vllm.port)
@@ -517,7 +532,6 @@ class Supervisor:
                 if obs is None:
                     return False, self._root_cause(f"not ready within {t.start_s:g}s"), "start_timeout", None
                 if isinstance(obs, ReadyProven):
-                    self._served_since_ready = 0
                     return True, "ready", None, None
                 if isinstance(obs, NotReady):
                     return False, self._root_cause(obs.detail), "engine_dead", None
@@ -529,6 +543,7 @@ class Supervisor:
                     if obs.kind in FATAL_KINDS:
                         self._detected(obs)
                         kind = "engine_dead" if obs.kind in ("worker_died", "engine_dead") else obs.kind
+                        await self._settle_log()  # the traceback with the real cause follows
                         return False, self._root_cause(obs.message), kind, None
                     if obs.kind in STRIKE_KINDS:
                         # Long compilation/weight loading logs the same stall line: before
@@ -1010,7 +1025,7 @@ class Supervisor:
         try:
             from . import diagnose
             d = diagnose.analyze(self.lines_since_spawn())
-            if d.root_cause:
+            if d.root_cause and d.root_cause.strip() != fallback.strip():
                 return f"{fallback}; root cause: {d.root_cause}"
         except Exception:  # diagnosis is best effort; the fallback is still true
             pass
