@@ -57,6 +57,8 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     (GOOD.replace('args = ["-tp", "2"]', 'args = ["--port", "9"]'), "vllm.args", "--port is set by vsup"),
     (GOOD + "\n[timeouts]\nstop_grace_s = true\n", "timeouts.stop_grace_s", "expected number"),
     (GOOD + "\n[models.c]\nargs = []\n", "models.c.model", "required"),
+    (GOOD.replace('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\nsocket_group = "no-such-group-x"'),
+     "daemon.socket_group", "no such group"),
     (GOOD + "\n[remedies]\nladder = [{ name = \"x\", flags = [] }]\n", "remedies.ladder[0].flags", "unknown key"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path: Path, body: str, key: str | None, words: str) -> None:

@@ -340,6 +340,20 @@ def _semantic_checks(cfg: Config, check_python: bool) -> None:
             raise ConfigError(p, "vllm.python", f"interpreter {py} does not exist")
         if not os.access(py, os.X_OK) or py.is_dir():
             raise ConfigError(p, "vllm.python", f"{py} is not an executable file")
+    import grp
+    import pwd
+    d = cfg.daemon
+    for key, names, lookup in (("admin_users", d.admin_users, pwd.getpwnam), ("read_users", d.read_users, pwd.getpwnam),
+                               ("admin_groups", d.admin_groups, grp.getgrnam),
+                               ("read_groups", d.read_groups, grp.getgrnam),
+                               ("socket_group", [d.socket_group] if d.socket_group else [], grp.getgrnam)):
+        for n in names:
+            if n.isdigit():
+                continue
+            try:
+                lookup(n)
+            except KeyError:
+                raise ConfigError(p, f"daemon.{key}", f"no such {'group' if 'group' in key else 'user'}: {n!r}") from None
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
         raise ConfigError(p, "restart.backoff_max_s", "must be >= restart.backoff_initial_s")
     if cfg.daemon.metrics_port is not None and cfg.daemon.metrics_port == cfg.vllm.port:
