@@ -88,7 +88,8 @@ REAL = {
     "log_requests_debug.log": ("healthy", None),
     "sigkill_worker.log": ("engine_dead", "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)"),
     "sigkill_engine.log": ("engine_dead", "engine core exited unexpectedly"),
-    "sigkill_api_server.log": ("healthy", None),
+    "sigkill_worker_inflight.log": ("engine_dead", "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)"),
+    "sigkill_api.log": ("healthy", None),  # nothing in the log says so: the daemon sees the exit
     "sigstop_worker.log": ("stalled", "No available shared memory broadcast block found"),
     "sigstop_worker_inflight.log": ("stalled", "No available shared memory broadcast block found"),
     "head_dim16.log": ("engine_dead", "Unsupported CPU attention configuration: head_dim=16"),
@@ -132,6 +133,13 @@ def test_debug_capture_output_has_no_prompt():
     d = diagnose_file(LOGS / "log_requests_debug.log")
     out = json.dumps(d.to_json()) + render_text(d, max_findings=1000, width=100_000)
     assert "Say hi" not in out and "475, 308" not in out
+
+
+def test_inflight_worker_kill_root_cause_is_not_the_engine_consequence():
+    """With a request in flight the engine core then raises 'RuntimeError: cancelled': a consequence."""
+    d = diagnose_file(LOGS / "sigkill_worker_inflight.log")
+    assert d.root_cause is not None and d.root_cause.startswith("Worker proc VllmWorker-1 died unexpectedly")
+    assert [f.kind for f in d.findings].count("engine_dead") >= 2  # the consequences are still listed
 
 
 def test_sigkill_worker_root_cause_skips_generic_executor_failed():

@@ -16,8 +16,8 @@ verdict (issue 5), the worst state any *run* in the log reached:
 * A failure (kinds startup_failed, oom, nccl_error, engine_dead, worker_died) in a run that was
   never up is `startup_failed`; in a run that was up, `engine_dead` (so a death at the first
   request is engine_dead: the server had reported ready).
-* Generic failure lines (see below) after a shutdown line of the same run are ignored: 0.32 logs
-  "AsyncLLM output_handler failed." and EngineDeadError on every requested stop. A specific
+* Generic failure lines (see below) after a shutdown line of a run with no failure yet are ignored:
+  0.32 logs "AsyncLLM output_handler failed." and EngineDeadError on every requested stop. A specific
   failure still counts (after SIGKILL of the engine core a worker first logs "Parent process
   exited", then the API server "engine core exited unexpectedly").
 * A stall line (shm_stall) after an up sign is `stalled`. A stall before any up sign is start-up
@@ -25,13 +25,18 @@ verdict (issue 5), the worst state any *run* in the log reached:
   ends without a ready line after it (nothing after it, or only serving signs of a log that began
   mid-run), it is `stalled`.
 
-root_cause: the most specific message explaining the verdict. For a failure: starting at the run's
-first failure line, the first traceback whose exception chain has a non-generic exception (the
-chain is read from its last exception back to its first, so "RuntimeError: Engine core
-initialization failed" falls back to the ValueError that caused it); else a traceback ending just
-before that line (a worker may print its traceback before the engine notices); else the first
-non-generic failure line (a worker killed by a signal leaves "Worker proc VllmWorker-1 died
-unexpectedly (exit code: -9)" and only generic tracebacks); else the first failure line.
+root_cause: the most specific message explaining the verdict. For a failure, with F the run's first
+failure line:
+  1. F's own traceback (same process, starting right after F: logger.exception prints the message
+     and then the traceback), its last non-generic exception (a chain is read from its final
+     exception back, so "RuntimeError: Engine core initialization failed" falls back to the
+     ValueError that caused it). The seed: "RuntimeError: Engine loop has died"; a worker's
+     "WorkerProc hit an exception." gives the worker's own error.
+  2. else F itself if it is specific: a SIGKILLed worker leaves "Worker proc VllmWorker-1 died
+     unexpectedly (exit code: -9)", and the engine core's later "RuntimeError: cancelled" is a
+     consequence, not the cause;
+  3. else the first non-generic exception of a traceback after F, or of one ending just before F;
+  4. else the first specific failure line, else F.
 "Generic" is a catalog flag: EngineDeadError, "EngineCore encountered a fatal error", "Executor
 failed." and the like are consequences other processes report. For a stall: the first stall line
 that decided the verdict. Messages are redacted (vsup.redact) like everything vsup prints.
@@ -129,6 +134,7 @@ class _Exc:
 @dataclass(slots=True)
 class _Chain:
     """One traceback (with the chained ones after it) of one process."""
+    key: tuple[str | None, int | None]
     start: int
     end: int
     excs: list[_Exc] = field(default_factory=list)
@@ -141,6 +147,11 @@ class _Event:
     line: int
     ll: LogLine
     sig: Signature
+    own_chain: _Chain | None = None  # the traceback its process printed right after it
+
+    @property
+    def key(self) -> tuple[str | None, int | None]:
+        return (self.ll.process, self.ll.pid)
 
 
 @dataclass(slots=True)
@@ -172,6 +183,8 @@ class _Analyzer:
         self.runs: list[_Run] = [_Run(start=1)]
         self.chains: list[_Chain] = []
         self.open_chains: dict[tuple[str | None, int | None], _Chain] = {}
+        # Failure events whose process has not printed its next line yet (it may be their traceback).
+        self.awaiting_own: dict[tuple[str | None, int | None], _Event] = {}
         self.workers_seen = False
         self.tp_size = 0
         self.leaks: list[Signature] = []
@@ -188,7 +201,12 @@ class _Analyzer:
         msg = ll.message
         indented = msg[:1] in (" ", "\t")
         m = None if indented else self.catalog.match(ll)
-        self._track_traceback(n, ll, msg, indented, m.sig if m else None)
+        key = (ll.process, ll.pid)
+        self._track_traceback(n, key, msg, indented, m.sig if m else None)
+        if self.awaiting_own:
+            ev = self.awaiting_own.pop(key, None)
+            if ev is not None and msg.endswith(_TB_START):
+                ev.own_chain = self.open_chains.get(key)
         if m is None:
             if not self.tp_size and ("-tp" in msg or "tensor-parallel" in msg or "tensor_parallel" in msg):
                 t = _TP_ARG.search(msg)
@@ -198,12 +216,12 @@ class _Analyzer:
         self.recognised = True
         self._on_match(n, ll, m.sig, m.groups)
 
-    def _track_traceback(self, n: int, ll: LogLine, msg: str, indented: bool, sig: Signature | None) -> None:
-        key = (ll.process, ll.pid)
+    def _track_traceback(self, n: int, key: tuple[str | None, int | None], msg: str, indented: bool,
+                         sig: Signature | None) -> None:
         chain = self.open_chains.get(key)
         if msg.endswith(_TB_START):
             if chain is None or not chain.expect_more:
-                chain = _Chain(start=n, end=n)
+                chain = _Chain(key=key, start=n, end=n)
                 self.chains.append(chain)
                 self.open_chains[key] = chain
             chain.state, chain.expect_more, chain.end = "frames", False, n
@@ -241,9 +259,13 @@ class _Analyzer:
                     and _INFERENCE_PATH.match(str(groups.get("path", ""))):
                 run.ok_inference += 1
         elif kind in FAILURE_KINDS:
-            if sig.generic and run.shutting_down:
+            if sig.generic and run.shutting_down and not run.failures:
                 return  # 0.32 logs EngineDeadError on every requested stop: noise, not a failure
             run.failures.append(ev)
+            if ll.message.endswith(_TB_START):  # 0.7.x "EngineCore hit an exception: Traceback ..."
+                ev.own_chain = self.open_chains.get((ll.process, ll.pid))
+            else:
+                self.awaiting_own[(ll.process, ll.pid)] = ev
             if run.ok_before_failure is None:
                 run.ok_before_failure = run.ok_inference
             run.ended_clean = True
@@ -294,18 +316,25 @@ class _Analyzer:
             ev = run.stall_event()
             assert ev is not None
             return redact(ev.ll.message), ev.sig
-        first = run.failures[0].line
+        f = run.failures[0]
         in_run = [c for c in self.chains if run.start <= c.start <= run.end]
-        after = [c for c in in_run if c.start >= first]
-        before = [c for c in reversed(in_run) if c.start < first and c.end >= first - _LOOKBACK_LINES]
+        # 1. The first failure's own traceback: logger.exception(msg) prints msg, then the traceback
+        #    as the next lines of the same process ("WorkerProc hit an exception." + the worker's error).
+        if f.own_chain is not None and (exc := _specific_exception(f.own_chain)) is not None:
+            return redact(exc.text), exc.sig
+        # 2. A specific first failure explains itself; later tracebacks of other processes are its
+        #    consequences (a SIGKILLed worker makes the engine core raise "RuntimeError: cancelled").
+        if not f.sig.generic:
+            return redact(f.ll.message), f.sig
+        # 3. A generic first failure: the first specific exception after it, else one that ended
+        #    just before it (a worker can print its traceback before the engine notices).
+        after = [c for c in in_run if c.start >= f.line]
+        before = [c for c in reversed(in_run) if c.start < f.line and c.end >= f.line - _LOOKBACK_LINES]
         for chain in after + before:
-            for exc in reversed(chain.excs):
-                if exc.sig is None or not exc.sig.generic:
-                    return redact(exc.text), exc.sig
-        for ev in run.failures:
-            if not ev.sig.generic:
-                return redact(ev.ll.message), ev.sig
-        ev = run.failures[0]
+            if (exc := _specific_exception(chain)) is not None:
+                return redact(exc.text), exc.sig
+        # 4. The first specific failure line, else the first failure line.
+        ev = next((e for e in run.failures if not e.sig.generic), f)
         return redact(ev.ll.message), ev.sig
 
     def _advice(self, verdict: str, run: _Run | None, root_sig: Signature | None) -> list[str]:
@@ -341,6 +370,14 @@ def analyze(lines: Iterable[str], catalog: Catalog | None = None) -> Diagnosis:
     for raw in lines:
         a.feed(raw)
     return a.result()
+
+
+def _specific_exception(chain: _Chain) -> _Exc | None:
+    """The last non-generic exception of a traceback chain (read back from the final one)."""
+    for exc in reversed(chain.excs):
+        if exc.sig is None or not exc.sig.generic:
+            return exc
+    return None
 
 
 def _read_lines(path: str | PathLike[str]) -> Iterator[str]:
