@@ -474,7 +474,7 @@ def decoys(tmp_path_factory, other_user):
     try:
         live = FakeTree(base / "live", "--tp", "1", "--segments", "2")
         started.append(live)
-        holder = Decoy(base / "holder", "holder", shm=rand_name("psm_vsupdecoy"), user=None)
+        holder = Decoy(base / "holder", "holder", shm=rand_name("psm_vsupdecoy"))
         started.append(holder)
         pg = f"/dev/shm/{rand_name('PostgreSQL.')}"
         Path(pg).write_bytes(b"\0" * 4096)

@@ -205,7 +205,9 @@ class Host:
 
         Maps are matched by device and inode, not by name: a process that created a POSIX
         semaphore maps it under glibc's temporary name `sem.XXXXXX (deleted)`, with the inode of
-        the `sem.mp-*` it was linked to. None when the process is gone or unreadable.
+        the `sem.mp-*` it was linked to. None when the process is gone. Run as non-root, the
+        maps and fds of other users' processes are unreadable and come back empty; objects are
+        created 0600 by Python and vLLM, so other users cannot hold ours anyway.
         """
         h = Holdings()
         root = self._shm_prefix.encode()

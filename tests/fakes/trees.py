@@ -145,17 +145,14 @@ class FakeTree:
 class Decoy:
     """A lone decoy process (fake_vllm.py holder|titled ...) and the segment it made."""
 
-    def __init__(self, workdir: Path, mode: str, *args: str, user: str | None = None, shm: str | None = None) -> None:
+    def __init__(self, workdir: Path, mode: str, *args: str, shm: str | None = None) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o777)
         self.ready_path = self.dir / f"{mode}-{secrets.token_hex(3)}.json"
         self.shm = shm
         argv = [sys.executable, FAKE, mode, "--ready", str(self.ready_path), *args]
         if shm:
             argv += ["--shm", shm]
-        if user:
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         self.info = wait_for(lambda: read_json(self.ready_path), READY_TIMEOUT_S, f"decoy {mode}")
         self.pid = self.info["pid"]
