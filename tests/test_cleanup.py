@@ -630,3 +630,17 @@ def test_real_unscoped_dry_run_spares_live_trees(decoys):
     assert not protected & {u["name"] for u in rep.unlinked}
     assert set(os.listdir("/dev/shm")) >= shm_before & protected
     assert_decoys_intact(decoys)
+
+
+def test_every_vllm_shm_pattern_is_swept_when_unheld_and_old():
+    """Unheld old objects of each known vLLM name (CPU-build cpushm included) are debris; near
+    misses are not."""
+    h = FakeHost()
+    debris = ["psm_1a2b", "sem.mp-x1y2", "nccl-abc", "torch_123_456", "vllm_mm_x", "VLLM_OBJECT_STORAGE_SHM_BUFFER",
+              "vllm_offload_a.mmap", "vllm_ec_b.mmap", "vllm_dist_" + "f" * 32 + "-tp:0-[0-1]-cpushm_0"]
+    keep = ["psm", "sem.loky-1", "vllm_offload_a", "my_psm_1", "PostgreSQL.1"]
+    for n in debris + keep:
+        h.add_shm(n, born=h.t - 1000)
+    rep = run(h, [])
+    assert h.shm_names() == set(keep)
+    assert {u["kind"] for u in rep.unlinked} == {"shm", "sem", "file"}
