@@ -126,6 +126,18 @@ def test_exception_text_recognises_repr_and_plain_forms():
     assert exception_text("Loading weights took 0.00 seconds") is None
 
 
+def test_parsed_line_is_a_normal_frozen_logline():
+    """parse_line's fast constructor yields an equal, immutable LogLine."""
+    import dataclasses
+
+    ll = parse_line("(Worker_TP1 pid=3) ERROR 11-24 03:50:13 [x.py:9] boom")
+    assert ll == LogLine("(Worker_TP1 pid=3) ERROR 11-24 03:50:13 [x.py:9] boom", "ERROR", "11-24 03:50:13",
+                         "Worker_TP1", 3, "x.py:9", "boom", "vllm")
+    assert hash(ll) == hash(dataclasses.replace(ll))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ll.message = "changed"  # type: ignore[misc]
+
+
 def test_strip_ansi_returns_same_object_without_escape():
     """The fast path returns the input unchanged when there is no ESC."""
     s = "plain line"

@@ -29,7 +29,7 @@ skipped unless the line contains an ESC byte.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["LogLine", "parse_line", "exception_text", "strip_ansi"]
 
@@ -46,6 +46,31 @@ class LogLine:
     source: str | None  # "core.py:123"
     message: str
     kind: str  # "vllm" | "uvicorn" | "traceback" | "warning" | "other"
+
+
+# parse_line builds one LogLine per log line, and a frozen dataclass's generated __init__ sets each
+# field through object.__setattr__ (~0.8 us for 8 fields, a third of the parse cost). _new sets the
+# slots through their member descriptors instead (~0.4 us): same object, same equality, still
+# immutable afterwards. The assert keeps it in step with the field list.
+_FIELD_NAMES = tuple(f.name for f in fields(LogLine))
+assert _FIELD_NAMES == ("raw", "level", "time", "process", "pid", "source", "message", "kind")
+(_s_raw, _s_level, _s_time, _s_process, _s_pid, _s_source, _s_message, _s_kind) = (
+    LogLine.__dict__[n].__set__ for n in _FIELD_NAMES)
+_object_new = object.__new__
+
+
+def _new(raw: str, level: str | None, time: str | None, process: str | None, pid: int | None,
+         source: str | None, message: str, kind: str) -> LogLine:
+    o = _object_new(LogLine)
+    _s_raw(o, raw)
+    _s_level(o, level)
+    _s_time(o, time)
+    _s_process(o, process)
+    _s_pid(o, pid)
+    _s_source(o, source)
+    _s_message(o, message)
+    _s_kind(o, kind)
+    return o
 
 
 # CSI sequences (colours, cursor moves) and the rarer OSC/two-byte escapes.
@@ -132,23 +157,23 @@ def _parse(raw: str) -> LogLine:
 
     m = _VLLM.match(line)
     if m is not None:
-        msg = m.group(4)
+        level, time, source, msg = m.groups()
         if msg.endswith("\r"):
             msg = msg.rstrip("\r")
-        return LogLine(raw, m.group(1), m.group(2), process, pid, m.group(3), msg, "vllm")
+        return _new(raw, level, time, process, pid, source, msg, "vllm")
 
     u = _UVICORN.match(line)
     if u is not None:
-        return LogLine(raw, u.group(1), None, process, pid, None, u.group(2), "uvicorn")
+        return _new(raw, u.group(1), None, process, pid, None, u.group(2), "uvicorn")
 
     if ".py:" in line:
         w = _PYWARN.match(line)
         if w is not None:
-            return LogLine(raw, "WARNING", None, process, pid, f"{w.group(1)}:{w.group(2)}",
+            return _new(raw, "WARNING", None, process, pid, f"{w.group(1)}:{w.group(2)}",
                            f"{w.group(3)}: {w.group(4)}", "warning")
 
     if line.startswith(_TB_MARKERS) or _TB_FILE.match(line) or exception_text(line) is not None:
-        return LogLine(raw, None, None, process, pid, None, line, "traceback")
+        return _new(raw, None, None, process, pid, None, line, "traceback")
 
     # Slow path: a vLLM header somewhere in the first 300 characters (VLLM_LOGGING_PREFIX, glued output).
     if _might_have_header(line):
@@ -157,9 +182,9 @@ def _parse(raw: str) -> LogLine:
             if h.group(1) is not None and process is None:
                 process, pid = h.group(1), int(h.group(2))
             msg = line[h.end():].rstrip("\r")
-            return LogLine(raw, h.group(3), h.group(4), process, pid, h.group(5), msg, "vllm")
+            return _new(raw, h.group(3), h.group(4), process, pid, h.group(5), msg, "vllm")
 
-    return LogLine(raw, None, None, process, pid, None, line, "other")
+    return _new(raw, None, None, process, pid, None, line, "other")
 
 
 def _might_have_header(line: str) -> bool:
