@@ -93,9 +93,7 @@ REAL = {
     "sigstop_worker.log": ("stalled", "No available shared memory broadcast block found"),
     "sigstop_worker_inflight.log": ("stalled", "No available shared memory broadcast block found"),
     "head_dim16.log": ("engine_dead", "Unsupported CPU attention configuration: head_dim=16"),
-    "head_dim16_first_request.log": ("engine_dead", "Unsupported CPU attention configuration: head_dim=16"),
-    "missing_cpu_bind.log": ("startup_failed", "Not enough allowed NUMA nodes"),
-    "no_cpu_bind.log": ("startup_failed", "Not enough allowed NUMA nodes"),
+    "missing_bind_env.log": ("startup_failed", "AssertionError: Not enough allowed NUMA nodes"),
 }
 PRESENT = sorted(p.name for p in LOGS.glob("*.log"))
 
@@ -140,6 +138,21 @@ def test_inflight_worker_kill_root_cause_is_not_the_engine_consequence():
     d = diagnose_file(LOGS / "sigkill_worker_inflight.log")
     assert d.root_cause is not None and d.root_cause.startswith("Worker proc VllmWorker-1 died unexpectedly")
     assert [f.kind for f in d.findings].count("engine_dead") >= 2  # the consequences are still listed
+
+
+def test_startup_failure_after_executor_shutdown_line_is_kept():
+    """0.32 logs '[shutdown] Executor: ...' before 'EngineCore failed to start.': still a failure."""
+    d = diagnose_file(LOGS / "missing_bind_env.log")
+    failed = [f for f in d.findings if f.message == "EngineCore failed to start."]
+    assert failed and failed[0].kind == "startup_failed"
+    assert any("VLLM_CPU_OMP_THREADS_BIND" in a for a in d.advice)
+
+
+def test_head_dim16_root_cause_is_the_workers_error():
+    """The model that dies at its first request names the worker's CPU attention error, not EngineDeadError."""
+    d = diagnose_file(LOGS / "head_dim16.log")
+    assert d.root_cause.startswith("RuntimeError: Unsupported CPU attention configuration: head_dim=16")
+    assert ADVICE_DISABLE_CUSTOM_AR not in d.advice  # a model-shape error, not a hang
 
 
 def test_sigkill_worker_root_cause_skips_generic_executor_failed():

@@ -16,8 +16,11 @@ verdict (issue 5), the worst state any *run* in the log reached:
 * A failure (kinds startup_failed, oom, nccl_error, engine_dead, worker_died) in a run that was
   never up is `startup_failed`; in a run that was up, `engine_dead` (so a death at the first
   request is engine_dead: the server had reported ready).
-* Generic failure lines (see below) after a shutdown line of a run with no failure yet are ignored:
-  0.32 logs "AsyncLLM output_handler failed." and EngineDeadError on every requested stop. A specific
+* Generic failure lines (see below) after a requested stop (signature shutdown_requested, or
+  uvicorn's "Shutting down") in a run with no failure yet are ignored: 0.32 logs "AsyncLLM
+  output_handler failed." and EngineDeadError on every requested stop. Other shutdown lines do not
+  count: 0.32 logs "[shutdown] Executor: waiting for worker exit" before "EngineCore failed to
+  start.". A specific
   failure still counts (after SIGKILL of the engine core a worker first logs "Parent process
   exited", then the API server "engine core exited unexpectedly").
 * A stall line (shm_stall) after an up sign is `stalled`. A stall before any up sign is start-up
@@ -74,7 +77,12 @@ MAX_PER_SIGNATURE = 20
 _LOOKBACK_LINES = 30
 _UP_KINDS = frozenset({"ready", "serving", "progress"})
 _FIRST_PER_RUN_KINDS = frozenset({"serving", "progress", "starting", "shutdown"})
-_RUN_START_SIGS = frozenset({"engine_config", "startup_progress"})
+# A new run starts with the config dump ("non-default args:", "args: Namespace(", "Initializing ...
+# engine ... with config:"), printed once per start; progress lines would split runs mid-start.
+_RUN_START_SIGS = frozenset({"engine_config"})
+# Shutdown lines that mean someone asked for the stop (not "[shutdown] Executor: ..." which 0.32
+# also logs on its way to reporting a start-up failure).
+_REQUESTED_STOP_SIGS = frozenset({"shutdown_requested", "uvicorn_shutdown"})
 _WORKER_PROC = re.compile(r"Worker")
 _TP_ARG = re.compile(r"(?:^|\s)(?:-tp|--tensor-parallel-size|--tensor_parallel_size)[ =](\d+)")
 _INFERENCE_PATH = re.compile(r"^/(?:v1/(?:chat/)?completions|v1/responses|v1/messages|generate|inference/)")
@@ -160,7 +168,7 @@ class _Run:
     up: bool = False  # an up sign so far
     up_any: bool = False  # an up sign anywhere in the run
     ended_clean: bool = False  # shutdown or failure seen: a start-up line now begins a new run
-    shutting_down: bool = False  # a shutdown line seen: generic failures after it are its noise
+    stop_requested: bool = False  # a requested-stop line seen: generic failures after it are its noise
     failures: list[_Event] = field(default_factory=list)
     stall_up: _Event | None = None  # first stall after an up sign
     pending_stall: _Event | None = None  # first stall before any up sign, not yet explained by a ready
@@ -259,7 +267,7 @@ class _Analyzer:
                     and _INFERENCE_PATH.match(str(groups.get("path", ""))):
                 run.ok_inference += 1
         elif kind in FAILURE_KINDS:
-            if sig.generic and run.shutting_down and not run.failures:
+            if sig.generic and run.stop_requested and not run.failures:
                 return  # 0.32 logs EngineDeadError on every requested stop: noise, not a failure
             run.failures.append(ev)
             if ll.message.endswith(_TB_START):  # 0.7.x "EngineCore hit an exception: Traceback ..."
@@ -278,7 +286,9 @@ class _Analyzer:
                 run.pending_stall = ev
                 run.ok_before_stall = run.ok_inference
         elif kind == "shutdown":
-            run.ended_clean = run.shutting_down = True
+            run.ended_clean = True
+            if sig.id in _REQUESTED_STOP_SIGS:
+                run.stop_requested = True
         elif kind == "leaked_resources":
             self.leaks.append(sig)
 
