@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 
-from conftest import alive, wait_for
+from support import alive, wait_for
 from vsup.states import TRANSITIONS, State
 
 
@@ -149,9 +149,9 @@ def test_reload_survives_client_disconnect(fake_daemon) -> None:
     """A client that goes away mid-reload does not stop the reload; the result is in the events."""
     d = fake_daemon(env={"FAKE_VLLM_DELAY_S": "1"})
     d.wait_state("ready", timeout=30)
-    p = subprocess.Popen([*__import__("conftest").VSUP, "reload", "next", "--config", str(d.config)],
+    p = subprocess.Popen([*__import__("support").VSUP, "reload", "next", "--config", str(d.config)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": str(__import__("conftest").ROOT / "supervisor")})
+                         env={**os.environ, "PYTHONPATH": str(__import__("support").ROOT / "supervisor")})
     wait_for(lambda: d.status()["state"] == "reloading", 10, "reloading")
     p.kill()
     p.wait()

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Daemon, alive, free_port, real_sections, require_real_vllm, wait_for
+from support import Daemon, alive, free_port, real_sections, require_real_vllm, wait_for
 from vsup import proctree
 
 pytestmark = pytest.mark.vllm
@@ -32,7 +32,7 @@ def real(tmp_path_factory: pytest.TempPathFactory):
     require_real_vllm()
     tmp = tmp_path_factory.mktemp("real")
     port = free_port(8000, 8049)
-    from conftest import MODELS
+    from support import MODELS
     sections = real_sections(port)
     sections["models.tiny-b"] = {"model": str(MODELS / "tiny-b"), "served_model_name": "tiny-b"}
     sections["models.tiny-a"] = {"model": str(MODELS / "tiny-a"), "served_model_name": "tiny-a"}
@@ -319,7 +319,7 @@ def _vllm_api_servers() -> list[tuple[int, str]]:
 def test_dies_at_first_request_ladder_then_failed(tmp_path: Path) -> None:
     """head_dim 16 model: found by the canary before ready; the ladder is tried, then `failed` with the root cause."""
     require_real_vllm()
-    from conftest import MODELS
+    from support import MODELS
     port = free_port(8000, 8049)
     sections = real_sections(port, "tiny-broken", restart={"max_failures": 3})
     # log requests with their prompts (DEBUG), so the redaction of the incident bundle is tested

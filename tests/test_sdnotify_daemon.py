@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FAKES, ROOT, Daemon, free_port, wait_for
+from support import FAKES, ROOT, Daemon, free_port, wait_for
 from vsup.daemon import HEARTBEAT_S
 
 WATCHDOG_USEC = 1_000_000          # systemd's WatchdogSec=1s: pings expected every 0.5 s

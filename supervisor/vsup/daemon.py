@@ -629,6 +629,8 @@ class Supervisor:
     async def _refresher(self, gen: int) -> None:
         """Keep the ledger's view of the tree current (members, held shm, files) while it lives."""
         while gen == self.gen and self.tree is not None:
+            # refresh() updates the record in place: remember its size to know if it grew
+            before = (len(self.tree.procs), len(self.tree.ipc), len(self.tree.files))
             try:
                 rec = await asyncio.to_thread(proctree.refresh, self.tree)
             except Exception as e:  # a vanished /proc entry mid-scan must not end supervision
@@ -636,8 +638,7 @@ class Supervisor:
             else:
                 if gen != self.gen:
                     return
-                changed = (len(rec.procs), len(rec.ipc), len(rec.files)) != \
-                    (len(self.tree.procs), len(self.tree.ipc), len(self.tree.files))
+                changed = (len(rec.procs), len(rec.ipc), len(rec.files)) != before
                 self.tree = rec
                 workers = sum(1 for p in proctree.live_members(rec) if "Worker" in " ".join(p.cmdline))
                 if workers != self.snap.workers:

@@ -1,0 +1,224 @@
+"""Shared test support: a daemon under test (fake or real vLLM), debris snapshots, real-vLLM paths.
+
+Real-vLLM tests fail (never skip) when vLLM or the tiny models are missing: `make test` sets
+them up first. Every daemon a test starts is stopped in a finalizer, and whatever its tree left
+is removed through the ledger it wrote, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = ROOT / "tests" / "fakes"
+VSUP = [sys.executable, "-m", "vsup"]
+CACHE = Path(os.environ.get("VSUP_CACHE", Path.home() / ".cache" / "vsup"))
+VLLM_PY = CACHE / "vllm-0.32.0" / "bin" / "python"
+MODELS = CACHE / "models"
+REAL_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+REAL_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "-tp", "2", "--enforce-eager"]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `pred` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < end:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+def free_port(lo: int = 8000, hi: int = 8099) -> int:
+    for port in range(lo, hi):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Daemon:
+    """One `vsup run` process under test, with its config, state dir and log."""
+
+    def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]]) -> None:
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.state_dir = tmp / "state"
+        self.socket = tmp / "run" / "vsup.sock"
+        self.log_file = tmp / "vllm.log"
+        base = {
+            "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket)},
+        }
+        for k, v in sections.items():
+            base.setdefault(k, {}).update(v)
+        base["vllm"].setdefault("log_file", str(self.log_file))
+        self.port = base["vllm"]["port"]
+        self.config = write_config(tmp / "vsup.toml", base)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr_path = tmp / "daemon.stderr"
+
+    # process
+    def start(self, *extra: str) -> "Daemon":
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
+        env.pop("NOTIFY_SOCKET", None)
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen([*VSUP, "run", "--config", str(self.config), *extra],
+                                     stdout=self._stderr, stderr=self._stderr, env=env, start_new_session=True)
+        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
+        assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
+        return self
+
+    def _answers(self) -> bool:
+        from vsup.control import DaemonUnreachable
+        try:
+            return bool(self.call("status", timeout=5).get("ok"))
+        except DaemonUnreachable:
+            return False
+
+    def cli(self, *args: str, timeout: float = 600, user: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor"), "VSUP_CONFIG": str(self.config)}
+        cmd = [*VSUP, *args]
+        if user:
+            cmd = ["runuser", "-u", user, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 30.0) -> dict[str, Any]:
+        from vsup.control import ControlClient
+        return ControlClient(self.socket, timeout_s=timeout).call(cmd, args or {})
+
+    def status(self) -> dict[str, Any]:
+        r = self.call("status")
+        assert r["ok"], r
+        return r["result"]
+
+    def wait_state(self, *states: str, timeout: float = 180) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.status())["state"] in states and s, timeout, f"state in {states}",
+                        interval=0.2)
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                   after: int = 0) -> dict[str, Any]:
+        return wait_for(lambda: next((e for e in self.events()[after:] if pred(e)), None), timeout, what, 0.2)
+
+    def stop(self, timeout: float = 90) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            return None
+
+    def close(self) -> None:
+        """Stop the daemon and remove whatever its trees left, whatever happened in the test."""
+        try:
+            self.stop()
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+            from vsup import cleanup, proctree
+            recs = proctree.Ledger(self.state_dir).load()
+            if recs:
+                cleanup.cleanup(recs, grace_s=2.0)
+            if hasattr(self, "_stderr"):
+                self._stderr.close()
+
+
+# ---- real vLLM ------------------------------------------------------------------------------
+
+def require_real_vllm() -> None:
+    missing = [str(p) for p in (VLLM_PY, MODELS / "tiny-a" / "config.json") if not p.exists()]
+    if missing:
+        pytest.fail(f"real vLLM not set up ({', '.join(missing)} missing): run `make vllm` first")
+
+
+def real_sections(port: int, model: str = "tiny-a", **over: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    s: dict[str, dict[str, Any]] = {
+        "vllm": {"python": str(VLLM_PY), "model": str(MODELS / model), "served_model_name": model,
+                 "port": port, "args": list(REAL_ARGS), "env": dict(REAL_ENV)},
+        "timeouts": {"start_s": 240.0, "stop_grace_s": 20.0, "canary_s": 8.0, "probe_s": 3.0,
+                     "cleanup_grace_s": 3.0, "drain_s": 30.0},
+        "restart": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "max_failures": 4, "window_s": 900.0},
+        "probes": {"interval_s": 2.0, "canary_interval_s": 8.0, "stall_s": 10.0},
+    }
+    for k, v in over.items():
+        s.setdefault(k, {}).update(v)
+    return s
+
+
+def debris() -> dict[str, set]:
+    """vLLM-shaped things on this machine now: processes, /dev/shm objects, /tmp dist files."""
+    procs = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            st = (d / "stat").read_text()
+        except OSError:
+            continue
+        if st.rsplit(")", 1)[1].split()[0] == "Z":
+            continue  # zombies are already dead
+        if "VLLM::" in cmd or "vllm.entrypoints" in cmd or "VllmWorkerProcess" in cmd:
+            procs.add((int(d.name), cmd.strip()[:80]))
+    shm = {n for n in os.listdir("/dev/shm") if n.startswith(("psm_", "sem.mp-", "nccl-", "torch_"))}
+    dist = {n for n in os.listdir("/tmp") if n.startswith("vllm_dist_")}
+    return {"procs": procs, "shm": shm, "dist": dist}
+
+
+def tree_pids(rec: Any) -> set[int]:
+    return {p.pid for p in rec.procs}
+
+
+def alive(pid: int) -> bool:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return st.rsplit(")", 1)[1].split()[0] != "Z"
