@@ -298,3 +298,10 @@ def test_render_text_summary():
     """The human summary names verdict, root cause and numbered advice."""
     d = Diagnosis("engine_dead", [], "RuntimeError: boom", ["do this", "then that"])
     assert render_text(d) == "verdict: engine_dead\nroot cause: RuntimeError: boom\nadvice:\n  1. do this\n  2. then that"
+
+
+def test_render_text_accepts_the_json_form():
+    """A diagnosis that travelled as JSON (daemon socket) renders the same as the object."""
+    d = diagnose_file(SEED)
+    assert render_text(d.to_json()) == render_text(d)
+    assert Diagnosis.from_json(d.to_json()).to_json() == d.to_json()

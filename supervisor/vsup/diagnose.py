@@ -129,6 +129,13 @@ class Diagnosis:
             "advice": list(self.advice),
         }
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Diagnosis:
+        """Rebuild from `to_json()` output (e.g. a diagnosis the daemon sent over its socket)."""
+        findings = [Finding(f["kind"], f["line"], f.get("process"), f.get("pid"), f["message"])
+                    for f in obj.get("findings", [])]
+        return cls(obj["verdict"], findings, obj.get("root_cause"), list(obj.get("advice", [])))
+
 
 # ---------------------------------------------------------------------------- internal state
 
@@ -403,8 +410,10 @@ def diagnose_file(path: str | PathLike[str], catalog: Catalog | None = None) -> 
     return analyze(_read_lines(path), catalog)
 
 
-def render_text(d: Diagnosis, *, max_findings: int = 25, width: int = 160) -> str:
-    """A short human summary of a Diagnosis."""
+def render_text(d: Diagnosis | dict[str, Any], *, max_findings: int = 25, width: int = 160) -> str:
+    """A short human summary of a Diagnosis (or of its to_json() form)."""
+    if isinstance(d, dict):
+        d = Diagnosis.from_json(d)
 
     def cut(s: str) -> str:
         return s if len(s) <= width else s[: width - 1] + "…"
