@@ -63,15 +63,15 @@ def wait_tree_complete(d: Daemon) -> proctree.TreeRecord:
     """Wait until the record shows the engine core, both workers and their shm segments."""
     def ok() -> proctree.TreeRecord | None:
         rec = current_tree(d)
-        titles = " ".join(" ".join(p.cmdline) for p in rec.procs)
+        titles = " ".join(_cmdline(p.pid) for p in rec.procs)
         shm = [i for i in rec.ipc if i.name.startswith("psm_")]
         return rec if ("VLLM::EngineCore" in titles and "Worker_TP1" in titles and shm) else None
     return wait_for(ok, 30, "the tree record to list engine core, workers and segments", 0.5)
 
 
 def pid_titled(rec: proctree.TreeRecord, title: str) -> int:
-    for p in rec.procs:
-        if alive(p.pid) and title in " ".join(p.cmdline):
+    for p in rec.procs:  # the record keeps the first-seen command line; titles come later
+        if alive(p.pid) and title in _cmdline(p.pid):
             return p.pid
     raise AssertionError(f"no live {title} in {[(p.pid, p.cmdline[:1]) for p in rec.procs]}")
 
@@ -286,6 +286,13 @@ def test_stop_leaves_nothing(real: Daemon) -> None:
     assert time.monotonic() - t0 < 20 + 10
     assert real.status()["state"] == "stopped"
     assert_tree_gone(rec)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ts(iso: str) -> float:

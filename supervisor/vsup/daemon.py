@@ -645,7 +645,15 @@ class Supervisor:
                     self.snap = replace(self.snap, workers=workers)
                 if changed:
                     self.ledger.upsert(rec)
+                if self.metrics is not None and self.gpus is not None:
+                    self._export_gpu_metrics(rec)
             await asyncio.sleep(REFRESH_S)
+
+    def _export_gpu_metrics(self, rec: proctree.TreeRecord) -> None:
+        from . import gpu
+        with contextlib.suppress(Exception):  # NVML hiccups must not stop the refresher
+            for g in gpu.status_summary(self.gpus, {p.pid for p in rec.procs}) or []:
+                self.metrics.gpu(g["index"], g["used_mib"] << 20, g["total_mib"] << 20, g["model_mib"] << 20)
 
     # serve --------------------------------------------------------------------------------
 
