@@ -1,0 +1,211 @@
+"""The Markdown report: fault matrix, targets, idle cost, reload, and the teammates' tables."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from episode import FAULTS
+
+# The issue's targets; the report states each next to vsup's number, met or not.
+HANG_ACT_S = 30.0
+SERVE_MARGIN_S = 5.0
+IDLE_CPU_PCT = 0.1
+RELOAD_RATIO = 1.05
+PARSE_LINES_S = 200_000
+
+
+def _f(v: float | None, unit: str = "") -> str:
+    return "never" if v is None else f"{v:.1f}{unit}"
+
+
+def median_spread(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.1f} (n=1)"
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f}, n={len(xs)})"
+
+
+def cold_start(res: dict[str, Any]) -> float | None:
+    """vLLM's own cold start here: the bare server's start times (else the supervisors' first starts)."""
+    xs = res.get("reload", {}).get("bare", {}).get("cold_start_s") or \
+        [e["cold_start_s"] for e in res["episodes"] if e.get("cold_start_s")]
+    return statistics.median(xs) if xs else None
+
+
+def _debris_cells(d: dict[str, Any] | None) -> tuple[str, str, str, str, str]:
+    if d is None:
+        return ("—",) * 5  # type: ignore[return-value]
+    shm = f"{d['shm']} / {d['shm_mb']:.0f} MB" if d["shm"] else "0"
+    return str(d["procs"]), shm, str(d["sems"]), str(d["dist_files"]), str(d["sockets"])
+
+
+def _clean(d: dict[str, Any] | None) -> bool:
+    return d is not None and not any(d[k] for k in ("procs", "shm", "sems", "dist_files", "sockets"))
+
+
+def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
+    m, v = res["machine"], res["versions"]
+    cold = cold_start(res)
+    out = [f"# vsup benchmark ({res['mode']})", ""]
+    out.append(f"- Date: {res['started']} (UTC), {res.get('minutes', '?')} min; "
+               f"machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
+               f"Python {m['python']}")
+    out.append("- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    ld = res["load"]
+    out.append(f"- Load average at start {ld['start']}, at end {ld.get('end', '?')}; other people's vLLM "
+               f"processes running beside the benchmark: {ld['foreign_vllm_start']} at start, up to "
+               f"{ld['foreign_vllm_max']} (non-zero skews every time below)")
+    c = res["config"]
+    out.append(f"- Method: a fresh supervisor per episode serving the real TP=2 tiny model "
+               f"(`-tp 2 --enforce-eager --max-model-len 256`, bf16, CPU); a client sends one 4-token "
+               f"completion every {c['client_interval_s']:g} s with a {c['client_timeout_s']:g} s timeout; "
+               f"debris is counted {c['debris_after_s']:g} s after the supervisor's first action; the hang is "
+               f"watched {c['hang_watch_s']:g} s. See docs/benchmarks.md.")
+    if res.get("interrupted"):
+        out.append("- **Interrupted**: the tables hold what was measured before the interrupt.")
+    if cold is not None:
+        out.append(f"- vLLM cold start here (bare server, command to first completion): {cold:.1f} s")
+    out.append("")
+
+    out += ["## Faults", "",
+            "| supervisor | fault | acted after (s) | new server after (s) | serves again after (s) | "
+            "requests failed / hung | orphan procs | shm segments | semaphores | dist files | ZMQ sockets | next start |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in res["episodes"]:
+        fault = f"{e['fault']}. {FAULTS[e['fault']]}"
+        if e.get("error"):
+            out.append(f"| {e['supervisor']} | {fault} | error: {e['error']} | | | | | | | | | |")
+            continue
+        acted = _f(e["acted_s"])
+        serve = _f(e["serve_s"])
+        if e["serve_s"] is not None and e.get("served_by", "").startswith("old"):
+            serve += " (orphan kept serving)"
+        d = e.get("debris")
+        cells = _debris_cells(d)
+        if e["supervisor"] == "vsup":
+            if e["fault"] == 3:
+                acted += _mark(e["acted_s"] is not None and e["acted_s"] <= HANG_ACT_S, f"target ≤ {HANG_ACT_S:g} s")
+            if cold is not None and e["fault"] != 5:
+                serve += _mark(e["serve_s"] is not None and e["serve_s"] <= cold + SERVE_MARGIN_S,
+                               f"target ≤ {cold + SERVE_MARGIN_S:.0f} s")
+            if d is not None or e["acted_s"] is not None:
+                cells = (cells[0] + _mark(_clean(d), "target 0"),) + cells[1:]
+        req = e.get("requests") or {}
+        reqs = f"{req.get('failed', 0)} / {req.get('hung', 0)}"
+        if e.get("inflight"):
+            reqs += f"; in-flight: {e['inflight']}"
+        out.append(f"| {e['supervisor']} | {fault} | {acted}{_how(e)} | {_f(e.get('respawn_s'))} | {serve} | {reqs} | "
+                   + " | ".join(cells) + f" | {e.get('next_start') or '—'} |")
+    out.append("")
+    out.append("*acted*: vsup's first `detection`/`state`/`teardown`/`cleanup` event after the fault "
+               "(events.jsonl); for the peers, and for every model swap, a new API-server pid on the port "
+               "(process table sampled every 0.25 s; the peers show no earlier sign). *Debris* counts what is "
+               "left of the trees that existed before the fault, attributed by pid/start time, by who mapped "
+               "each /dev/shm object (device+inode) and by the dist id in the workers' own log line; `—` when "
+               "the supervisor never acted. *next start*: whether a server started after the fault got the "
+               "port and served, and whether debris of the old tree still existed when it did.")
+    notes = [(e["supervisor"], e["fault"], n) for e in res["episodes"] for n in e.get("notes", []) + e.get("harness_cleanup", [])]
+    if notes:
+        out += ["", "Harness notes (what it had to clean after each episode, anything odd):", ""]
+        out += [f"- {s}, fault {f}: {n}" for s, f, n in notes]
+    out.append("")
+
+    if res.get("idle"):
+        vs = res["idle"].get("vsup")
+        sd = res["idle"].get("supervisord")
+        out += ["## Idle cost of the supervisor itself", "",
+                "| supervisor | RSS mean (MB) | RSS max (MB) | CPU (% of a core) | processes | window (s) |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for name, i in res["idle"].items():
+            rss, cpu = f"{i['rss_mb']:.1f}", f"{i['cpu_pct']:.3f}"
+            if name == "vsup":
+                if sd:
+                    rss += _mark(i["rss_mb"] <= sd["rss_mb"], "target ≤ supervisord's")
+                cpu += _mark(i["cpu_pct"] < IDLE_CPU_PCT, f"target < {IDLE_CPU_PCT:g} %")
+            out.append(f"| {name} | {rss} | {i['rss_max_mb']:.1f} | {cpu} | {i['procs']} | {i['seconds']:.0f} |")
+        out += ["", "Measured over the window while each supervisor supervises a ready server and no client "
+                "sends requests: the supervisor's own process(es) only, not vLLM (vsup's own health, metrics "
+                "and canary probes included).", ""]
+        del vs
+
+    rl = res.get("reload") or {}
+    if rl:
+        out += ["## Reload vs bare stop + start", ""]
+        bare = [c["total"] for c in rl.get("bare", {}).get("cycles", [])]
+        vr = [c["total"] for c in rl.get("vsup", {}).get("cycles", [])]
+        out += ["| operation | total, command to first completion on the new model (s): median (min–max, n) |", "| --- | --- |"]
+        out.append(f"| bare vLLM: SIGTERM, wait for the tree to exit, start | {median_spread(bare)} |")
+        ratio = ""
+        if bare and vr:
+            r = statistics.median(vr) / statistics.median(bare)
+            ratio = f" — {r:.2f}× bare" + _mark(r <= RELOAD_RATIO, f"target ≤ {RELOAD_RATIO:g}×")
+        out.append(f"| `vsup reload` (drain, stop, cleanup, start, ready) | {median_spread(vr)}{ratio} |")
+        phases: dict[str, list[float]] = {}
+        for c in rl.get("vsup", {}).get("cycles", []):
+            for k, x in c.get("phases", {}).items():
+                phases.setdefault(k, []).append(x)
+        for k, xs in phases.items():
+            out.append(f"| — vsup phase `{k}` | {median_spread(xs)} |")
+        for c in rl.get("bare", {}).get("cycles", [])[:1]:
+            pass
+        bstop = [c["stop"] for c in rl.get("bare", {}).get("cycles", [])]
+        bstart = [c["start"] for c in rl.get("bare", {}).get("cycles", [])]
+        if bstop:
+            out.append(f"| — bare stop (SIGTERM until every process is gone) | {median_spread(bstop)} |")
+            out.append(f"| — bare start (to first completion) | {median_spread(bstart)} |")
+        left = rl.get("bare", {}).get("left_by_stop", [])
+        if left:
+            out.append("")
+            out.append(f"A bare SIGTERM stop left behind, each time: {left[0]} (the harness removed it).")
+        for k in ("bare", "vsup"):
+            if rl.get(k, {}).get("error"):
+                out.append(f"\n{k}: error: {rl[k]['error']}")
+        out.append("")
+
+    aux = res.get("aux") or {}
+    for key, title in (("parse", "Log parsing (bench/bench_parse.py)"), ("cleanup", "`vsup cleanup` time (bench/bench_cleanup.py)")):
+        a = aux.get(key)
+        if a is None:
+            continue
+        out += [f"## {title}", ""]
+        if not a.get("present"):
+            out += ["(not present in this checkout)", ""]
+            continue
+        out.append(a.get("stdout") or "(no output)")
+        if key == "parse":
+            rate = _parse_rate(a.get("stdout", ""))
+            if rate is not None:
+                out.append("")
+                out.append(f"Best rate found in the output: {rate:,.0f} lines/s"
+                           + _mark(rate >= PARSE_LINES_S, f"target ≥ {PARSE_LINES_S:,} lines/s"))
+        if a.get("rc"):
+            out.append(f"\n(exit {a['rc']}: {a.get('stderr', '')[-500:]})")
+        out.append("")
+
+    if chart:
+        out += ["## Time to serve again", "", f"![time to serve again per fault and supervisor]({chart})", ""]
+    return "\n".join(out)
+
+
+def _how(e: dict[str, Any]) -> str:
+    return ""
+
+
+def _mark(ok: bool, target: str) -> str:
+    return " ✓" if ok else f" ✗ (misses {target})"
+
+
+def _parse_rate(text: str) -> float | None:
+    """The largest number followed by 'lines/s' in the teammate's output, if any."""
+    import re
+    best = None
+    for mo in re.finditer(r"([\d][\d,_.]*)\s*(k|K|M)?\s*lines?/s", text):
+        try:
+            x = float(mo.group(1).replace(",", "").replace("_", ""))
+        except ValueError:
+            continue
+        x *= {"k": 1e3, "K": 1e3, "M": 1e6}.get(mo.group(2) or "", 1)
+        best = x if best is None else max(best, x)
+    return best
