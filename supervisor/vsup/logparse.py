@@ -85,6 +85,9 @@ _VLLM = re.compile(
     r"(" + _LEVELS + r") (\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,]\d+)? \[?([^\s\]]{1,200}?:\d+)\] ?(.*)",
     re.DOTALL,
 )
+# Prefix and header in one match: the most common line shape of 0.10+ ("(Worker_TP0 pid=9) DEBUG ..."),
+# one regex call instead of two and a slice.
+_PREFIXED_VLLM = re.compile(_PREFIX.pattern + _VLLM.pattern, re.DOTALL)
 # Same header anywhere in the first part of the line: VLLM_LOGGING_PREFIX puts arbitrary text before
 # the level (before the "(Name pid=N)" in 0.33). Only tried when nothing else matched.
 _VLLM_HEADER_ANYWHERE = re.compile(
@@ -149,6 +152,12 @@ def _parse(raw: str) -> LogLine:
     process: str | None = None
     pid: int | None = None
     if line.startswith("("):
+        pm = _PREFIXED_VLLM.match(line)
+        if pm is not None:
+            name, pid_s, level, time, source, msg = pm.groups()
+            if msg.endswith("\r"):
+                msg = msg.rstrip("\r")
+            return _new(raw, level, time, name, int(pid_s), source, msg, "vllm")
         p = _PREFIX.match(line)
         if p is not None:
             process = p.group(1)

@@ -56,7 +56,13 @@ _LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "TRACE": "DEBUG", None
 _FAILURE_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL", "none"})
 _REQUIRED = ("id", "kind", "pattern", "keys", "versions", "meaning", "action", "examples")
 _OPTIONAL = ("fields", "line_kinds", "levels", "generic", "suspect_collectives")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A named group (or a field's group) whose whole sub-pattern is one of these holds a number and is
+# converted (int or float) in Match.groups; every other group stays a string (request ids that
+# happen to be digits included). Decided once per signature at load time, so a match costs one
+# int()/float() per numeric group instead of a type guess per value.
+_INT_BODIES = frozenset({r"\d+", r"-?\d+", r"\d{3}", r"\d{1,10}"})
+_FLOAT_BODIES = frozenset({r"[\d.]+", r"-?[\d.]+", r"\d+\.\d+"})
+_NAMED_GROUP = re.compile(r"\(\?P<(\w+)>([^()]*)\)")
 
 
 class CatalogError(ValueError):
@@ -76,29 +82,36 @@ class Signature:
     levels: frozenset[str]
     examples: tuple[str, ...]
     regex: re.Pattern[str] = field(repr=False, compare=False)
-    fields: tuple[tuple[str, re.Pattern[str]], ...] = field(default=(), repr=False, compare=False)
+    fields: tuple[tuple[str, re.Pattern[str], type | None], ...] = field(default=(), repr=False, compare=False)
+    numeric: tuple[tuple[str, type], ...] = field(default=(), repr=False, compare=False)
     generic: bool = False  # a consequence reported after the real failure; never the root cause
     suspect_collectives: bool = False  # typical of a hung/broken TP collective (custom AR, NCCL P2P)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per matching line and frozen init costs 0.4 us
 class Match:
-    """A line matched by a signature. `groups`: the pattern's named groups and `fields` that matched,
-    with numeric-looking values (``-?\\d+(\\.\\d+)?``) as int/float unless the name ends in ``id``."""
+    """A line matched by a signature. `groups`: the pattern's named groups and `fields` that matched
+    (absent when they did not participate); a group whose pattern is purely numeric (``\\d+``,
+    ``-?\\d+``, ``[\\d.]+``) is an int or float, any other a string."""
 
     sig: Signature
     line: LogLine
     groups: dict[str, Any]
 
 
-def _convert(name: str, value: str) -> Any:
-    if name.endswith("id"):
+def _numeric(body: str) -> type | None:
+    if body in _INT_BODIES:
+        return int
+    if body in _FLOAT_BODIES:
+        return float
+    return None
+
+
+def _to_number(conv: type, value: str) -> Any:
+    try:
+        return conv(value)
+    except ValueError:  # "[\\d.]+" also matches "1.2.3": keep the text
         return value
-    if value.isdigit():  # the common case (counts, status codes), without a regex
-        return int(value)
-    if _NUMBER.fullmatch(value):
-        return float(value) if "." in value else int(value)
-    return value
 
 
 class Catalog:
@@ -154,11 +167,15 @@ class Catalog:
 
     @staticmethod
     def _make(sig: Signature, line: LogLine, m: re.Match[str]) -> Match:
-        groups = {k: _convert(k, v) for k, v in m.groupdict().items() if v is not None}
-        for name, rx in sig.fields:
+        groups = {k: v for k, v in m.groupdict().items() if v is not None}
+        for name, conv in sig.numeric:
+            v = groups.get(name)
+            if v is not None:
+                groups[name] = _to_number(conv, v)
+        for name, rx, conv in sig.fields:
             f = rx.search(line.message)
             if f is not None:
-                groups[name] = _convert(name, f.group(1))
+                groups[name] = f.group(1) if conv is None else _to_number(conv, f.group(1))
         return Match(sig, line, groups)
 
     # ------------------------------------------------------------------ loading
@@ -248,7 +265,7 @@ def _build(entry: Any, ctx: str) -> Signature:
         regex = re.compile(entry["pattern"])
     except re.error as e:
         raise CatalogError(f"{ctx}: bad pattern: {e}") from e
-    fields: list[tuple[str, re.Pattern[str]]] = []
+    fields: list[tuple[str, re.Pattern[str], type | None]] = []
     raw_fields = entry.get("fields", {})
     if not isinstance(raw_fields, dict):
         raise CatalogError(f"{ctx}: fields must be a table of name = regex")
@@ -261,7 +278,10 @@ def _build(entry: Any, ctx: str) -> Signature:
             raise CatalogError(f"{ctx}: bad regex for field {name!r}: {e}") from e
         if frx.groups != 1:
             raise CatalogError(f"{ctx}: field {name!r} regex must have exactly one group")
-        fields.append((name, frx))
+        body = re.search(r"(?<!\\)\((?!\?)([^()]*)\)", pat)
+        fields.append((name, frx, _numeric(body.group(1)) if body else None))
+    numeric = tuple((name, conv) for name, body in _NAMED_GROUP.findall(entry["pattern"])
+                    if (conv := _numeric(body)) is not None)
     line_kinds = entry.get("line_kinds", sorted(_DEFAULT_LINE_KINDS))
     if not isinstance(line_kinds, list) or not set(line_kinds) <= LINE_KINDS or not line_kinds:
         raise CatalogError(f"{ctx}: line_kinds must be a non-empty subset of {sorted(LINE_KINDS)}")
@@ -276,7 +296,7 @@ def _build(entry: Any, ctx: str) -> Signature:
         id=entry["id"], kind=entry["kind"], pattern=entry["pattern"], keys=tuple(keys),
         versions=entry["versions"], meaning=entry["meaning"], action=entry["action"],
         line_kinds=frozenset(line_kinds), levels=frozenset(levels), examples=tuple(examples), regex=regex,
-        fields=tuple(fields), generic=entry.get("generic", False),
+        fields=tuple(fields), numeric=numeric, generic=entry.get("generic", False),
         suspect_collectives=entry.get("suspect_collectives", False),
     )
 
