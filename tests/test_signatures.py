@@ -109,6 +109,15 @@ def test_tp_size_from_config_dump(catalog):
     assert got is not None and got.groups["tp"] == 2 and got.groups["version"] == "0.6.3.post1"
 
 
+def test_numeric_groups_are_numbers(catalog):
+    """Groups with a purely numeric pattern (status, exit code) are ints; others stay text."""
+    acc = match(catalog, 'INFO:     1.2.3.4:5 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error')
+    assert acc.groups == {"client": "1.2.3.4:5", "method": "POST", "path": "/v1/completions", "status": 500}
+    died = match(catalog, "(EngineCore pid=1) ERROR 11-24 03:52:10 [multiproc_executor.py:316] Worker proc "
+                          "VllmWorker-1 died unexpectedly (exit code: -9), shutting down executor.")
+    assert died.groups["exit_code"] == -9 and died.groups["worker"] == "VllmWorker-1"
+
+
 def test_request_ids_stay_strings(catalog):
     """Group names ending in 'id' are never converted to numbers."""
     got = match(catalog, "INFO 03-12 06:00:56 engine.py:290] Added request 12345.")
