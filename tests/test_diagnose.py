@@ -91,7 +91,8 @@ REAL = {
     "sigkill_worker_inflight.log": ("engine_dead", "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)"),
     "sigkill_api.log": ("healthy", None),  # nothing in the log says so: the daemon sees the exit
     "sigstop_worker.log": ("stalled", "No available shared memory broadcast block found"),
-    "sigstop_worker_inflight.log": ("stalled", "No available shared memory broadcast block found"),
+    # SIGTERM 8 s into a hang, before the first 60 s stall line: the log shows only a requested stop.
+    "sigterm_while_hung.log": ("healthy", None),
     "head_dim16.log": ("engine_dead", "Unsupported CPU attention configuration: head_dim=16"),
     "missing_bind_env.log": ("startup_failed", "AssertionError: Not enough allowed NUMA nodes"),
 }

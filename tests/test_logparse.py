@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,18 +146,27 @@ def test_strip_ansi_returns_same_object_without_escape():
     assert strip_ansi("\x1b[31mred\x1b[0m") == "red"
 
 
-def test_every_line_of_real_capture_parses_with_expected_kinds():
-    """On a real 0.32 capture, every vLLM-looking line is kind vllm with process and pid."""
-    path = DATA / "logs" / "clean_start_stop.log"
-    if not path.exists():
-        pytest.fail(f"missing capture {path}")
+CAPTURES = sorted((DATA / "logs").glob("*.log"))
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda p: p.name)
+def test_every_vllm_line_of_real_captures_parses(path):
+    """In each real 0.32 capture, every line with a process prefix and a header is kind vllm with pid."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    parsed = [parse_line(x) for x in lines]
-    for raw, ll in zip(lines, parsed):
-        if raw.startswith("(") and " pid=" in raw.split(")")[0] and ("] " in raw or raw.endswith("]")):
-            assert ll.kind == "vllm" and ll.pid is not None, raw
-    kinds = {ll.kind for ll in parsed}
-    assert {"vllm", "uvicorn", "warning", "other"} <= kinds
+    for raw in lines:
+        ll = parse_line(raw)
+        head = raw.split(")", 1)
+        if raw.startswith("(") and " pid=" in head[0] and re.match(r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) \d", head[1]):
+            assert ll.kind == "vllm" and ll.pid is not None and ll.source, raw
+        if raw.startswith("INFO:     "):
+            assert ll.kind == "uvicorn", raw
+
+
+def test_real_captures_contain_every_line_kind():
+    """Across the captures, the parser sees vllm, uvicorn, warning, traceback and other lines."""
+    assert CAPTURES, "tests/data/logs has no captures"
+    kinds = {parse_line(x).kind for p in CAPTURES for x in p.read_text(encoding="utf-8", errors="replace").splitlines()}
+    assert kinds == {"vllm", "uvicorn", "warning", "traceback", "other"}
 
 
 @settings(max_examples=500, deadline=None)
