@@ -74,7 +74,10 @@ class TimeoutsConfig:
     # A hung worker keeps the API server in "Waiting for connections to close" forever, so
     # a stop never waits for clients beyond the grace.
     kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)
-    canary_s: float = _f(30.0, "one canary chat completion (a few tokens) must finish within this", min=0.1)
+    # A stopped worker leaves /health at 200 and num_requests_running at 0 (the stats only move
+    # when a step finishes), so the canary's deadline is what detects the hang; with the probe
+    # interval below, a hang is acted on within ~30 s (interval + two canary deadlines).
+    canary_s: float = _f(10.0, "one canary chat completion (a few tokens) must finish within this", min=0.1)
     drain_s: float = _f(60.0, "reload: wait this long for running requests to finish before stopping", min=0)
     cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
     probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
@@ -93,7 +96,7 @@ class RestartConfig:
 @dataclass(frozen=True)
 class ProbesConfig:
     interval_s: float = _f(5.0, "health + progress probe period while ready", min=0.1)
-    canary_interval_s: float = _f(30.0, "periodic canary completion while ready (0 = only at start)", min=0)
+    canary_interval_s: float = _f(8.0, "periodic canary completion while ready (0 = only at start)", min=0)
     stall_s: float = _f(20.0, "requests running but no generated tokens for this long = no progress", min=1)
     startup_grace_s: float = _f(0.0, "extra time after ready during which stall lines are only warnings", min=0)
     confirm: int = _f(2, "independent bad signals needed before an unhealthy server is torn down", min=1)
