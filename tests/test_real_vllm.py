@@ -293,7 +293,12 @@ def test_stop_leaves_nothing(real: Daemon) -> None:
 
 def _other_vllm(rec: proctree.TreeRecord) -> bool:
     ours = {p.pid for p in rec.procs}
-    return any(pid not in ours and os.getsid(pid) != rec.sid for pid, _ in _vllm_api_servers())
+    def sid(pid: int) -> int | None:
+        try:
+            return os.getsid(pid)
+        except OSError:
+            return None
+    return any(pid not in ours and sid(pid) not in (None, rec.sid) for pid, _ in _vllm_api_servers())
 
 
 def _cmdline(pid: int) -> str:
