@@ -128,7 +128,7 @@ def _system_python() -> Path:
     return py
 
 
-def _stage(staging: Path, units: dict[str, str]) -> None:
+def _stage(staging: Path, units: dict[str, str], etc: dict[str, str]) -> None:
     for name in ("units", "empty", "etc-upper", "etc-work"):
         (staging / name).mkdir()
     for name in HOST_UNITS:
@@ -140,6 +140,10 @@ def _stage(staging: Path, units: dict[str, str]) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(text)
     shutil.copy(HERE / "notify_smoke.py", staging / "notify_smoke.py")
+    for name, text in etc.items():  # files seen under /etc inside (the overlay's upper layer)
+        dest = staging / "etc-upper" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
 
     # Accounting off for controllers we do not own a cgroup in (see CGROUP_HIERARCHIES).
     conf = staging / "etc-upper" / "systemd" / "system.conf.d"
@@ -235,15 +239,16 @@ def _remove_cgroups(name: str) -> list[str]:
 
 
 @contextmanager
-def booted(units: dict[str, str] | None = None) -> Iterator[Systemd]:
-    """Boot systemd with the harness units plus ``units``; tear everything down on exit."""
+def booted(units: dict[str, str] | None = None, etc: dict[str, str] | None = None) -> Iterator[Systemd]:
+    """Boot systemd with the harness units plus ``units`` (and ``etc`` files, relative to
+    /etc); tear everything down on exit."""
     preflight()
     before = host_fingerprint()
     staging = Path(tempfile.mkdtemp(prefix="vsup-systemd-"))
     cgroup = f"vsup-systemd-test-{os.getpid()}-{staging.name[-6:]}"
     unshare: subprocess.Popen[bytes] | None = None
     try:
-        _stage(staging, units or {})
+        _stage(staging, units or {}, etc or {})
         for h in CGROUP_HIERARCHIES:
             (CGROUP_ROOT / h / cgroup).mkdir()
         unshare = subprocess.Popen(
