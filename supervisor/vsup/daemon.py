@@ -265,7 +265,7 @@ class Supervisor:
             if kind == "serving":
                 g = m.groups
                 if g.get("method") == "POST" and str(g.get("path", "")).startswith("/v1/") \
-                        and g.get("status") == "200":
+                        and g.get("status") == 200:
                     self._served_since_ready += 1  # completions served: "the first requests"
                 continue
             if kind in FATAL_KINDS or kind in STRIKE_KINDS or kind == "ready":
