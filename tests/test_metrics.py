@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
+import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 
@@ -166,3 +170,79 @@ def test_without_prometheus_client_everything_is_a_noop(
     m.reload_phase_done("drain", 1.0)
     m.gpu(0, 1, 2, 1)
     m.stop()
+
+
+# ---- through a running daemon ---------------------------------------------------------------
+
+def scrape_url(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+@pytest.fixture
+def metered(tmp_path) -> Iterator["Daemon"]:
+    """`vsup run` on a fake tree whose engine-like child outlives SIGTERM (so a stop takes the
+    whole stop grace), with the metrics endpoint on."""
+    from support import FAKES, ROOT, Daemon, free_port
+
+    port = free_port(PORTS.start, PORTS.stop)
+    d = Daemon(tmp_path / "d", {
+        "vllm": {"python": sys.executable, "module": "fake_vllm_tree", "model": "fake-model",
+                 "port": free_port(8400, 8489), "args": ["-tp", "2"],
+                 "env": {"PYTHONPATH": f"{FAKES}:{ROOT / 'tests' / 'systemd'}", "FAKE_TREE_DEBRIS": "0"}},
+        "daemon": {"metrics_port": port},
+        "timeouts": {"start_s": 30.0, "stop_grace_s": RELOAD_STOP_S, "canary_s": 2.0, "probe_s": 2.0,
+                     "cleanup_grace_s": 1.0, "drain_s": 2.0},
+        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+        "probes": {"interval_s": 0.2, "canary_interval_s": 1.0},
+    })
+    d.metrics_port = port  # type: ignore[attr-defined]
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+
+
+RELOAD_STOP_S = 3.0  # the reload's stop phase lasts the stop grace: long enough to scrape in
+
+
+def test_scrape_during_a_reload_shows_its_phase(metered) -> None:
+    """Mid-reload the endpoint shows vsup_state reloading, the current phase at 1 and the drain's duration."""
+    from support import wait_for
+
+    metered.wait_state("ready", timeout=30)
+    port = metered.metrics_port
+    assert scrape_url(port)['vsup_state{state="ready"}'] == 1
+    reload = threading.Thread(target=metered.cli, args=("reload", "--current"))
+    reload.start()
+    try:
+        mid = wait_for(lambda: (m := scrape_url(port)).get('vsup_reload_phase{phase="stop"}') == 1 and m,
+                       10, "the stop phase on the endpoint", interval=0.1)
+        assert mid['vsup_state{state="reloading"}'] == 1
+        assert mid['vsup_state{state="ready"}'] == 0
+        assert 'vsup_reload_phase_seconds{phase="drain"}' in mid
+    finally:
+        reload.join(60)
+    after = wait_for(lambda: (m := scrape_url(port)).get('vsup_state{state="ready"}') == 1 and m, 30, "ready again")
+    assert after['vsup_reload_phase_seconds{phase="stop"}'] >= RELOAD_STOP_S - 0.5
+    assert {after[f'vsup_reload_phase{{phase="{p}"}}'] for p in ("drain", "stop", "cleanup", "start")} == {0}
+    assert after["vsup_cleanup_processes_killed_total"] >= 1  # the child that outlived SIGTERM
+
+
+def test_restart_after_server_exit_is_counted(metered) -> None:
+    """A server killed behind vsup's back shows up as one restart, labelled with its reason."""
+    from support import wait_for
+
+    first = metered.wait_state("ready", timeout=30)
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for(lambda: (s := metered.status())["restarts"] == 1 and s["state"] == "ready", 30, "the restart")
+    m = scrape_url(metered.metrics_port)
+    restarts = {k: v for k, v in m.items() if k.startswith("vsup_restarts_total{")}
+    assert restarts == {'vsup_restarts_total{reason="exited"}': 1}, restarts

@@ -1,6 +1,0 @@
-"""The harness module sits beside its tests; make it importable as `harness`."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
