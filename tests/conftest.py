@@ -29,7 +29,7 @@ def fake_daemon(tmp_path: Path) -> Callable[..., Daemon]:
             "vllm": {"python": sys.executable, "module": "fake_api_server", "model": "fake-model",
                      "port": port, "args": ["-tp", "2"],
                      "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode, **(env or {})}},
-            "timeouts": {"start_s": 30.0, "stop_grace_s": 5.0, "canary_s": 2.0, "probe_s": 2.0,
+            "timeouts": {"start_s": 30.0, "stop_grace_s": 5.0, "canary_s": 2.0, "first_canary_s": 5.0, "probe_s": 2.0,
                          "cleanup_grace_s": 1.0, "drain_s": 5.0},
             "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 3, "window_s": 60.0},
             "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},

@@ -202,3 +202,27 @@ def test_cli_unreachable_daemon_exit_3(fake_daemon) -> None:
     d = fake_daemon(start=False)
     r = d.cli("status")
     assert r.returncode == 3 and "daemon" in r.stderr
+
+
+def test_stable_serving_forgets_old_failures(fake_daemon) -> None:
+    """Failures separated by stable serving are not a crash loop: max_failures counts only recent ones."""
+    d = fake_daemon(extra={"restart": {"max_failures": 2, "stable_s": 0.5}})
+    mark = 0
+    for n in range(3):
+        s = d.wait_state("ready", timeout=30)
+        if n:  # after a failure, wait until the daemon has forgotten it
+            d.wait_event(lambda e: e["event"] == "stable", 10, "stable serving", after=mark)
+        mark = len(d.events())
+        os.kill(s["pid"], signal.SIGKILL)
+        wait_for(lambda: (x := d.status())["restarts"] == n + 1 and x["state"] == "ready", 30, f"restart {n + 1}")
+    assert d.status()["state"] == "ready"
+
+
+def test_crash_loop_counts_unstable_failures(fake_daemon) -> None:
+    """Failures while never stable do add up to `failed`."""
+    d = fake_daemon(extra={"restart": {"max_failures": 2, "stable_s": 60.0}})
+    for n in range(2):
+        s = d.wait_state("ready", timeout=30)
+        os.kill(s["pid"], signal.SIGKILL)
+        d.wait_state("starting", "failed", timeout=30)
+    assert d.wait_state("failed", timeout=30)["reason"].startswith("2 failures")

@@ -78,6 +78,10 @@ class TimeoutsConfig:
     # when a step finishes), so the canary's deadline is what detects the hang; with the probe
     # interval below, a hang is acted on within ~30 s (interval + two canary deadlines).
     canary_s: float = _f(10.0, "one canary chat completion (a few tokens) must finish within this", min=0.1)
+    # The first completion after a start also warms the engine up (18 s measured on a cold CPU
+    # start, seconds after), so it gets its own, longer deadline. An engine that dies at its first
+    # request answers 500 at once; only a hang at the first request waits this long.
+    first_canary_s: float = _f(120.0, "the readiness canary (the first completion after a start) must finish within this", min=0.1)
     drain_s: float = _f(60.0, "reload: wait this long for running requests to finish before stopping", min=0)
     cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
     probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
@@ -91,6 +95,7 @@ class RestartConfig:
     backoff_factor: float = _f(2.0, "each consecutive failure multiplies the delay by this", min=1)
     max_failures: int = _f(5, "this many failures within window_s -> state failed (until an operator acts)", min=1)
     window_s: float = _f(600.0, "the window for max_failures", min=1)
+    stable_s: float = _f(300.0, "ready this long without a failure: the failure count and backoff start over", min=0)
 
 
 @dataclass(frozen=True)

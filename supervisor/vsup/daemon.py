@@ -580,7 +580,7 @@ class Supervisor:
                         step = "canary"
                         continue
                 else:
-                    r = await prober.canary(name, p.canary_prompt, p.canary_max_tokens, t.canary_s)
+                    r = await prober.canary(name, p.canary_prompt, p.canary_max_tokens, t.first_canary_s)
                     self.events.emit("probe", probe="canary", ok=r.ok, detail=r.detail, seconds=round(r.seconds, 3))
                     if r.ok:
                         self.q.put_nowait(ReadyProven(gen))
@@ -665,9 +665,18 @@ class Supervisor:
         probe_task = self._spawn_task(self._probe_loop(gen))
         strikes: list[str] = []
         progressed = False
+        stable_at = time.monotonic() + self.cfg.restart.stable_s
         try:
             while True:
-                obs = await self._next()
+                obs = await self._next(HEARTBEAT_S)
+                if stable_at and time.monotonic() >= stable_at and self.snap.state == State.READY:
+                    # Served long enough: the next failure is a new story, not part of a crash loop.
+                    stable_at = 0
+                    if self._failures:
+                        self.events.emit("stable", failures_forgotten=len(self._failures))
+                        self._failures.clear()
+                if obs is None:
+                    continue
                 if isinstance(obs, Exited):
                     await self._catch_up_log()
                     return Intent("recover", reason=self._root_cause(f"server exited with status {obs.status}"),
