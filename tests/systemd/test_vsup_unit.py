@@ -31,7 +31,9 @@ RemoveIPC=no
 WatchdogSec={WATCHDOG_S}s
 """
 # The fake tree in place of vLLM: interpreter and module, fast timeouts. Port 8400 is inside
-# the harness's own network namespace.
+# the harness's own network namespace. stop_grace_s is twice WatchdogSec: the fake engine
+# outlives its API server's SIGTERM, so every teardown waits the whole grace, and a vsup that
+# cannot ping through a teardown fails the reload for certain, not by a few milliseconds.
 CONFIG_TOML = f"""
 [vllm]
 python = "/opt/vsup/bin/python"
@@ -48,7 +50,7 @@ socket = "/run/vsup/vsup.sock"
 
 [timeouts]
 start_s = 30.0
-stop_grace_s = 3.0
+stop_grace_s = 6.0
 canary_s = 2.0
 probe_s = 2.0
 cleanup_grace_s = 1.0
