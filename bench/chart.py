@@ -52,6 +52,7 @@ def main(src: str, dst: str) -> None:
         e["cold_start_s"] for e in eps if e.get("cold_start_s")]
     if cold:
         target = statistics.median(cold) + 5
+        top = max(top, target)
         ax.axhline(target, ls="--", lw=1, color="black")
         ax.text(len(faults) - 0.5, target, f" cold start + 5 s = {target:.0f} s", va="bottom", ha="right", fontsize=7)
     ax.set_xticks(range(len(faults)), [SHORT[f] for f in faults], fontsize=8)

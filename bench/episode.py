@@ -193,6 +193,7 @@ class Episode:
     cold_start_s: float | None = None
     acted_s: float | None = None
     acted_how: str = ""
+    teardown_s: float | None = None  # when the old tree was acted on (vsup: teardown event; peers: new pid)
     respawn_s: float | None = None
     serve_s: float | None = None
     served_by: str = ""
@@ -248,13 +249,17 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
         t_act: float | None = None
         t_served: float | None = None
         check_at: float | None = None
-        while time.time() - t_fault < watch_s:
+        deadline = t_fault + watch_s
+        while time.time() < deadline:
             time.sleep(0.25)
             now = time.time()
             if t_act is None:
                 t_act, ep.acted_how = _action(sup, fault, reg, t_fault, old_leaders, n_events)
-                if t_act is not None:
-                    check_at = t_act + DEBRIS_AFTER_S
+            if check_at is None and (t_tree := _tree_action(sup, fault, reg, t_fault, old_leaders, n_events)):
+                # debris is counted from when the old tree was acted on (vsup: its teardown)
+                check_at = t_tree + DEBRIS_AFTER_S
+                ep.teardown_s = round(t_tree - t_fault, 1)
+                deadline = max(deadline, t_tree + WATCH_S)  # once it acts, watch it through
             if ep.respawn_s is None and (sp := reg.spawned_after(t_fault, old_leaders)):
                 ep.respawn_s = round(sp[0] - t_fault, 1)
             if t_served is None and (ok := client.first_ok_after(t_fault)) is not None:
@@ -363,12 +368,29 @@ def _action(sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, ol
     return None, ""
 
 
+def _tree_action(sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, old_leaders: set[int],
+                 n_events: int) -> float | None:
+    """When the supervisor acted on the old tree itself: vsup's teardown/cleanup, else a new server."""
+    if isinstance(sup, Vsup) and fault != 5:
+        for e in sup.events()[n_events:]:
+            ts = _ts(e.get("ts"))
+            if ts is not None and ts >= t_fault and e.get("event") in ("teardown", "cleanup", "leftovers_found"):
+                return ts
+        return None
+    sp = reg.spawned_after(t_fault, old_leaders)
+    return sp[0] if sp else None
+
+
 def _next_start(ep: Episode, reg: procs.Registry, old_leaders: set[int], t_fault: float, port: int) -> str:
     new = [t for t in reg.trees if t.leader.pid not in old_leaders]
     if not new:
         return "none"
     owner = port_owner(port)
     mine = any(t.leader.pid == owner for t in new)
+    if ep.served_by == "new tree" or (mine and ep.serve_s is not None):
+        mine = True
+    elif mine:
+        return "started, not serving by the end of the watch"
     if not mine:
         alive_new = [t for t in new if procs.alive(t.leader.pid, t.leader.start)]
         why = "port held by the old tree" if owner in old_leaders else "did not get the port"
@@ -402,6 +424,7 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
                     pass
     report += sup.shutdown()
     reg.scan()
+    reg.scan_holdings()  # the dist ids of trees that died since the last look are in the log
     left = procs.debris(reg.trees)
     if left.procs:
         report.append(f"harness killed {len(left.procs)} leftover process(es): "
@@ -427,8 +450,10 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
     new_tmp = {n for n in set(os.listdir(procs.TMP)) - tmp_before
                if n.startswith("vllm_dist_") or procs.UUID_NAME.match(n)}
     if new_shm or new_tmp:
+        names = sorted(new_shm | new_tmp)
         report.append(f"unattributed new names left alone (other users' servers?): "
-                      f"{len(new_shm)} in /dev/shm, {len(new_tmp)} in /tmp")
+                      f"{len(new_shm)} in /dev/shm, {len(new_tmp)} in /tmp: {', '.join(names[:4])}"
+                      + (" ..." if len(names) > 4 else ""))
     return report
 
 

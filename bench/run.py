@@ -118,19 +118,12 @@ def versions(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return v
 
 
-def run_aux(script: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_aux(script: str, extra: list[str]) -> dict[str, Any]:
     """Run a teammate's bench script (bench_parse.py, bench_cleanup.py) if present; keep its output."""
     path = BENCH / script
     if not path.exists():
         return {"present": False}
-    cmd = [sys.executable, str(path)]
-    if args.quick:
-        try:
-            h = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
-            if "--quick" in h.stdout:
-                cmd.append("--quick")
-        except subprocess.TimeoutExpired:
-            pass
+    cmd = [sys.executable, str(path), *extra]
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=BENCH.parent)
@@ -189,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint()
         if not args.no_parse:
             log("bench_parse.py")
-            res["aux"]["parse"] = run_aux("bench_parse.py", args)
+            res["aux"]["parse"] = run_aux("bench_parse.py", ["--idle-seconds", "10" if args.quick else "60"])
         if not args.no_cleanup_bench:
             log("bench_cleanup.py")
-            res["aux"]["cleanup"] = run_aux("bench_cleanup.py", args)
+            res["aux"]["cleanup"] = run_aux("bench_cleanup.py", ["--reps", "1" if args.quick else "3"])
     except KeyboardInterrupt:
         res["interrupted"] = True
         log("interrupted: writing what was measured")
