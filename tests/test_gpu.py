@@ -477,3 +477,24 @@ def test_linux_procs_reads_nspid_and_device_links(tmp_path):
     assert procs.nvidia_devices(100) == frozenset({"nvidiactl", "nvidia0"})
     assert procs.nvidia_devices(101) == frozenset()
     assert procs.nvidia_devices(102) is None
+
+
+def test_cleanup_summary_reports_freed_mib_or_nothing() -> None:
+    """cleanup_summary waits for the killed pids' memory and reports MiB freed; None without NVML or kills."""
+    from vsup import gpu as g
+
+    class Stub:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def wait_released(self, pids, baseline, *, timeout_s, before):
+            self.calls.append(set(pids))
+            return g.ReleaseReport(released=True, elapsed_s=0.2, freed_mib={0: 2658, 1: 2658})
+
+    stub = Stub()
+    assert g.cleanup_summary(None, {1}, None) is None
+    assert g.cleanup_summary(stub, set(), None) is None  # type: ignore[arg-type]
+    out = g.cleanup_summary(stub, {11, 12}, None)  # type: ignore[arg-type]
+    assert out == {"released": True, "freed_mib": {0: 2658, 1: 2658}, "elapsed_s": 0.2, "remaining": [],
+                   "reason": None}
+    assert stub.calls == [{11, 12}]

@@ -292,9 +292,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         reply = ControlClient(cfg.socket, timeout_s=None).call("cleanup", a)
     except DaemonUnreachable:
         # No daemon: read the ledger a dead (or stopped) daemon left and act on it directly.
-        from . import proctree
+        from . import gpu, proctree
         ledger = proctree.Ledger(cfg.state_dir)
         recs = ledger.load()
+        gpus = gpu.Gpus.open()
+        before = gpus.snapshot() if gpus is not None else None
         report = cleanup_mod.cleanup(recs, foreign=args.foreign, all_users=args.all_users,
                                      dry_run=args.dry_run, grace_s=cfg.timeouts.cleanup_grace_s,
                                      progress=None if args.json else (lambda m: print(m, file=sys.stderr)))
@@ -302,6 +304,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             for r in recs:
                 ledger.remove(r.id)
         result = report.to_json()
+        freed = None if args.dry_run else gpu.cleanup_summary(gpus, {k["pid"] for k in report.killed}, before,
+                                                               timeout_s=cfg.timeouts.gpu_release_s)
+        if freed:
+            result["gpu"] = freed
     else:
         if not reply.get("ok"):
             return _finish(reply, args.json, str)
@@ -326,6 +332,10 @@ def render_cleanup(r: dict[str, Any], dry_run: bool) -> str:
         out.append(f"skip     {s.get('name')}: {s.get('reason')}")
     for x in r.get("remaining", []):
         out.append(f"REMAINS  {x.get('name') or x.get('pid')}: {x.get('reason')}")
+    g = r.get("gpu")
+    if g:
+        out.append(f"gpu: freed {sum(g['freed_mib'].values())} MiB"
+                   + ("" if g["released"] else f"; still held: {g['remaining']}"))
     out.append(f"{'would free' if dry_run else 'freed'} {_mb(r.get('bytes_freed', 0))}; "
                f"{len(r.get('killed', []))} processes, {len(r.get('unlinked', []))} IPC objects, "
                f"{len(r.get('removed_files', []))} files; {len(r.get('remaining', []))} remaining")

@@ -1114,10 +1114,17 @@ class Supervisor:
         recs = [r for r in self.ledger.load() if self.tree is None or r.id != self.tree.id]
         live = [self.tree] if self.tree is not None else []
         try:
+            before = await asyncio.to_thread(self.gpus.snapshot) if self.gpus is not None else None
             report = await asyncio.to_thread(
                 cleanup_mod.cleanup, recs, live=live, foreign=bool(a.get("foreign")),
                 all_users=bool(a.get("all_users")), dry_run=bool(a.get("dry_run")),
                 grace_s=self.cfg.timeouts.cleanup_grace_s)
+            gpu_freed = None
+            if self.gpus is not None and not a.get("dry_run"):
+                from . import gpu
+                gpu_freed = await asyncio.to_thread(gpu.cleanup_summary, self.gpus,
+                                                    {k["pid"] for k in report.killed}, before,
+                                                    timeout_s=self.cfg.timeouts.gpu_release_s)
         except Exception as e:
             cmd.future.set_exception(e)
             return
@@ -1127,7 +1134,7 @@ class Supervisor:
                 for r in recs:
                     self.ledger.remove(r.id)
         if not cmd.future.done():
-            cmd.future.set_result(report.to_json())
+            cmd.future.set_result({**report.to_json(), **({"gpu": gpu_freed} if gpu_freed else {})})
 
     async def _h_events(self, req: Any) -> Any:
         n = req.args.get("n", 50)

@@ -590,3 +590,15 @@ def status_summary(gpus: Gpus | None, model_pids: Collection[int]) -> list[dict]
              "model_mib": sum(_mib(p.used_bytes) for p in g.procs if p.pid in mine),
              "procs": len(g.procs)}
             for g in snap]
+
+
+def cleanup_summary(gpus: Gpus | None, killed_pids: Collection[int], before: Sequence[GpuInfo] | None,
+                    *, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """After `vsup cleanup` killed `killed_pids`: wait for their GPU memory, say what was freed.
+
+    None without NVML or when nothing was killed (the report then has no `gpu` entry)."""
+    if gpus is None or not killed_pids:
+        return None
+    rel = gpus.wait_released(killed_pids, None, timeout_s=timeout_s, before=before)
+    return {"released": rel.released, "freed_mib": rel.freed_mib, "elapsed_s": round(rel.elapsed_s, 3),
+            "remaining": list(rel.remaining), "reason": rel.reason}
