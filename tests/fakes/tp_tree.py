@@ -147,7 +147,8 @@ def worker_main(rank: int, world: int, device: str, store: str, mib: int, interv
         dev = torch.device("cuda", rank)
         held = torch.empty(mib * MIB, dtype=torch.uint8, device=dev)
         held.fill_(1)
-        log(me, "INFO", f"vLLM is using nccl=={'.'.join(map(str, torch.cuda.nccl.version()))}", log_lock)
+        v = torch.cuda.nccl.version()
+        log(me, "INFO", f"vLLM is using nccl=={'.'.join(map(str, v)) if isinstance(v, tuple) else v}", log_lock)
     else:
         dev = torch.device("cpu")
     ones = torch.ones(256, dtype=torch.float32, device=dev)
