@@ -534,6 +534,7 @@ class Supervisor:
                 if isinstance(obs, ReadyProven):
                     return True, "ready", None, None
                 if isinstance(obs, NotReady):
+                    await self._settle_log()  # a 500 answers before the traceback is logged
                     return False, self._root_cause(obs.detail), "engine_dead", None
                 if isinstance(obs, Exited):
                     await self._catch_up_log()
