@@ -224,40 +224,46 @@ def test_reload_to_b_serves_b_and_leaves_nothing_of_a(real: Daemon) -> None:
 
 
 def test_reload_waits_for_the_request_in_flight(real: Daemon) -> None:
-    """Reload with a request in flight: the request completes (drain) before the old model stops."""
+    """Reload with requests in flight: they complete (drain) before the old model stops."""
     s = real.wait_state("ready", timeout=READY_S)
     n = len(real.events())
     outcome: list[Any] = []
     done_at: list[float] = []
 
     def client() -> None:
-        r = chat(real, s["model"], max_tokens=200, timeout=120)
+        r = httpx.post(f"http://127.0.0.1:{real.port}/v1/completions", trust_env=False, timeout=120,
+                       json={"model": s["model"], "prompt": "Once", "max_tokens": 240, "ignore_eos": True})
         done_at.append(time.time())
         outcome.append(r.status_code)
 
-    t = threading.Thread(target=client)
-    t.start()
-    wait_for(lambda: _running(real) > 0, 20, "the request to be running")
-    r = real.cli("reload", "tiny-a", timeout=READY_S + 60)
-    t.join(120)
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients:
+        t.start()
+    wait_for(lambda: _running(real) > 0 or outcome, 20, "the requests to run")
+    target = "tiny-b" if s["model"] == "tiny-a" else "tiny-a"
+    r = real.cli("reload", target, timeout=READY_S + 60)
+    for t in clients:
+        t.join(120)
     assert r.returncode == 0, r.stderr
-    assert outcome == [200]
+    assert outcome == [200, 200, 200]
+    drained = next(e for e in real.events()[n:] if e["event"] == "drained")
+    assert drained["ok"] and drained["max_running"] >= 1, drained  # the drain really waited for them
     teardown = next(e for e in real.events()[n:] if e["event"] == "teardown")
-    assert done_at[0] <= _ts(teardown["ts"]) + 0.5, "the request finished before the stop began"
-    assert any(e["event"] == "drained" and e["ok"] for e in real.events()[n:])
+    assert max(done_at) <= _ts(teardown["ts"]) + 0.5, "the requests finished before the stop began"
 
 
 def test_reload_broken_rolls_back(real: Daemon) -> None:
-    """`vsup reload broken` (dies at the canary): exit 1 with the root cause; a serves again; nothing of broken remains."""
-    real.wait_state("ready", timeout=READY_S)
+    """`vsup reload broken` (dies at the canary): exit 1 with the root cause; the old model serves again;
+    nothing of broken remains."""
+    before = real.wait_state("ready", timeout=READY_S)
     n = len(real.events())
     r = real.cli("reload", "broken", timeout=2 * READY_S + 60)
     assert r.returncode == 1
-    assert "head_dim" in r.stderr or "EngineCore" in r.stderr, r.stderr
+    assert "head_dim=16" in r.stderr, r.stderr  # the worker's own exception, not the generic 500
     assert "rolled back" in r.stderr
     s = real.status()
-    assert s["state"] == "ready" and s["model"] == "tiny-a"
-    assert chat(real, "tiny-a").status_code == 200
+    assert s["state"] == "ready" and s["model"] == before["model"]
+    assert chat(real, before["model"]).status_code == 200
     broken_spawn = next(e for e in real.events()[n:] if e["event"] == "spawned" and "broken" in " ".join(e["argv"]))
     assert not alive(broken_spawn["pid"])
     for rec in proctree.Ledger(real.state_dir).load():

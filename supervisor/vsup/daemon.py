@@ -953,9 +953,9 @@ class Supervisor:
 
         if self.tree is not None and self.snap.state != State.FAILED:
             await phase("drain")
-            drained = await self._drain()
+            drained, busiest = await self._drain()
             done("drain")
-            self.events.emit("drained", ok=drained)
+            self.events.emit("drained", ok=drained, max_running=busiest)
         await phase("stop")
         report = await self._teardown(it.reason or "reload", grace=self.cfg.timeouts.stop_grace_s)
         done("stop")
@@ -1014,19 +1014,23 @@ class Supervisor:
         self._set_state(State.FAILED, reason=f"{msg}; rollback failed: {detail2}", phase=None)
         return Intent("idle")
 
-    async def _drain(self) -> bool:
-        """Wait until /metrics shows no running or waiting requests, up to drain_s."""
+    async def _drain(self) -> tuple[bool, float]:
+        """Wait until /metrics shows no running or waiting requests, up to drain_s.
+        Returns (drained, the most requests seen in flight)."""
         prober = Prober(self.cfg.vllm.host, self.cfg.vllm.port, timeout_s=self.cfg.timeouts.probe_s)
         end = time.monotonic() + self.cfg.timeouts.drain_s
+        busiest = 0.0
         try:
             while time.monotonic() < end:
                 m = await prober.metrics()
+                if m.ok:
+                    busiest = max(busiest, m.data["running"] + m.data["waiting"])
                 if m.ok and m.data["running"] == 0 and m.data["waiting"] == 0:
-                    return True
+                    return True, busiest
                 if not m.ok and not (await prober.health()).ok:
-                    return True  # nothing to drain from a server that does not answer
+                    return True, busiest  # nothing to drain from a server that does not answer
                 await asyncio.sleep(0.25)
-            return False
+            return False, busiest
         finally:
             await prober.aclose()
 
