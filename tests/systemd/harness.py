@@ -52,6 +52,9 @@ HOST_UNITS = (
 CGROUP_HIERARCHIES = ("systemd", "unified", "devices", "pids")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SERVICE_UID = 61900  # the vsup user inside the namespace only
+# Where the repository and the test venv's site-packages appear inside the namespace.
+REPO_IN_NS = "/opt/vsup-src"
+DEPS_IN_NS = "/opt/vsup-deps"
 
 # Named timeouts (seconds), measured on these 2-core machines: systemd reaches "running" in
 # about 1 s; allow for a loaded machine.
@@ -156,12 +159,14 @@ def _stage(staging: Path, units: dict[str, str], etc: dict[str, str]) -> None:
         f"vsup:x:{SERVICE_UID}:{SERVICE_UID}:vsup service:/var/lib/vsup:/usr/sbin/nologin\n")
     (staging / "group.add").write_text(f"vsup:x:{SERVICE_UID}:\n")
 
-    # /opt/vsup: a venv of the system Python that sees the repo's code and dependencies.
+    # /opt/vsup: a venv of the system Python that sees the repo's code and the test venv's
+    # packages through read-only binds at fixed paths (REPO_IN_NS, DEPS_IN_NS): the checkout
+    # may sit under a directory user vsup cannot traverse (a CI clone under /root, say).
     venv = staging / "opt-vsup"
     subprocess.run([str(_system_python()), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    deps = sysconfig.get_paths()["purelib"]
-    (site / "vsup-harness.pth").write_text(f"import site; site.addsitedir({deps!r})\n")
+    (site / "vsup-harness.pth").write_text(
+        f"{REPO_IN_NS}/supervisor\nimport site; site.addsitedir({DEPS_IN_NS!r})\n")
     script = venv / "bin" / "vsup"
     script.write_text("#!/opt/vsup/bin/python\nimport sys\nfrom vsup.cli import main\nsys.exit(main())\n")
     script.chmod(0o755)
@@ -254,7 +259,8 @@ def booted(units: dict[str, str] | None = None, etc: dict[str, str] | None = Non
         unshare = subprocess.Popen(
             ["unshare", "--pid", "--mount", "--uts", "--ipc", "--net", "--mount-proc",
              "--propagation", "private", "--kill-child=SIGKILL", "--",
-             "/bin/sh", str(HERE / "ns-init.sh"), str(staging), cgroup, " ".join(CGROUP_HIERARCHIES)],
+             "/bin/sh", str(HERE / "ns-init.sh"), str(staging), cgroup, " ".join(CGROUP_HIERARCHIES),
+             str(REPO), sysconfig.get_paths()["purelib"]],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_clean_env(),
         )
         deadline = time.monotonic() + BOOT_TIMEOUT_S

@@ -7,6 +7,8 @@
 #       opt-vsup/ (a venv), passwd.add, group.add; systemd's log goes to $1/systemd.log
 #   $2  name of the cgroup created for this boot in each hierarchy of $3
 #   $3  space-separated hierarchies under /sys/fs/cgroup
+#   $4  the repository, $5 the test venv's site-packages: bound read-only at /opt/vsup-src and
+#       /opt/vsup-deps (harness.REPO_IN_NS, DEPS_IN_NS)
 set -eu
 S=$1
 exec >"$S/ns-init.log" 2>&1
@@ -17,6 +19,11 @@ set -x
 for h in $3; do
     echo $$ >"/sys/fs/cgroup/$h/$2/cgroup.procs"
 done
+
+# The checkout and the test venv, held under $S before /tmp (where either may live) is covered.
+mkdir -p "$S/src" "$S/deps"
+mount --bind "$4" "$S/src"
+mount --bind "$5" "$S/deps"
 
 # Mounts made here stay here: unshare(1) made every mount private before running us.
 # Global sysctls and /sys stay read-only to everything in the namespace (systemd as PID 1
@@ -82,7 +89,7 @@ mount --move "$D" /dev
 
 # /run, /tmp, /var: empty, as after a boot. $S stays reachable as /run/harness (it may live
 # under the /tmp we are about to cover).
-mount --bind "$S" /mnt
+mount --rbind "$S" /mnt
 mount -t tmpfs -o mode=755,nosuid,nodev run /run
 mkdir /run/harness
 mount --move /mnt /run/harness
@@ -98,6 +105,11 @@ ln -s /run/lock /var/lock
 mount -t tmpfs -o mode=755 opt /opt
 mkdir /opt/vsup
 mount --bind "$S/opt-vsup" /opt/vsup
+mkdir /opt/vsup-src /opt/vsup-deps
+mount --bind "$S/src" /opt/vsup-src
+mount -o remount,bind,ro /opt/vsup-src
+mount --bind "$S/deps" /opt/vsup-deps
+mount -o remount,bind,ro /opt/vsup-deps
 
 # container=: systemd's container mode (no kmsg, no hwclock, no kernel modules, no
 # release agent, no unmounting or loop/DM detaching at shutdown). SYSTEMD_UNIT_PATH without a

@@ -41,7 +41,7 @@ module = "fake_vllm_tree"
 model = "fake-model"
 port = 8400
 args = ["-tp", "2"]
-env = {{ PYTHONPATH = "{REPO}/tests/systemd:{REPO}/tests/fakes" }}
+env = {{ PYTHONPATH = "{harness.REPO_IN_NS}/tests/systemd:{harness.REPO_IN_NS}/tests/fakes" }}
 log_file = "/var/log/vsup/vllm.log"
 
 [daemon]
