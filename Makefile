@@ -5,7 +5,7 @@ VSUP_CACHE ?= $(HOME)/.cache/vsup
 export VSUP_CACHE
 PYTEST_ARGS ?=
 
-.PHONY: venv vllm demo test test-fast bench bench-quick check-config clean-venv
+.PHONY: venv vllm demo test test-fast bench bench-quick clean-venv
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -34,9 +34,6 @@ bench: venv vllm
 
 bench-quick: venv vllm
 	$(VENV)/bin/python bench/run.py --quick
-
-check-config: venv
-	$(VENV)/bin/vsup check-config deploy/vsup.toml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -123,6 +123,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    import faulthandler
+    faulthandler.enable()  # systemd's watchdog SIGABRT then leaves the Python stacks in the journal
     from . import daemon
     try:
         return daemon.main(cfg, autostart=not args.no_autostart)

@@ -143,6 +143,8 @@ class Supervisor:
         self._lines_total = 0
         self._served_since_ready = 0
         self._heartbeat = time.monotonic()
+        self._bounded_until = 0.0                 # monotonic deadline of a bounded phase in progress
+        self._last_status: str | None = None
         self._exiting = False
         self._signals_seen = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -167,16 +169,21 @@ class Supervisor:
                             since=time.time() if state != old else self.snap.since, **changes)
         self.events.bind(state=str(state), model=self.snap.model, pid=self.snap.pid)
         self.events.emit("state", old=str(old), phase=phase, reason=reason)
-        if self.notifier is not None:
-            self.notifier.status(self.status_line())
+        self._notify_status()
         if self.metrics is not None:
             self.metrics.set_state(str(state))
 
     def _set_phase(self, phase: str, deadline: float | None = None, **fields: Any) -> None:
         self.snap = replace(self.snap, phase=phase, deadline=deadline)
         self.events.emit("phase", phase=phase, **fields)
-        if self.notifier is not None:
-            self.notifier.status(self.status_line())
+        self._notify_status()
+
+    def _notify_status(self) -> None:
+        """STATUS= only when the line changed: the notify socket's queue is short (10 here)."""
+        line = self.status_line()
+        if self.notifier is not None and line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
 
     def status_line(self) -> str:
         s = self.snap
@@ -326,8 +333,6 @@ class Supervisor:
                     self._spawn_task(self._watchdog_pinger(self.notifier.watchdog_interval_s))
             await self._main()
         finally:
-            if self.notifier is not None:
-                self.notifier.stopping()
             await server.close()
             if tailer is not None:
                 tailer.stop()
@@ -377,17 +382,32 @@ class Supervisor:
         return server
 
     async def _watchdog_pinger(self, interval: float) -> None:
-        # Ping only while the owner is alive: a wedged owner stops waking (HEARTBEAT_S), so
-        # systemd's watchdog fires even though this task itself could still run.
+        # Ping only while the owner is alive: it wakes at least every HEARTBEAT_S in _next(), or
+        # it is inside a bounded phase (teardown, drain, cleanup) that has its own deadline. A
+        # wedged owner stops both, so systemd's watchdog fires even though this task could run.
         while True:
             await asyncio.sleep(interval)
-            if time.monotonic() - self._heartbeat < max(interval, 2 * HEARTBEAT_S):
+            now = time.monotonic()
+            if now - self._heartbeat < max(interval, 2 * HEARTBEAT_S) or now < self._bounded_until:
                 self.notifier.watchdog()
+
+    @contextlib.contextmanager
+    def _bounded(self, seconds: float) -> Any:
+        """Mark a phase that waits without reading the queue, with the bound it cannot outlast."""
+        prev = self._bounded_until
+        self._bounded_until = max(prev, time.monotonic() + seconds)
+        try:
+            yield
+        finally:
+            self._bounded_until = prev
+            self._heartbeat = time.monotonic()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals_seen += 1
         if self._signals_seen == 1:
             self._exiting = True
+            if self.notifier is not None:
+                self.notifier.stopping()  # systemd: shutdown begins now (teardown may take a while)
             self.events.emit("shutdown_requested", signal=sig.name)
             self.q.put_nowait(Shutdown(sig.name))
             return
@@ -423,7 +443,9 @@ class Supervisor:
             return
         self.events.emit("leftovers_found", trees=[r.id for r in recs],
                          pids=sorted({p.pid for r in recs for p in r.procs}))
-        report = await asyncio.to_thread(cleanup_mod.cleanup, recs, grace_s=self.cfg.timeouts.cleanup_grace_s)
+        with self._bounded(self.cfg.timeouts.cleanup_grace_s + self.cfg.timeouts.kill_wait_s + 15):
+            report = await asyncio.to_thread(cleanup_mod.cleanup, recs,
+                                             grace_s=self.cfg.timeouts.cleanup_grace_s)
         self._cleanup_event("leftovers", report)
         if report.clean:
             for r in recs:
@@ -865,6 +887,12 @@ class Supervisor:
                 return self._intent_for(obs)
 
     async def _teardown(self, reason: str, *, grace: float) -> Any:
+        t = self.cfg.timeouts
+        # the cleanup engine's own bounds: grace, kill wait, tracker grace (5 s each at most)
+        with self._bounded(grace + t.cleanup_grace_s + t.kill_wait_s + t.gpu_release_s + 15):
+            return await self._teardown_bounded(reason, grace=grace)
+
+    async def _teardown_bounded(self, reason: str, *, grace: float) -> Any:
         """Bounded stop: SIGTERM the API server, wait `grace`, then the cleanup engine kills
         whatever of the tree remains (engine core and workers before the resource_tracker, so
         the tracker unlinks what it registered) and unlinks what is left. Returns its report."""
@@ -905,6 +933,10 @@ class Supervisor:
 
     async def _cleanup_dead(self) -> Any:
         """Clean every tree the ledger knows except the live one (if any)."""
+        with self._bounded(self.cfg.timeouts.cleanup_grace_s + self.cfg.timeouts.kill_wait_s + 15):
+            return await self._cleanup_dead_bounded()
+
+    async def _cleanup_dead_bounded(self) -> Any:
         recs = [r for r in self.ledger.load() if self.tree is None or r.id != self.tree.id]
         live = [self.tree] if self.tree is not None else []
         report = await asyncio.to_thread(cleanup_mod.cleanup, recs, live=live,
@@ -953,7 +985,8 @@ class Supervisor:
 
         if self.tree is not None and self.snap.state != State.FAILED:
             await phase("drain")
-            drained, busiest = await self._drain()
+            with self._bounded(self.cfg.timeouts.drain_s + 2 * self.cfg.timeouts.probe_s + 5):
+                drained, busiest = await self._drain()
             done("drain")
             self.events.emit("drained", ok=drained, max_running=busiest)
         await phase("stop")
@@ -1115,6 +1148,11 @@ class Supervisor:
         return await fut
 
     async def _cmd_cleanup(self, cmd: Cmd) -> None:
+        t = self.cfg.timeouts
+        with self._bounded(t.cleanup_grace_s + t.kill_wait_s + t.gpu_release_s + 15):
+            await self._cmd_cleanup_bounded(cmd)
+
+    async def _cmd_cleanup_bounded(self, cmd: Cmd) -> None:
         a = cmd.args
         recs = [r for r in self.ledger.load() if self.tree is None or r.id != self.tree.id]
         live = [self.tree] if self.tree is not None else []
