@@ -194,11 +194,6 @@ def test_stop_leaves_no_process_segment_or_tmp_file(sd: Systemd, running: dict[s
     assert sd.run("ls -d /tmp/systemd-private-*-vsup.service-* 2>/dev/null; true").stdout.split() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vsup stops its watchdog pings while its teardown waits out stop_grace_s (daemon.py refreshes "
-    "the owner's heartbeat only in Supervisor._next()); systemd enforces the watchdog while "
-    "stopping too, aborts vsup mid-teardown ('Watchdog timeout', Result=watchdog) and only "
-    "ExecStopPost's `vsup cleanup` removes the tree"))
 def test_stop_is_a_clean_success_done_by_vsup_itself(sd: Systemd, running: dict[str, Any]) -> None:
     """`systemctl stop` ends with Result=success, vsup's own teardown having removed everything."""
     wait_for("the tree recorded in the ledger", lambda: ledger_tree(sd), 15, sd)
@@ -210,10 +205,6 @@ def test_stop_is_a_clean_success_done_by_vsup_itself(sd: Systemd, running: dict[
     assert teardown["unlinked"] >= 1 and teardown["remaining"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vsup stops its watchdog pings while a reload tears the old tree down (daemon.py refreshes the "
-    "owner's heartbeat only in Supervisor._next()), so systemd kills it mid-reload: 'Job for "
-    "vsup.service failed because the service failed to send watchdog ping'"))
 def test_systemctl_reload_reloads_the_current_model(sd: Systemd, running: dict[str, Any]) -> None:
     """`systemctl reload vsup` runs `vsup reload --current`: a new server tree, the unit active throughout."""
     sd.run("systemctl reload vsup.service", timeout=120)
