@@ -34,6 +34,8 @@ def real(tmp_path_factory: pytest.TempPathFactory):
     port = free_port(8000, 8049)
     from support import MODELS
     sections = real_sections(port)
+    # room for long generations, so a reload really has requests in flight to drain
+    sections["vllm"]["args"] = [a if a != "256" else "1024" for a in sections["vllm"]["args"]]
     sections["models.tiny-b"] = {"model": str(MODELS / "tiny-b"), "served_model_name": "tiny-b"}
     sections["models.tiny-a"] = {"model": str(MODELS / "tiny-a"), "served_model_name": "tiny-a"}
     sections["models.broken"] = {"model": str(MODELS / "tiny-broken"), "served_model_name": "broken"}
@@ -232,7 +234,7 @@ def test_reload_waits_for_the_request_in_flight(real: Daemon) -> None:
 
     def client() -> None:
         r = httpx.post(f"http://127.0.0.1:{real.port}/v1/completions", trust_env=False, timeout=120,
-                       json={"model": s["model"], "prompt": "Once", "max_tokens": 240, "ignore_eos": True})
+                       json={"model": s["model"], "prompt": "Once", "max_tokens": 1000, "ignore_eos": True})
         done_at.append(time.time())
         outcome.append(r.status_code)
 
