@@ -41,12 +41,15 @@ def main(src: str, dst: str) -> None:
                 y = statistics.median(vals)
                 ax.bar(x, y, width, color=COLORS[s], label=s if j == 0 else None)
                 note = "orphan\nserved" if any(e.get("served_by", "").startswith("old") for e in es) else f"{y:.0f}"
+                d = [e.get("debris") or {} for e in es]
+                if any(x.get("procs") or x.get("shm") for x in d):
+                    note += "\n+debris"
                 ax.text(x, y, note, ha="center", va="bottom", fontsize=7)
                 top = max(top, y)
             else:
                 y = max(e["watch_s"] for e in es)
                 ax.bar(x, y, width, color="white", edgecolor=COLORS[s], hatch="//", label=s if j == 0 else None)
-                ax.text(x, y, "never", ha="center", va="bottom", fontsize=7, color=COLORS[s])
+                ax.text(x, y, f"never\n(watched\n{y:.0f} s)", ha="center", va="bottom", fontsize=7, color=COLORS[s])
                 top = max(top, y)
     cold = res.get("reload", {}).get("bare", {}).get("cold_start_s") or [
         e["cold_start_s"] for e in eps if e.get("cold_start_s")]

@@ -206,6 +206,7 @@ class Episode:
     idle: dict[str, Any] | None = None
     reload_phases: dict[str, float] | None = None
     harness_cleanup: list[str] = field(default_factory=list)
+    left_by_stop: dict[str, Any] | None = None  # what the supervisor's own final stop left
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -293,7 +294,7 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
     finally:
         if client is not None:
             client.stop()
-        ep.harness_cleanup = _teardown(sup, reg, shm_before, tmp_before, fault)
+        ep.harness_cleanup, ep.left_by_stop = _teardown(sup, reg, shm_before, tmp_before, fault)
         reg.stop()
     return ep
 
@@ -412,8 +413,10 @@ def _vsup_notes(evs: list[dict[str, Any]]) -> list[str]:
 
 
 def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_before: set[str],
-              fault: int) -> list[str]:
-    """Stop the supervisor, kill what is left of our trees by pid, unlink what they held."""
+              fault: int) -> tuple[list[str], dict[str, Any]]:
+    """Stop the supervisor, kill what is left of our trees by pid, unlink what they held.
+
+    Returns the notes and what the supervisor's own stop left (before the harness removed it)."""
     report: list[str] = []
     if fault == 3:  # let a graceful stop work: a stopped worker ignores SIGTERM
         for t in reg.trees:
@@ -426,6 +429,7 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
     reg.scan()
     reg.scan_holdings()  # the dist ids of trees that died since the last look are in the log
     left = procs.debris(reg.trees)
+    left_by_stop = left.to_json()
     if left.procs:
         report.append(f"harness killed {len(left.procs)} leftover process(es): "
                       + ", ".join(c.split()[0][-30:] for _, c in left.procs))
@@ -454,7 +458,7 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
         report.append(f"unattributed new names left alone (other users' servers?): "
                       f"{len(new_shm)} in /dev/shm, {len(new_tmp)} in /tmp: {', '.join(names[:4])}"
                       + (" ..." if len(names) > 4 else ""))
-    return report
+    return report, left_by_stop
 
 
 def _ts(iso: Any) -> float | None:

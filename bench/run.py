@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cleanup-bench", action="store_true")
     p.add_argument("--keep-work", action="store_true", help="keep logs and configs of every episode")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", type=Path, metavar="JSON",
+                   help="only render the Markdown and the chart again from a results JSON (no vLLM)")
     a = p.parse_args(argv)
     a.supervisors = (a.supervisors.split(",") if a.supervisors
                      else ["vsup", "supervisord"] if a.quick else list(sups.KINDS))
@@ -135,6 +137,12 @@ def run_aux(script: str, extra: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        res = json.loads(args.report_only.read_text())
+        stem = args.report_only.stem
+        tag = res.get("tag") or (stem if stem != "latest" else f"{res['started'][:16].replace('T', '-').replace(':', '')}-{res['mode']}")
+        write(res, args.out, tag)
+        return 0
     preflight(args)
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="vsup-bench-"))
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: writing what was measured")
     res["load"]["end"] = loadavg()
     res["minutes"] = round((time.monotonic() - t_start) / 60, 1)
-    write(res, args.out, work)
+    write(res, args.out, f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{res['mode']}")
     if args.keep_work:
         log(f"work dir kept: {work}")
     else:
@@ -199,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write(res: dict[str, Any], out: Path, work: Path) -> None:
+def write(res: dict[str, Any], out: Path, tag: str) -> None:
+    """latest.{md,json,png} and dated copies `<tag>.*` in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
-    tag = f"{stamp}-{res['mode']}"
+    res["tag"] = tag
     md = report.markdown(res, chart="latest.png")
     (out / "latest.md").write_text(md)
     (out / f"{tag}.md").write_text(md.replace("(latest.png)", f"({tag}.png)"))
