@@ -369,10 +369,10 @@ class Supervisor:
 
     async def _start_control(self) -> Any:
         from . import control
-        acl = control.Acl(
-            read_uids=_uids(self.cfg.daemon.read_users), read_gids=_gids(self.cfg.daemon.read_groups),
-            admin_uids=_uids(self.cfg.daemon.admin_users), admin_gids=_gids(self.cfg.daemon.admin_groups))
-        group = _gids([self.cfg.daemon.socket_group]) if self.cfg.daemon.socket_group else None
+        d = self.cfg.daemon  # names were checked by config.load; a user deleted since is an error here
+        acl = control.Acl.from_names(read_users=d.read_users, read_groups=d.read_groups,
+                                     admin_users=d.admin_users, admin_groups=d.admin_groups)
+        group = control.Acl.from_names(admin_groups=[d.socket_group]).admin_gids if d.socket_group else None
         handlers = {name: getattr(self, f"_h_{name}") for name in
                     ("status", "start", "stop", "restart", "reload", "cleanup", "events", "diagnose")}
         server = control.ControlServer(self.cfg.socket, handlers, acl=acl,
@@ -1235,28 +1235,6 @@ def _as_dict(obj: Any) -> dict[str, Any]:
         import dataclasses
         return dataclasses.asdict(obj)
     return {"result": repr(obj)}
-
-
-def _uids(names: list[str]) -> frozenset[int]:
-    import pwd
-    out = set()
-    for n in names:
-        try:
-            out.add(int(n) if n.isdigit() else pwd.getpwnam(n).pw_uid)
-        except KeyError:
-            pass  # validated at check-config; an unknown user simply gets no rights
-    return frozenset(out)
-
-
-def _gids(names: list[str]) -> frozenset[int]:
-    import grp
-    out = set()
-    for n in names:
-        try:
-            out.add(int(n) if n.isdigit() else grp.getgrnam(n).gr_gid)
-        except KeyError:
-            pass
-    return frozenset(out)
 
 
 def _version() -> str:
