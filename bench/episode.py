@@ -31,6 +31,7 @@ CLIENT_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 300.0  # a fresh supervisor to its first completion
 DEBRIS_AFTER_S = 30.0  # debris is counted this long after the supervisor's first action
 WATCH_S = 300.0  # the most any fault other than the hang is watched
+FAULT4_WATCH_S = 90.0  # fault 4 is watched at least this long
 # vsup events that are the supervisor acting on a fault (the first one after the fault counts)
 ACT_EVENTS = {"detection", "state", "teardown", "cleanup", "leftovers_found"}
 
@@ -250,7 +251,11 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
         t_act: float | None = None
         t_served: float | None = None
         check_at: float | None = None
+        t_tree_at: float | None = None
         deadline = t_fault + watch_s
+        # After a supervisor restart the old server may keep serving; watch long enough to see
+        # whether the restarted supervisor's own start gets the port (a vLLM start is ~40 s).
+        min_end = t_fault + (FAULT4_WATCH_S if fault == 4 else 0)
         while time.time() < deadline:
             time.sleep(0.25)
             now = time.time()
@@ -259,18 +264,22 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
             if check_at is None and (t_tree := _tree_action(sup, fault, reg, t_fault, old_leaders, n_events)):
                 # debris is counted from when the old tree was acted on (vsup: its teardown)
                 check_at = t_tree + DEBRIS_AFTER_S
+                t_tree_at = t_tree
                 ep.teardown_s = round(t_tree - t_fault, 1)
                 deadline = max(deadline, t_tree + WATCH_S)  # once it acts, watch it through
             if ep.respawn_s is None and (sp := reg.spawned_after(t_fault, old_leaders)):
                 ep.respawn_s = round(sp[0] - t_fault, 1)
-            if t_served is None and (ok := client.first_ok_after(t_fault)) is not None:
+            # Served again = the first success among requests sent after the supervisor acted on
+            # the old tree (after a supervisor restart the old server answers until vsup removes it).
+            if t_served is None and t_tree_at is not None and (ok := client.first_ok_after(t_tree_at)) is not None:
                 t_served = ok.done
                 owner = port_owner(sup.port)
                 ep.served_by = "old tree (orphan)" if owner in old_leaders else "new tree"
                 ep.debris_at_serve = procs.debris(old).to_json()
             if check_at is not None and ep.debris is None and now >= check_at:
                 ep.debris = procs.debris(old).to_json()
-            if ep.debris is not None and t_served is not None and (swap_thread is None or not swap_thread.is_alive()):
+            if ep.debris is not None and t_served is not None and (swap_thread is None or not swap_thread.is_alive()) \
+                    and now >= min_end:
                 break
         t_end = time.time()
         if t_act is not None:
@@ -394,8 +403,8 @@ def _next_start(ep: Episode, reg: procs.Registry, old_leaders: set[int], t_fault
         return "started, not serving by the end of the watch"
     if not mine:
         alive_new = [t for t in new if procs.alive(t.leader.pid, t.leader.start)]
-        why = "port held by the old tree" if owner in old_leaders else "did not get the port"
-        return f"failed ({why}; {len(new)} start(s), {len(alive_new)} alive)"
+        why = "the old, unsupervised server holds the port" if owner in old_leaders else "did not get the port"
+        return f"failed: {why} ({len(new)} start attempt(s), {len(alive_new)} still running)"
     d = ep.debris_at_serve
     if ep.served_by == "new tree" and d and any(d[k] for k in ("procs", "shm", "sems", "dist_files")):
         return "ok beside debris"

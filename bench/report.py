@@ -115,7 +115,8 @@ def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
                "(process table sampled every 0.25 s; the peers show no earlier sign). *Debris* counts what is "
                "left, 30 s after the supervisor acted on the old tree, of the trees that existed before the fault, attributed by pid/start time, by who mapped "
                "each /dev/shm object (device+inode) and by the dist id in the workers' own log line; `—` when "
-               "the supervisor never acted. *next start*: whether a server started after the fault got the "
+               "the supervisor never acted. *serves again*: the first successful completion among requests sent after the supervisor acted "
+               "on the old tree. *next start*: whether a server started after the fault got the "
                "port and served, and whether debris of the old tree still existed when it did.")
     notes = [(e["supervisor"], e["fault"], n) for e in res["episodes"] for n in e.get("notes", []) + e.get("harness_cleanup", [])]
     if notes:

@@ -1,7 +1,7 @@
 """vsup benchmark: vsup vs supervisord, circus and a bash restart loop on the same real faults.
 
-    make bench         # full: 4 supervisors x faults 1-5, reload x3, idle, parse, cleanup (~90 min)
-    make bench-quick   # vsup + supervisord, faults 1-3, one repetition, 90 s hang watch (~25 min)
+    make bench         # full: 4 supervisors x faults 1-5, reload x3, idle, parse, cleanup (~55-65 min)
+    make bench-quick   # vsup + supervisord, faults 1-3, one repetition, 90 s hang watch (~15-20 min)
     .venv/bin/python bench/run.py --help
 
 Every episode starts a fresh supervisor serving the real TP=2 tiny model, injects one fault and
@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         write(res, args.out, tag)
         return 0
     preflight(args)
+    # SIGTERM (a session or CI ending) takes the same path as Ctrl-C: the current episode's
+    # teardown runs, so no vLLM tree is left behind, and what was measured is written.
+    signal.signal(signal.SIGTERM, _interrupt)
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="vsup-bench-"))
     log(f"work dir {work}; supervisors {args.supervisors}; faults {args.faults}; "
@@ -205,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write(res: dict[str, Any], out: Path, tag: str) -> None:
