@@ -644,3 +644,32 @@ def test_every_vllm_shm_pattern_is_swept_when_unheld_and_old():
     rep = run(h, [])
     assert h.shm_names() == set(keep)
     assert {u["kind"] for u in rep.unlinked} == {"shm", "sem", "file"}
+
+
+def test_real_tree_tmpdir_removed_only_when_recorded_and_unused(tmp_path):
+    """The private TMPDIR vsup gave a tree goes with the tree, contents and all; an unrecorded
+    look-alike stays, and so does a recorded one while a live process holds a file inside."""
+    from vsup.proctree import ProcRef, TreeRecord, make_tree_tmpdir
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ours, busy, stranger = (make_tree_tmpdir(str(tmp)) for _ in range(3))
+    for d in (ours, busy, stranger):
+        Path(d, "vllm_dist_" + "0" * 32).write_text("x")
+        Path(d, "sub").mkdir()
+        Path(d, "sub", "f").write_text("y")
+    dead = subprocess.Popen(["true"], start_new_session=True)
+    dead.wait()
+    leader = ProcRef(dead.pid, time.time() - 5, "python", ["python"])
+    holder = open(Path(busy, "sub", "f"))  # noqa: SIM115 - a live process (us) holds a file inside
+    try:
+        rec = TreeRecord("t", "m", 8200, time.time() - 10, leader, dead.pid, dead.pid, [leader],
+                         files=[ours, busy])
+        host = ScopedHost(set(), shm_root=tmp_path / "shm", tmp_root=tmp)
+        (tmp_path / "shm").mkdir()
+        rep = cleanup([rec], host=host, grace_s=0.1)
+        assert ours in rep.removed_files and not os.path.exists(ours)
+        assert os.path.exists(stranger)  # never recorded: not ours
+        assert os.path.exists(busy) and [r["name"] for r in rep.remaining] == [busy]
+    finally:
+        holder.close()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from vsup.host import Host, ProcInfo, SignalResult, same_process
+from vsup.proctree import TREE_TMPDIR
 from vsup.proctree import (
     DIST_FILE,
     ZMQ_SOCKET,
@@ -303,13 +304,15 @@ def cleanup(
     # 3. unlink ---------------------------------------------------------------------------
     snap_after = host.processes(cmdline=True)
     held: dict[tuple[int, int], ProcInfo] = {}
+    held_paths: dict[str, ProcInfo] = {}
     for p in snap_after.values():
         if p.zombie or (dry_run and p.pid in target_pids):
             continue
         h = host.holdings(p.pid)
         if h is not None:
-            for key in h.files:
+            for key, hpath in h.files.items():
                 held.setdefault(key, p)
+                held_paths.setdefault(hpath, p)
     live_owned = {(i.dev, i.ino): r.id for r in live for i in r.ipc}
     starts = [(r.started_at, f"tree {r.id} ({r.model})") for r in live]
     for p in snap_after.values():
@@ -383,6 +386,26 @@ def cleanup(
             continue
         done.add(path)
         name = path[len(tmp_prefix):]
+        if TREE_TMPDIR.match(name):
+            # The tree's own TMPDIR (vsup made it for this tree alone): everything in it is the
+            # tree's, once nothing alive holds or listens on anything inside it.
+            if path not in ours_files or not host.is_dir(path):
+                continue
+            inside = path + "/"
+            users = [_label(p) for hp, p in held_paths.items() if hp.startswith(inside)]
+            users += [bp for bp in bound if bp.startswith(inside)]
+            if users:
+                rep.remaining.append({"name": path, "reason": f"in use: {users[0]}"})
+                continue
+            if not dry_run:
+                try:
+                    host.remove_dir(path)
+                except OSError as e:
+                    rep.remaining.append({"name": path, "reason": f"remove refused: {e}"})
+                    continue
+            rep.removed_files.append(path)
+            say(f"{'would remove' if dry_run else 'removed'} {path} (the tree's TMPDIR)")
+            continue
         st = host.stat(path)
         if st is None:
             continue

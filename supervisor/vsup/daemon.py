@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import getpass
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +49,7 @@ STRIKE_KINDS = frozenset({"shm_stall"})
 LADDER_KINDS = frozenset({"engine_dead", "worker_died", "hang", "exited"})
 EARLY_REQUESTS = 3          # "at the first requests": this many completions served, or fewer
 UNHEALTHY_STOP_GRACE_S = 3  # a hung server blocks in "Waiting for connections to close": don't wait
+ORPHAN_GRACE_S = 1.0        # SIGTERM-to-SIGKILL for what is left when the API server died by itself
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
 LINE_RING = 4000
@@ -521,6 +524,14 @@ class Supervisor:
                 return False, f"GPU pre-start check: {pre.reason}", "gpu_busy", None
             self._gpu_baseline = self.gpus.baseline()
         argv, env = self._command(spec)
+        tree_tmp = None
+        if "TMPDIR" not in env or env.get("TMPDIR") == os.environ.get("TMPDIR"):
+            tree_tmp = proctree.make_tree_tmpdir()
+            # torch keeps its compile caches under the temp dir by default: keep them shared
+            # across starts, where they would be without the private TMPDIR.
+            env.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                           os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+            env["TMPDIR"] = tree_tmp
         self._rotate_log()
         self.gen += 1
         self._leader_gone.clear()
@@ -531,7 +542,11 @@ class Supervisor:
             self.popen, self.tree = proctree.spawn(argv, env, Path(self.cfg.vllm.log_file),
                                                    model=spec.model, port=self.cfg.vllm.port)
         except OSError as e:
+            if tree_tmp:
+                os.rmdir(tree_tmp)
             return False, f"cannot start {argv[0]}: {e.strerror or e}", "spawn", None
+        if tree_tmp:
+            self.tree.files.append(tree_tmp)
         self.ledger.upsert(self.tree)
         gen = self.gen
         self.snap = replace(self.snap, pid=self.popen.pid, workers=0)
@@ -904,20 +919,25 @@ class Supervisor:
         with contextlib.suppress(Exception):
             tree = await asyncio.to_thread(proctree.refresh, tree)  # last look at what it holds
         self.ledger.upsert(replace(tree, ended=True) if hasattr(tree, "ended") else tree)
+        cleanup_grace = self.cfg.timeouts.cleanup_grace_s
         if self.popen is not None and self.leader_status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._leader_gone.wait(), grace)
-        # After the leader: give the rest of the tree what is left of the grace to follow.
-        remaining = max(0.0, grace - (time.monotonic() - t0))
-        end = time.monotonic() + remaining
-        while time.monotonic() < end and await asyncio.to_thread(proctree.live_members, tree):
-            await asyncio.sleep(0.1)
+            # The API server shuts its engine core and workers down on SIGTERM: give them what
+            # is left of the grace to follow it.
+            end = t0 + grace
+            while time.monotonic() < end and await asyncio.to_thread(proctree.live_members, tree):
+                await asyncio.sleep(0.1)
+        else:
+            # The API server died on its own (SIGKILL, crash): nobody will shut the rest down
+            # gracefully; an orphaned engine core does not even act on SIGTERM (measured: 5 s
+            # and no exit), so waiting only delays the restart.
+            cleanup_grace = min(cleanup_grace, ORPHAN_GRACE_S)
         self.gen += 1  # everything the old tree still says from here on is stale
         self._set_phase("cleanup")
-        report = await asyncio.to_thread(cleanup_mod.cleanup, [tree],
-                                         grace_s=self.cfg.timeouts.cleanup_grace_s)
+        report = await asyncio.to_thread(cleanup_mod.cleanup, [tree], grace_s=cleanup_grace)
         self._cleanup_event("teardown", report, seconds=round(time.monotonic() - t0, 3))
         if self.gpus is not None:
             rel = await asyncio.to_thread(self.gpus.wait_released, {p.pid for p in tree.procs},

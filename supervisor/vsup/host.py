@@ -374,6 +374,15 @@ class Host:
     def unlink_file(self, path: str) -> None:
         os.unlink(path)
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path) and not os.path.islink(path)
+
+    def remove_dir(self, path: str) -> None:
+        """Remove a directory vsup created for one tree, with everything in it (no symlink is
+        followed: shutil.rmtree refuses a symlinked top and unlinks links inside)."""
+        import shutil
+        shutil.rmtree(path)
+
     # ---- reaping -----------------------------------------------------------------------------
     def set_child_subreaper(self) -> bool:
         """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER)."""

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DIST_ATTRIBUTION_WINDOW_S = 600.0
 
 DIST_FILE = re.compile(r"^vllm_dist_[0-9a-f]{32}$")
+# The private TMPDIR vsup gives each tree it starts (see make_tree_tmpdir).
+TREE_TMPDIR = re.compile(r"^vsup-tree-[0-9a-f]{12}$")
 ZMQ_SOCKET = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 _API_SERVER = re.compile(r"(^|[\s/=])vllm\.entrypoints\.|(^|[\s/])vllm\s+serve(\s|$)")
@@ -202,6 +204,17 @@ def descendants(roots: Iterable[ProcInfo], snap: dict[int, ProcInfo]) -> list[Pr
 
 
 # ---- spawn / refresh -------------------------------------------------------------------------
+def make_tree_tmpdir(tmp_root: str | None = None) -> str:
+    """A private TMPDIR for one tree: vLLM puts its gloo FileStore (`vllm_dist_*`) and its ZMQ
+    ipc sockets under `tempfile.gettempdir()`, so with TMPDIR set they land in a directory that is
+    the tree's alone. Attribution is then exact even with other vLLM servers on the machine, where
+    an unheld `/tmp/vllm_dist_*` could be anyone's."""
+    root = tmp_root or tempfile.gettempdir()
+    path = os.path.join(root, f"vsup-tree-{uuid.uuid4().hex[:12]}")
+    os.mkdir(path, 0o700)
+    return path
+
+
 def spawn(
     argv: list[str],
     env: dict[str, str],
