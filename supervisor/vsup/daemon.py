@@ -53,7 +53,12 @@ ORPHAN_GRACE_S = 1.0        # SIGTERM-to-SIGKILL for what is left when the API s
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
 LINE_RING = 4000
-REFRESH_S = 2.0             # tree record refresh (new members, held shm) while a server lives
+# Tree record refresh (new members, held shm): often while the tree forms (engine core, workers
+# and segments appear within the first minute or two), then rarely: a /proc scan is most of an
+# idle daemon's CPU.
+REFRESH_S = 2.0
+REFRESH_SETTLED_S = 15.0
+REFRESH_FORMING_S = 180.0
 HEARTBEAT_S = 1.0           # the owner wakes at least this often (watchdog pings depend on it)
 
 
@@ -685,7 +690,8 @@ class Supervisor:
                     self.ledger.upsert(rec)
                 if self.metrics is not None and self.gpus is not None:
                     self._export_gpu_metrics(rec)
-            await asyncio.sleep(REFRESH_S)
+            forming = time.time() - self.tree.started_at < REFRESH_FORMING_S if self.tree else False
+            await asyncio.sleep(REFRESH_S if forming else REFRESH_SETTLED_S)
 
     def _export_gpu_metrics(self, rec: proctree.TreeRecord) -> None:
         from . import gpu
