@@ -232,7 +232,13 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
         ep.cold_start_s = round(up - t_launch, 1)
         tree = wait_tree_complete(reg)
         if tree is None:
-            raise RuntimeError("the tree never showed engine core, workers, segments, dist id and sockets")
+            api = reg.live_api_server()
+            t = reg.tree_of(api.pid) if api else None
+            seen = "no live API server on the port" if t is None else (
+                f"API server {t.leader.pid}: {len(t.live_members())} live members "
+                f"({', '.join(sorted({m.cmd.split()[0][-20:] for m in t.live_members()}))}), "
+                f"{len(t.ipc)} shm/sem, dist ids {len(t.dist_ids)}, sockets {len(t.sockets)}; trees {len(reg.trees)}")
+            raise RuntimeError(f"the tree never showed engine core, workers, segments, dist id and sockets: {seen}")
         if isinstance(sup, Vsup):
             _wait_vsup_ready(sup)
         log(f"  serving after {ep.cold_start_s:.1f}s; tree {tree.leader.pid}: "
@@ -447,11 +453,11 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
         if stuck:
             report.append(f"COULD NOT KILL: {stuck}")
     left = procs.debris(reg.trees)
-    n = len(left.shm) + len(left.sems) + len(left.dist_files) + len(left.sockets)
+    n = len(left.shm) + len(left.sems) + len(left.dist_files) + len(left.sockets) + len(left.tmpdirs)
     if n:
         report.append(f"harness removed {n} object(s) left after the supervisor's own stop "
                       f"({len(left.shm)} shm {left.shm_mb:.0f} MB, {len(left.sems)} sem, "
-                      f"{len(left.dist_files)} dist, {len(left.sockets)} sockets)")
+                      f"{len(left.dist_files)} dist, {len(left.sockets)} sockets, {len(left.tmpdirs)} tmp dirs)")
         failed = procs.remove_objects(left)
         if failed:
             report.append(f"COULD NOT REMOVE: {failed}")
@@ -461,7 +467,7 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
     new_shm = {n for n in set(os.listdir(procs.SHM)) - shm_before
                if n.startswith(("psm_", "sem.mp-", "vllm_dist_", "nccl-", "torch_"))}
     new_tmp = {n for n in set(os.listdir(procs.TMP)) - tmp_before
-               if n.startswith("vllm_dist_") or procs.UUID_NAME.match(n)}
+               if n.startswith(("vllm_dist_", "vsup-tree-")) or procs.UUID_NAME.match(n)}
     if new_shm or new_tmp:
         names = sorted(new_shm | new_tmp)
         report.append(f"unattributed new names left alone (other users' servers?): "

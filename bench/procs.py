@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -25,6 +26,8 @@ TMP = Path("/tmp")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 UUID_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# The store's full path: /tmp/vllm_dist_<hex>, or under a private TMPDIR a supervisor gave vLLM
+# (vsup gives each tree /tmp/vsup-tree-<id>/).
 DIST_LINE = re.compile(r"distributed_init_method=file://(/\S*/)?(vllm_dist_[0-9a-f]{32})")
 LOG_PID = re.compile(r"\((?:[^()]*?) pid=(\d+)\)")
 SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
@@ -121,6 +124,8 @@ class Tree:
     ipc: dict[tuple[int, int], IpcObj] = field(default_factory=dict)
     sockets: set[str] = field(default_factory=set)  # /tmp/<uuid> ZMQ ipc socket files
     dist_ids: set[str] = field(default_factory=set)  # vllm_dist_<hex>
+    dist_paths: set[str] = field(default_factory=set)  # where the store file is
+    tmpdirs: set[str] = field(default_factory=set)  # a private TMPDIR under /tmp holding them
 
     def live_members(self) -> list[Member]:
         return [m for m in self.members.values() if alive(m.pid, m.start)]
@@ -138,6 +143,7 @@ class Debris:
     sems: list[IpcObj] = field(default_factory=list)
     dist_files: list[str] = field(default_factory=list)
     sockets: list[str] = field(default_factory=list)
+    tmpdirs: list[str] = field(default_factory=list)  # private TMPDIRs still there (empty or not)
 
     @property
     def shm_mb(self) -> float:
@@ -145,15 +151,16 @@ class Debris:
 
     @property
     def empty(self) -> bool:
-        return not (self.procs or self.shm or self.sems or self.dist_files or self.sockets)
+        return not (self.procs or self.shm or self.sems or self.dist_files or self.sockets or self.tmpdirs)
 
     def total(self) -> int:
-        return len(self.procs) + len(self.shm) + len(self.sems) + len(self.dist_files) + len(self.sockets)
+        return (len(self.procs) + len(self.shm) + len(self.sems) + len(self.dist_files) + len(self.sockets)
+                + len(self.tmpdirs))
 
     def to_json(self) -> dict:
         return {"procs": len(self.procs), "proc_names": [c[:40] for _, c in self.procs],
                 "shm": len(self.shm), "shm_mb": round(self.shm_mb, 1), "sems": len(self.sems),
-                "dist_files": len(self.dist_files), "sockets": len(self.sockets)}
+                "dist_files": len(self.dist_files), "sockets": len(self.sockets), "tmpdirs": len(self.tmpdirs)}
 
 
 def _unix_listeners() -> dict[int, str]:
@@ -164,7 +171,7 @@ def _unix_listeners() -> dict[int, str]:
         return out
     for line in lines:
         parts = line.split()
-        if len(parts) >= 8 and parts[7].startswith("/tmp/"):
+        if len(parts) >= 8 and parts[7].startswith(str(TMP) + "/"):
             out[int(parts[6])] = parts[7]
     return out
 
@@ -271,8 +278,9 @@ class Registry:
                         listeners = _unix_listeners()
                     for ino in held["sockets"]:
                         path = listeners.get(ino)
-                        if path and UUID_NAME.match(path[5:]):
+                        if path and UUID_NAME.match(os.path.basename(path)):
                             tree.sockets.add(path)
+                            _note_tmpdir(tree, path)
         if unresolved:
             for name in _listdir(SHM):
                 try:
@@ -299,6 +307,9 @@ class Registry:
                 for tree in trees:
                     if pid is not None and any(m.pid == pid for m in tree.members.values()):
                         tree.dist_ids.add(d.group(2))
+                        path = (d.group(1) or str(TMP) + "/") + d.group(2)
+                        tree.dist_paths.add(path)
+                        _note_tmpdir(tree, path)
 
     # queries
     def tree_of(self, pid: int) -> Tree | None:
@@ -328,6 +339,13 @@ class Registry:
                 if ts >= t and pid not in exclude:
                     return ts, pid
         return None
+
+
+def _note_tmpdir(tree: Tree, path: str) -> None:
+    """Remember the private directory directly under /tmp that holds one of the tree's files."""
+    parent = os.path.dirname(path)
+    if os.path.dirname(parent) == str(TMP):
+        tree.tmpdirs.add(parent)
 
 
 def _boot_time() -> float:
@@ -387,9 +405,10 @@ def debris(trees: list[Tree]) -> Debris:
                 continue
             if (st.st_dev, st.st_ino) == (dev, ino):
                 (d.sems if obj.is_sem else d.shm).append(IpcObj(obj.name, dev, ino, st.st_size))
+        for path in tree.dist_paths:
+            if os.path.lexists(path):
+                d.dist_files.append(path)
         for dist in tree.dist_ids:
-            if os.path.lexists(TMP / dist):
-                d.dist_files.append(str(TMP / dist))
             for name in _listdir(SHM):  # CPU shm communicator: vllm_dist_<id>-tp:0-[0-1]-cpushm_N
                 if name.startswith(dist + "-") and not any(o.name == name for o in d.shm):
                     try:
@@ -400,6 +419,9 @@ def debris(trees: list[Tree]) -> Debris:
         for path in tree.sockets:
             if os.path.lexists(path):
                 d.sockets.append(path)
+        for path in tree.tmpdirs:
+            if os.path.isdir(path):
+                d.tmpdirs.append(path)
     return d
 
 
@@ -456,4 +478,8 @@ def remove_objects(d: Debris) -> list[str]:
             pass
         except OSError as e:
             failed.append(f"{f}: {e.strerror}")
+    for path in d.tmpdirs:  # attributed from the tree's own log line / listening sockets
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            failed.append(f"{path}: could not remove the directory")
     return failed

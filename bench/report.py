@@ -38,11 +38,12 @@ def _debris_cells(d: dict[str, Any] | None) -> tuple[str, str, str, str, str]:
     if d is None:
         return ("—",) * 5  # type: ignore[return-value]
     shm = f"{d['shm']} / {d['shm_mb']:.0f} MB" if d["shm"] else "0"
-    return str(d["procs"]), shm, str(d["sems"]), str(d["dist_files"]), str(d["sockets"])
+    dist = str(d["dist_files"]) + (f" + {d['tmpdirs']} dir" if d.get("tmpdirs") else "")
+    return str(d["procs"]), shm, str(d["sems"]), dist, str(d["sockets"])
 
 
 def _clean(d: dict[str, Any] | None) -> bool:
-    return d is not None and not any(d[k] for k in ("procs", "shm", "sems", "dist_files", "sockets"))
+    return d is not None and not any(d.get(k) for k in ("procs", "shm", "sems", "dist_files", "sockets", "tmpdirs"))
 
 
 def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
@@ -72,7 +73,7 @@ def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
     out += targets(res, cold)
     out += ["## Faults", "",
             "| supervisor | fault | its cold start (s) | acted after (s) | new server after (s) | serves again after (s) | "
-            "requests failed / hung | orphan procs | shm segments | semaphores | dist files | ZMQ sockets | next start |",
+            "requests failed / hung | orphan procs | shm segments | semaphores | dist files (+ private TMPDIRs) | ZMQ sockets | next start |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in res["episodes"]:
         fault = f"{e['fault']}. {FAULTS[e['fault']]}"
@@ -267,7 +268,8 @@ def _left_by_stop(e: dict[str, Any]) -> str | None:
             if mo:
                 return mo.group(1).replace("0 shm 0 MB, ", "").replace("0 sem, ", "").replace(", 0 sockets", "")
         return "" if e.get("harness_cleanup") is not None else None
-    parts = [f"{d[k]} {k.replace('_', ' ')}" for k in ("procs", "shm", "sems", "dist_files", "sockets") if d.get(k)]
+    parts = [f"{d[k]} {k.replace('_', ' ')}" for k in ("procs", "shm", "sems", "dist_files", "sockets", "tmpdirs")
+             if d.get(k)]
     return ", ".join(parts)
 
 
