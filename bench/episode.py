@@ -170,9 +170,11 @@ def wait_tree_complete(reg: procs.Registry, timeout: float = 60) -> procs.Tree |
     return None
 
 
-def measure_idle(sup: Supervisor, seconds: float) -> dict[str, Any]:
-    """CPU (% of one core) and RSS of the supervisor's own process(es) over `seconds`, sampled 1/s."""
-    members = sup.pids()
+def measure_idle(sup: Supervisor, reg: procs.Registry, seconds: float) -> dict[str, Any]:
+    """CPU (% of one core) and RSS of the supervisor's own process(es) over `seconds`, sampled 1/s.
+
+    Its own processes: those the harness started and the helpers they spawned (not vLLM)."""
+    members = sup.pids() + reg.live_helpers()
     cpu0 = sum(procs.cpu_seconds(m.pid) or 0 for m in members)
     t0 = time.monotonic()
     rss: list[int] = []
@@ -218,7 +220,7 @@ class Episode:
 def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, idle_s: float,
                 log: Callable[[str], None]) -> Episode:
     ep = Episode(sup.name, fault, rep)
-    reg = procs.Registry(sup.port, sup.logs()).start()
+    reg = procs.Registry(sup.port, sup.logs(), roots=lambda: {(m.pid, m.start) for m in sup.pids()}).start()
     shm_before, tmp_before = set(os.listdir(procs.SHM)), set(os.listdir(procs.TMP))
     client: Client | None = None
     try:
@@ -245,7 +247,7 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
             f"{len(tree.members)} procs, {len(tree.ipc)} shm/sem, {len(tree.sockets)} sockets, dists {len(tree.dist_ids)}")
         if idle_s > 0:
             time.sleep(3)
-            ep.idle = measure_idle(sup, idle_s)
+            ep.idle = measure_idle(sup, reg, idle_s)
             log(f"  idle: {ep.idle}")
         client = Client(sup.port, "tiny-a").start()
         time.sleep(3)
@@ -442,6 +444,11 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
                     pass
     report += sup.shutdown()
     reg.scan()
+    helpers = reg.live_helpers()
+    if helpers:
+        report.append(f"harness killed {len(helpers)} supervisor helper process(es) left running: "
+                      + ", ".join(m.cmd[:60] for m in helpers))
+        procs.kill_members(helpers)
     reg.scan_holdings()  # the dist ids of trees that died since the last look are in the log
     left = procs.debris(reg.trees)
     left_by_stop = left.to_json()

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SHM = Path("/dev/shm")
 TMP = Path("/tmp")
@@ -184,8 +185,14 @@ class Registry:
     what a tree holds is created at start-up and kept for its whole life.
     """
 
-    def __init__(self, port: int, logs: list[Path], scan_s: float = 0.25, hold_s: float = 2.0) -> None:
+    def __init__(self, port: int, logs: list[Path], scan_s: float = 0.25, hold_s: float = 2.0,
+                 roots: Callable[[], set[tuple[int, int]]] = lambda: set()) -> None:
         self.port = port
+        # The supervisor's own processes (pid, start) and what they spawned that is not a vLLM
+        # tree (helpers, e.g. circus's stats daemon): part of the supervisor, measured with it
+        # and killed by the harness if the supervisor leaves them behind.
+        self.roots = roots
+        self.helpers: dict[tuple[int, int], Member] = {}
         self.logs = logs
         self.scan_s, self.hold_s = scan_s, hold_s
         self.trees: list[Tree] = []
@@ -248,7 +255,16 @@ class Registry:
                         continue
                     # Between fork and exec a child still shows its parent's command line: look
                     # again at young processes until they are a few seconds old.
-                    if now - self._boot - st.start / CLK_TCK > RECHECK_S:
+                    young = now - self._boot - st.start / CLK_TCK <= RECHECK_S
+                    roots = self.roots()
+                    helper_parents = {k[0]: k for k in (*roots, *self.helpers)}
+                    if st.ppid in helper_parents and pst is not None and helper_parents[st.ppid] == (pst.pid, pst.start):
+                        # spawned by the supervisor (or a helper of it): e.g. circus's stats process
+                        if not young:
+                            self.helpers[key] = Member(st.pid, st.start, cmd, now)
+                            self._known[key] = None
+                        continue
+                    if not young:
                         self._known[key] = None
                     continue
                 m = Member(st.pid, st.start, cmdline(st.pid), now)
@@ -312,6 +328,10 @@ class Registry:
                         _note_tmpdir(tree, path)
 
     # queries
+    def live_helpers(self) -> list[Member]:
+        with self._lock:
+            return [m for m in self.helpers.values() if alive(m.pid, m.start)]
+
     def tree_of(self, pid: int) -> Tree | None:
         with self._lock:
             for t in self.trees:
