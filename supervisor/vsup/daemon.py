@@ -49,6 +49,7 @@ STRIKE_KINDS = frozenset({"shm_stall"})
 LADDER_KINDS = frozenset({"engine_dead", "worker_died", "hang", "exited"})
 EARLY_REQUESTS = 3          # "at the first requests": this many completions served, or fewer
 UNHEALTHY_STOP_GRACE_S = 3  # a hung server blocks in "Waiting for connections to close": don't wait
+DRAIN_IDLE_S = 1.0          # reload's drain: no running or waiting request for this long
 ORPHAN_GRACE_S = 1.0        # SIGTERM-to-SIGKILL for what is left when the API server died by itself
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
@@ -1079,13 +1080,21 @@ class Supervisor:
         prober = Prober(self.cfg.vllm.host, self.cfg.vllm.port, timeout_s=self.cfg.timeouts.probe_s)
         end = time.monotonic() + self.cfg.timeouts.drain_s
         busiest = 0.0
+        idle_since: float | None = None
         try:
             while time.monotonic() < end:
                 m = await prober.metrics()
                 if m.ok:
                     busiest = max(busiest, m.data["running"] + m.data["waiting"])
                 if m.ok and m.data["running"] == 0 and m.data["waiting"] == 0:
-                    return True, busiest
+                    # A request the API server is still tokenizing is not in the engine's
+                    # counts yet (measured: one sent just before the drain slipped through a
+                    # single idle reading): idle means idle for DRAIN_IDLE_S.
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= DRAIN_IDLE_S:
+                        return True, busiest
+                else:
+                    idle_since = None
                 if not m.ok and not (await prober.health()).ok:
                     return True, busiest  # nothing to drain from a server that does not answer
                 await asyncio.sleep(0.25)
