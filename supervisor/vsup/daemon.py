@@ -754,6 +754,9 @@ class Supervisor:
                     continue
                 if strikes and self.snap.state == State.READY:
                     self._set_state(State.UNHEALTHY, reason=strikes[-1])
+                    # Only tokens generated from now on say "slow, not stuck" (earlier ones,
+                    # our own canaries' included, say nothing about the engine now).
+                    progressed = False
                     probe_task.cancel()
                     probe_task = self._spawn_task(self._probe_loop(gen, confirm=True))
                 # Confirmed by independent signals. Generated tokens still increasing means
