@@ -92,6 +92,15 @@ def test_hang_after_ready_is_confirmed_and_recovered(fake_daemon) -> None:
     assert_legal(evs)
 
 
+def test_hang_after_healthy_traffic_is_still_confirmed(fake_daemon) -> None:
+    """Tokens generated before the hang (our own canaries') do not stop canary failures confirming it."""
+    d = fake_daemon("hang_after_ready", env={"FAKE_VLLM_HANG_AFTER": "4"})
+    d.wait_state("ready", timeout=30)
+    wait_for(lambda: d.status()["restarts"] >= 1, 40, "recovery from a hang after 3 good canaries")
+    stop = next(e for e in d.events() if e["event"] == "state" and e["state"] == "stopping")
+    assert stop["reason"].startswith("hang confirmed")
+
+
 def test_stall_line_before_ready_is_not_a_failure(fake_daemon) -> None:
     """The shm stall line during start-up (compilation) is a warning; the start succeeds."""
     d = fake_daemon(env={"FAKE_VLLM_STALL_BEFORE_READY": "1", "FAKE_VLLM_DELAY_S": "1.5"})

@@ -5,7 +5,8 @@ prints vLLM 0.32-format log lines. Misbehaviour comes from FAKE_VLLM_MODE:
   ok                 serve normally
   exit_at_start      log a start-up failure and exit 1 at once
   die_on_request     first completion: log an engine death (as 0.32 does) and exit 0
-  hang_after_ready   completions after the first (the canary) never answer; /health stays 200
+  hang_after_ready   completions after the first FAKE_VLLM_HANG_AFTER (default 1: the readiness
+                     canary) never answer; /health stays 200
 FAKE_VLLM_DELAY_S delays readiness; FAKE_VLLM_STALL_BEFORE_READY=1 logs the shm stall line
 while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like subtree) that
 live until killed.
@@ -96,7 +97,11 @@ def main() -> None:
                         proc="EngineCore")
                     self.send(500, {"error": "EngineDeadError"})
                     os._exit(0)
-                if MODE == "hang_after_ready" and k > 1:
+                if MODE == "hang_after_ready" and k > int(os.environ.get("FAKE_VLLM_HANG_AFTER", "1")):
+                    # as vLLM 0.32 with a stopped worker: the engine's stats freeze, so the hung
+                    # request never shows in num_requests_running
+                    with lock:
+                        state["running"] -= 1
                     while True:
                         time.sleep(3600)
                 toks = int(body.get("max_tokens") or 4)
