@@ -55,11 +55,11 @@ LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
 LINE_RING = 4000
 # Tree record refresh (new members, held shm): often while the tree forms (engine core, workers
-# and segments appear within the first minute or two), then rarely: a /proc scan is most of an
-# idle daemon's CPU.
+# and segments all exist before the first completion), then rarely: a refresh costs ~6 ms of
+# /proc reading, most of an idle daemon's CPU at 2 s.
 REFRESH_S = 2.0
 REFRESH_SETTLED_S = 15.0
-REFRESH_FORMING_S = 180.0
+REFRESH_AFTER_READY_S = 20.0
 HEARTBEAT_S = 1.0           # the owner wakes at least this often (watchdog pings depend on it)
 
 
@@ -159,6 +159,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tailer: Any = None
         self._gpu_baseline: dict[int, int] | None = None
+        self._ready_at: float | None = None       # monotonic time the current tree became ready
         self._catalog: Any = None
         self._parse: Any = None
         self.notifier = notifier
@@ -542,6 +543,7 @@ class Supervisor:
         self.gen += 1
         self._leader_gone.clear()
         self.leader_status = None
+        self._ready_at: float | None = None
         self._lines_at_spawn = self._lines_total
         self._served_since_ready = 0
         try:
@@ -575,6 +577,7 @@ class Supervisor:
                 if obs is None:
                     return False, self._root_cause(f"not ready within {t.start_s:g}s"), "start_timeout", None
                 if isinstance(obs, ReadyProven):
+                    self._ready_at = time.monotonic()
                     return True, "ready", None, None
                 if isinstance(obs, NotReady):
                     await self._settle_log()  # a 500 answers before the traceback is logged
@@ -691,7 +694,7 @@ class Supervisor:
                     self.ledger.upsert(rec)
                 if self.metrics is not None and self.gpus is not None:
                     self._export_gpu_metrics(rec)
-            forming = time.time() - self.tree.started_at < REFRESH_FORMING_S if self.tree else False
+            forming = self._ready_at is None or time.monotonic() - self._ready_at < REFRESH_AFTER_READY_S
             await asyncio.sleep(REFRESH_S if forming else REFRESH_SETTLED_S)
 
     def _export_gpu_metrics(self, rec: proctree.TreeRecord) -> None:
