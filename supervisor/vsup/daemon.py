@@ -931,7 +931,7 @@ class Supervisor:
         gpu_before = await asyncio.to_thread(self.gpus.snapshot) if self.gpus is not None else None
         with contextlib.suppress(Exception):
             tree = await asyncio.to_thread(proctree.refresh, tree)  # last look at what it holds
-        self.ledger.upsert(replace(tree, ended=True) if hasattr(tree, "ended") else tree)
+        self.ledger.upsert(replace(tree, ended=True))
         cleanup_grace = self.cfg.timeouts.cleanup_grace_s
         if self.popen is not None and self.leader_status is None:
             with contextlib.suppress(ProcessLookupError):
