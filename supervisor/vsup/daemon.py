@@ -832,10 +832,7 @@ class Supervisor:
         grace = UNHEALTHY_STOP_GRACE_S if kind == "hang" else self.cfg.timeouts.stop_grace_s
         self._set_state(State.STOPPING, reason=reason, phase="teardown")
         report = await self._teardown(reason, grace=grace)
-        bundle = incidents.write_bundle(self.cfg, reason=reason, kind=kind, lines=lines, tree=tree,
-                                        events=list(self.events.recent), cleanup=report.to_json(),
-                                        vllm_version=self.vllm_version)
-        self.events.emit("incident", path=str(bundle), kind=kind)
+        self._incident(reason, kind, lines, tree, report)
         now = time.monotonic()
         self._failures.append(now)
         while self._failures and now - self._failures[0] > self.cfg.restart.window_s:
@@ -862,6 +859,13 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.restart(kind)
         return Intent("start", self.spec, reason=f"automatic restart {self.snap.restarts} after {kind}")
+
+    def _incident(self, reason: str, kind: str | None, lines: list[str], tree: Any, report: Any) -> None:
+        """Write the incident bundle of a failed tree and announce it as an event."""
+        bundle = incidents.write_bundle(self.cfg, reason=reason, kind=kind or "reload_failed", lines=lines,
+                                        tree=tree, events=list(self.events.recent), cleanup=report.to_json(),
+                                        vllm_version=self.vllm_version)
+        self.events.emit("incident", path=str(bundle), kind=kind)
 
     def _maybe_remedy(self, kind: str, early: bool) -> None:
         rc = self.cfg.remedies
@@ -1053,10 +1057,7 @@ class Supervisor:
         tree = self.tree
         await phase("rollback")
         report = await self._teardown(f"reload of {new.name} failed", grace=UNHEALTHY_STOP_GRACE_S)
-        bundle = incidents.write_bundle(self.cfg, reason=detail, kind=kind or "reload_failed", lines=lines,
-                                        tree=tree, events=list(self.events.recent), cleanup=report.to_json(),
-                                        vllm_version=self.vllm_version)
-        self.events.emit("incident", path=str(bundle), kind=kind)
+        self._incident(detail, kind, lines, tree, report)
         if obs is not None:
             self._reply(cmd, error=OperationFailed(f"reload interrupted: {detail}"))
             return self._intent_for(obs)
