@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from fakes.fake_host import API_CMD, FakeHost, add_vllm_tree
@@ -25,7 +26,9 @@ from vsup.proctree import (
     ProcRef,
     TreeRecord,
     live_members,
+    make_tree_tmpdir,
     refresh,
+    share_torch_caches,
     spawn,
     tree_members,
 )
@@ -220,3 +223,57 @@ def test_corrupt_ledger_is_moved_aside_and_empty(tmp_path, caplog, body):
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == body
     assert not (tmp_path / "ledger.json").exists()
     assert "corrupt" in caplog.text
+
+
+# ---- private TMPDIR and torch's caches --------------------------------------------------------
+
+def test_torch_cache_is_shared_through_a_link_that_cleanup_does_not_follow(tmp_path):
+    """torch resolves its cache (and always its precompiled headers) under
+    `<TMPDIR>/torchinductor_<user>`: the tree's private TMPDIR links that name to the shared
+    directory a bare vLLM would use, so compiled kernels survive restarts; removing the tree's
+    TMPDIR removes the link and nothing behind it."""
+    import shutil
+
+    tree = make_tree_tmpdir(str(tmp_path))
+    shared = share_torch_caches(tree, {"USER": "alice"})
+    assert shared == str(tmp_path / "torchinductor_alice")
+    assert os.readlink(os.path.join(tree, "torchinductor_alice")) == shared
+    assert os.stat(shared).st_mode & 0o777 == 0o755
+    # What the child does: makedirs through the link, then writes a header there.
+    os.makedirs(os.path.join(tree, "torchinductor_alice", "precompiled_headers"), exist_ok=True)
+    Path(tree, "torchinductor_alice", "precompiled_headers", "h.gch").write_text("pch")
+    shutil.rmtree(tree)  # what host.remove_dir does
+    assert Path(shared, "precompiled_headers", "h.gch").read_text() == "pch"
+    # A second tree reuses the same directory.
+    tree2 = make_tree_tmpdir(str(tmp_path))
+    assert share_torch_caches(tree2, {"USER": "alice"}) == shared
+    assert Path(tree2, "torchinductor_alice", "precompiled_headers", "h.gch").exists()
+
+
+@pytest.mark.parametrize("env, want", [({"LOGNAME": "a", "USER": "b"}, "torchinductor_a"),
+                                       ({"USER": "x/y"}, "torchinductor_x_y"), ({}, None)])
+def test_torch_cache_name_follows_the_childs_environment_as_getpass_does(tmp_path, env, want):
+    import pwd
+
+    tree = make_tree_tmpdir(str(tmp_path))
+    shared = share_torch_caches(tree, env)
+    assert os.path.basename(shared) == (want or f"torchinductor_{pwd.getpwuid(os.getuid()).pw_name}")
+
+
+def test_torch_cache_not_shared_when_the_shared_name_is_a_link_a_file_or_someone_elses(tmp_path, caplog):
+    """A planted cache would be code the server loads: vsup shares only a real directory owned
+    by its own uid, and otherwise leaves the tree to compile into its private TMPDIR."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "torchinductor_link").symlink_to(elsewhere)
+    (tmp_path / "torchinductor_file").write_text("")
+    (tmp_path / "torchinductor_other").mkdir()
+    if os.getuid() == 0:
+        os.chown(tmp_path / "torchinductor_other", 65534, 65534)
+    users = ["link", "file"] + (["other"] if os.getuid() == 0 else [])
+    with caplog.at_level(logging.WARNING, logger="vsup.proctree"):
+        for user in users:
+            tree = make_tree_tmpdir(str(tmp_path))
+            assert share_torch_caches(tree, {"USER": user}) is None
+            assert os.listdir(tree) == []
+    assert caplog.text.count("not sharing torch cache") == len(users)

@@ -135,9 +135,16 @@ def test_sigkill_api_server_cleans_orphans_and_restarts(real: Daemon) -> None:
     assert len(tree_tmp) == 1, rec.files
     inside = os.listdir(tree_tmp[0])
     assert any(n.startswith("vllm_dist_") for n in inside), inside
+    # torch's compile cache and precompiled headers stay shared (a link to where a bare vLLM
+    # keeps them): rebuilding them under every fresh TMPDIR cost seconds on each start.
+    links = [n for n in inside if n.startswith("torchinductor_")]
+    assert len(links) == 1 and os.path.islink(os.path.join(tree_tmp[0], links[0])), inside
+    shared = os.readlink(os.path.join(tree_tmp[0], links[0]))
+    assert Path(shared, "precompiled_headers").is_dir()
     os.kill(rec.leader.pid, signal.SIGKILL)
     s = restarted(real, before)
     assert_tree_gone(rec)
+    assert not os.path.exists(tree_tmp[0]) and Path(shared, "precompiled_headers").is_dir()
     cleanups = [e for e in real.events() if e["event"] == "cleanup" and e.get("why") == "teardown"]
     assert cleanups[-1]["remaining"] == []
     assert chat(real, s["model"]).status_code == 200

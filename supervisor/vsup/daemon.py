@@ -23,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import getpass
 import os
+import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -534,10 +533,7 @@ class Supervisor:
         tree_tmp = None
         if "TMPDIR" not in env or env.get("TMPDIR") == os.environ.get("TMPDIR"):
             tree_tmp = proctree.make_tree_tmpdir()
-            # torch keeps its compile caches under the temp dir by default: keep them shared
-            # across starts, where they would be without the private TMPDIR.
-            env.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                           os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+            proctree.share_torch_caches(tree_tmp, env)
             env["TMPDIR"] = tree_tmp
         self._rotate_log()
         self.gen += 1
@@ -551,7 +547,7 @@ class Supervisor:
                                                    model=spec.model, port=self.cfg.vllm.port)
         except OSError as e:
             if tree_tmp:
-                os.rmdir(tree_tmp)
+                shutil.rmtree(tree_tmp, ignore_errors=True)  # never follows the cache link
             return False, f"cannot start {argv[0]}: {e.strerror or e}", "spawn", None
         if tree_tmp:
             self.tree.files.append(tree_tmp)
