@@ -12,6 +12,8 @@ import signal
 import subprocess
 import threading
 
+import pytest
+
 from support import alive, wait_for
 from vsup.states import TRANSITIONS, State
 
@@ -99,6 +101,27 @@ def test_hang_after_healthy_traffic_is_still_confirmed(fake_daemon) -> None:
     wait_for(lambda: d.status()["restarts"] >= 1, 40, "recovery from a hang after 3 good canaries")
     stop = next(e for e in d.events() if e["event"] == "state" and e["state"] == "stopping")
     assert stop["reason"].startswith("hang confirmed")
+
+
+@pytest.mark.parametrize("running", [0, 1])
+def test_idle_engine_is_read_once_per_canary_a_busy_one_every_interval(fake_daemon, running) -> None:
+    """While nothing runs, /metrics is read just before each canary (the canary is what proves an
+    idle engine serves); while requests run, every interval_s (0.2 s here, canary every 1 s), to
+    see their tokens move. The canary's own tokens do not count as the engine being busy."""
+    d = fake_daemon(env={"FAKE_VLLM_RUNNING": str(running)}, extra={"probes": {"stall_s": 600.0}})
+    d.wait_state("ready", timeout=30)
+
+    def after_six_canaries() -> list[str] | None:
+        lines = d.log_file.read_text().splitlines()
+        at = [i for i, line in enumerate(lines) if "POST /v1/chat/completions" in line]
+        return lines[at[1]:at[5]] if len(at) >= 6 else None  # the first is the readiness canary
+
+    window = wait_for(after_six_canaries, 30, "six canaries")
+    per_canary = sum("GET /metrics" in line for line in window) / 4
+    if running:
+        assert per_canary >= 3, window
+    else:
+        assert per_canary == 1, window
 
 
 def test_stall_line_before_ready_is_not_a_failure(fake_daemon) -> None:

@@ -100,7 +100,7 @@ class RestartConfig:
 
 @dataclass(frozen=True)
 class ProbesConfig:
-    interval_s: float = _f(5.0, "health + progress probe period while ready", min=0.1)
+    interval_s: float = _f(5.0, "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary", min=0.1)
     canary_interval_s: float = _f(8.0, "periodic canary completion while ready (0 = only at start)", min=0)
     stall_s: float = _f(20.0, "requests running but no generated tokens for this long = no progress", min=1)
     startup_grace_s: float = _f(0.0, "extra time after ready during which stall lines are only warnings", min=0)

@@ -9,7 +9,8 @@ prints vLLM 0.32-format log lines. Misbehaviour comes from FAKE_VLLM_MODE:
                      canary) never answer; /health stays 200
 FAKE_VLLM_DELAY_S delays readiness; FAKE_VLLM_STALL_BEFORE_READY=1 logs the shm stall line
 while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like subtree) that
-live until killed.
+live until killed. FAKE_VLLM_RUNNING=N adds N to `vllm:num_requests_running` (as a long request
+would that streams without generating).
 """
 
 import argparse
@@ -75,7 +76,8 @@ def main() -> None:
                 return self.send(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
             if self.path == "/metrics":
                 with lock:
-                    txt = (f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {state["running"]}\n'
+                    running = state["running"] + int(os.environ.get("FAKE_VLLM_RUNNING", "0"))
+                    txt = (f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}\n'
                            f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} 0.0\n'
                            f'vllm:generation_tokens_total{{engine="0",model_name="{name}"}} {state["tokens"]}\n')
                 return self.send(200, txt.encode(), "text/plain")
