@@ -148,6 +148,23 @@ def test_stop_kills_the_whole_session_and_daemon_stays(fake_daemon) -> None:
     assert not [p for p in _session(sid) if alive(p)]
 
 
+def test_teardown_sigkills_what_outlives_the_grace_without_a_second_one(fake_daemon) -> None:
+    """A server and child that ignore SIGTERM (as vLLM 0.32 waiting on a hung client): after
+    stop_grace_s what is left is SIGKILLed at once; cleanup_grace_s (the grace for orphans of
+    earlier runs, 60 s here) is not spent on top of it."""
+    d = fake_daemon(env={"FAKE_VLLM_IGNORE_TERM": "1", "FAKE_VLLM_CHILDREN": "1"},
+                    extra={"timeouts": {"stop_grace_s": 1.0, "cleanup_grace_s": 60.0}})
+    d.wait_state("ready", timeout=30)
+    wait_for(lambda: len(d.status()["tree"]["pids"]) >= 2, 10, "the child in the tree record")
+    pids = d.status()["tree"]["pids"]
+    r = d.cli("stop", timeout=40)
+    assert r.returncode == 0, r.stderr
+    ev = [e for e in d.events() if e["event"] == "cleanup" and e.get("why") == "teardown"][-1]
+    assert ev["seconds"] < 30, ev
+    assert {k["pid"] for k in ev["killed"] if k["how"] == "SIGKILL"} >= set(pids), ev
+    assert not [p for p in pids if alive(p)]
+
+
 def _session(sid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):

@@ -953,6 +953,9 @@ class Supervisor:
             end = t0 + grace
             while time.monotonic() < end and await asyncio.to_thread(proctree.live_members, tree):
                 await asyncio.sleep(0.1)
+            # The grace is spent: what is left (a server waiting on a hung request, a stopped
+            # worker) is SIGKILLed now, as stop_grace_s promises, not given a second grace.
+            cleanup_grace = 0.0
         else:
             # The API server died on its own (SIGKILL, crash): nobody will shut the rest down
             # gracefully; an orphaned engine core does not even act on SIGTERM (measured: 5 s

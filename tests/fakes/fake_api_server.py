@@ -10,12 +10,14 @@ prints vLLM 0.32-format log lines. Misbehaviour comes from FAKE_VLLM_MODE:
 FAKE_VLLM_DELAY_S delays readiness; FAKE_VLLM_STALL_BEFORE_READY=1 logs the shm stall line
 while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like subtree) that
 live until killed. FAKE_VLLM_RUNNING=N adds N to `vllm:num_requests_running` (as a long request
-would that streams without generating).
+would that streams without generating). FAKE_VLLM_IGNORE_TERM=1: the server and its children
+ignore SIGTERM (as vLLM 0.32 waiting without limit on an open connection).
 """
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODE = os.environ.get("FAKE_VLLM_MODE", "ok")
+IGNORE_TERM = bool(os.environ.get("FAKE_VLLM_IGNORE_TERM"))
 PID = os.getpid()
 lock = threading.Lock()
 state = {"requests": 0, "running": 0, "tokens": 0}
@@ -46,7 +49,10 @@ def main() -> None:
         log("ERROR", "core.py:1", "EngineCore failed to start.", proc="EngineCore", pid=PID)
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
         sys.exit(1)
-    children = [subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(60)"])
+    ignore = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if IGNORE_TERM else ""
+    if IGNORE_TERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    children = [subprocess.Popen([sys.executable, "-c", ignore + "import time\nwhile True: time.sleep(60)"])
                 for _ in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")))]
     delay = float(os.environ.get("FAKE_VLLM_DELAY_S", "0"))
     if os.environ.get("FAKE_VLLM_STALL_BEFORE_READY"):
