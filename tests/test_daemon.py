@@ -165,6 +165,21 @@ def test_teardown_sigkills_what_outlives_the_grace_without_a_second_one(fake_dae
     assert not [p for p in pids if alive(p)]
 
 
+def test_recovery_of_a_dead_engine_does_not_wait_stop_grace(fake_daemon) -> None:
+    """An engine death leaves an API server that will never answer its clients (and, as vLLM 0.32
+    with a request open, ignores SIGTERM): the recovery's teardown takes the short failed-server
+    grace, not the operator's stop_grace_s (60 s here), then restarts."""
+    d = fake_daemon("worker_dies_after_ready", env={"FAKE_VLLM_IGNORE_TERM": "1"},
+                    extra={"timeouts": {"stop_grace_s": 60.0}})
+    first = d.wait_state("ready", timeout=30)
+    wait_for(lambda: d.status()["restarts"] >= 1, 40, "recovery from the engine death")
+    ev = next(e for e in d.events() if e["event"] == "teardown")
+    assert ev["grace_s"] == 3 and ev["reason"].startswith("Worker proc VllmWorker-1 died"), ev
+    assert not alive(first["pid"])
+    d.proc.kill()  # the fixture's ledger cleanup then ends the tree, without the 60 s stop grace
+    d.proc.wait(10)
+
+
 def _session(sid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):

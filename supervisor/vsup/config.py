@@ -70,7 +70,7 @@ class TimeoutsConfig:
     # Measured on 2-core CPU machines: the tiny model is ready in 40-45 s; real GPU models load
     # for minutes, so the default is generous and operators shorten it.
     start_s: float = _f(600.0, "from spawn to ready (health + model listed + canary), else the start failed", min=1)
-    stop_grace_s: float = _f(20.0, "SIGTERM to the API server, then this long before SIGKILL of the whole tree", min=0)
+    stop_grace_s: float = _f(20.0, "stop, reload: SIGTERM to the API server, then this long before SIGKILL of the tree (failed server: 3 s at most)", min=0)
     # A hung worker keeps the API server in "Waiting for connections to close" forever, so
     # a stop never waits for clients beyond the grace.
     kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)

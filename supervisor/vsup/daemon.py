@@ -47,7 +47,10 @@ STRIKE_KINDS = frozenset({"shm_stall"})
 # ladder (the seed's --disable-custom-all-reduce) addresses.
 LADDER_KINDS = frozenset({"engine_dead", "worker_died", "hang", "exited"})
 EARLY_REQUESTS = 3          # "at the first requests": this many completions served, or fewer
-UNHEALTHY_STOP_GRACE_S = 3  # a hung server blocks in "Waiting for connections to close": don't wait
+# Stopping a failed server (hung, engine dead, failed reload): its clients' requests will never
+# complete, and vLLM 0.32 blocks in "Waiting for connections to close" while they are open, so
+# a long grace only delays the restart. stop_grace_s is for operators' stops and reloads.
+FAILED_STOP_GRACE_S = 3
 DRAIN_IDLE_S = 1.0          # reload's drain: no running or waiting request for this long
 ORPHAN_GRACE_S = 1.0        # SIGTERM-to-SIGKILL for what is left when the API server died by itself
 LOG_ROTATE_BYTES = 256 << 20
@@ -835,9 +838,8 @@ class Supervisor:
         early = self._served_since_ready <= EARLY_REQUESTS
         lines = self.lines_since_spawn()
         tree = self.tree
-        grace = UNHEALTHY_STOP_GRACE_S if kind == "hang" else self.cfg.timeouts.stop_grace_s
         self._set_state(State.STOPPING, reason=reason, phase="teardown")
-        report = await self._teardown(reason, grace=grace)
+        report = await self._teardown(reason, grace=min(FAILED_STOP_GRACE_S, self.cfg.timeouts.stop_grace_s))
         self._incident(reason, kind, lines, tree, report)
         now = time.monotonic()
         self._failures.append(now)
@@ -1065,7 +1067,7 @@ class Supervisor:
         lines = self.lines_since_spawn()
         tree = self.tree
         await phase("rollback")
-        report = await self._teardown(f"reload of {new.name} failed", grace=UNHEALTHY_STOP_GRACE_S)
+        report = await self._teardown(f"reload of {new.name} failed", grace=FAILED_STOP_GRACE_S)
         self._incident(detail, kind, lines, tree, report)
         if obs is not None:
             self._reply(cmd, error=OperationFailed(f"reload interrupted: {detail}"))
@@ -1086,7 +1088,7 @@ class Supervisor:
         if obs2 is not None:
             return self._intent_for(obs2)
         self._set_state(State.STOPPING, reason=f"rollback failed: {detail2}", phase="teardown", operation=None)
-        await self._teardown("rollback failed", grace=UNHEALTHY_STOP_GRACE_S)
+        await self._teardown("rollback failed", grace=FAILED_STOP_GRACE_S)
         self._set_state(State.FAILED, reason=f"{msg}; rollback failed: {detail2}", phase=None)
         return Intent("idle")
 

@@ -7,6 +7,8 @@ prints vLLM 0.32-format log lines. Misbehaviour comes from FAKE_VLLM_MODE:
   die_on_request     first completion: log an engine death (as 0.32 does) and exit 0
   hang_after_ready   completions after the first FAKE_VLLM_HANG_AFTER (default 1: the readiness
                      canary) never answer; /health stays 200
+  worker_dies_after_ready  completions after the readiness canary log a worker death and
+                     answer 500; the server stays up
 FAKE_VLLM_DELAY_S delays readiness; FAKE_VLLM_STALL_BEFORE_READY=1 logs the shm stall line
 while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like subtree) that
 live until killed. FAKE_VLLM_RUNNING=N adds N to `vllm:num_requests_running` (as a long request
@@ -105,6 +107,11 @@ def main() -> None:
                         proc="EngineCore")
                     self.send(500, {"error": "EngineDeadError"})
                     os._exit(0)
+                if MODE == "worker_dies_after_ready" and k > 1:
+                    # as vLLM 0.32 after a worker's SIGKILL: the API server lives on, errors
+                    log("ERROR", "multiproc_executor.py:316", "Worker proc VllmWorker-1 died unexpectedly "
+                        "(exit code: -9), shutting down executor.", proc="EngineCore")
+                    return self.send(500, {"error": "EngineDeadError"})
                 if MODE == "hang_after_ready" and k > int(os.environ.get("FAKE_VLLM_HANG_AFTER", "1")):
                     # as vLLM 0.32 with a stopped worker: the engine's stats freeze, so the hung
                     # request never shows in num_requests_running
