@@ -24,12 +24,14 @@ KEEP = 50
 def vllm_version(python: str) -> str | None:
     """vLLM's version from the interpreter's site-packages metadata, without running it
     (the daemon starts no subprocess besides vLLM: it reaps every child it has)."""
-    root = Path(python).resolve().parent.parent
-    for meta in sorted(root.glob("lib/python3*/site-packages/vllm*.dist-info/METADATA")):
-        with contextlib.suppress(OSError):
-            for line in meta.read_text(errors="replace").splitlines()[:20]:
-                if line.startswith("Version:"):
-                    return line.split(":", 1)[1].strip()
+    # A venv's bin/python is a symlink to the base interpreter: the venv's own site-packages
+    # is beside the link, not beside its target (which is looked at second, for a plain install).
+    for root in dict.fromkeys((Path(python).absolute().parent.parent, Path(python).resolve().parent.parent)):
+        for meta in sorted(root.glob("lib/python3*/site-packages/vllm*.dist-info/METADATA")):
+            with contextlib.suppress(OSError):
+                for line in meta.read_text(errors="replace").splitlines()[:20]:
+                    if line.startswith("Version:"):
+                        return line.split(":", 1)[1].strip()
     return None
 
 
