@@ -350,8 +350,11 @@ def _inject(sup: Supervisor, fault: int, reg: procs.Registry, tree: procs.Tree, 
         return t, hang_watch_s, None, outcome
     if fault == 4:
         t = sup.sigkill()
+        reaped = time.time() - t
         time.sleep(1.0)  # an operator (or systemd's Restart=) starts it again
         sup.start()
+        ep.notes.append(f"supervisor SIGKILLed and reaped in {reaped:.2f}s, started again {time.time() - t:.2f}s "
+                        "after the fault")
         return t, WATCH_S, None, None
     if fault == 5:
         client.model = "tiny-b"
