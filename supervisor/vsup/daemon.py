@@ -812,7 +812,7 @@ class Supervisor:
                         continue
                 # An idle engine (nothing running or waiting, no new tokens) has no progress to
                 # watch: the canary is what proves it serves, so look again just before the next
-                # one instead of every interval_s. This halves vsup's idle CPU.
+                # one instead of every interval_s (idle CPU 0.4 % -> 0.28 % of a core in the benchmark).
                 until_canary = next_canary - time.monotonic()
                 period = p.interval_s if busy or until_canary == float("inf") else until_canary
                 await asyncio.sleep(max(0.05, min(period, until_canary)))
