@@ -234,6 +234,7 @@ class Registry:
             for key, tree in self._known.items():
                 if tree is not None:
                     by_pid[key[0]] = (key, tree)
+            roots = self.roots()  # the supervisor's own processes, once per scan
             # parents before children: sort by start time
             for st in sorted(stats.values(), key=lambda s: s.start):
                 key = (st.pid, st.start)
@@ -256,7 +257,6 @@ class Registry:
                     # Between fork and exec a child still shows its parent's command line: look
                     # again at young processes until they are a few seconds old.
                     young = now - self._boot - st.start / CLK_TCK <= RECHECK_S
-                    roots = self.roots()
                     helper_parents = {k[0]: k for k in (*roots, *self.helpers)}
                     if st.ppid in helper_parents and pst is not None and helper_parents[st.ppid] == (pst.pid, pst.start):
                         # spawned by the supervisor (or a helper of it): e.g. circus's stats process

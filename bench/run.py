@@ -1,6 +1,6 @@
 """vsup benchmark: vsup vs supervisord, circus and a bash restart loop on the same real faults.
 
-    make bench         # full: 4 supervisors x faults 1-5, reload x3, idle, parse, cleanup (~55-65 min)
+    make bench         # full: 4 supervisors x faults 1-5, reload x3, idle, parse, cleanup (~40-65 min)
     make bench-quick   # vsup + supervisord, faults 1-3, one repetition, 90 s hang watch (~15-20 min)
     .venv/bin/python bench/run.py --help
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from vsup.host import Host, ProcInfo, SignalResult, same_process
-from vsup.proctree import TREE_TMPDIR
 from vsup.proctree import (
     DIST_FILE,
+    TREE_TMPDIR,
     ZMQ_SOCKET,
     TreeRecord,
     descendants,

@@ -542,7 +542,7 @@ class Supervisor:
         self.gen += 1
         self._leader_gone.clear()
         self.leader_status = None
-        self._ready_at: float | None = None
+        self._ready_at = None
         self._lines_at_spawn = self._lines_total
         self._served_since_ready = 0
         try:
@@ -944,7 +944,6 @@ class Supervisor:
         with contextlib.suppress(Exception):
             tree = await asyncio.to_thread(proctree.refresh, tree)  # last look at what it holds
         self.ledger.upsert(replace(tree, ended=True))
-        cleanup_grace = self.cfg.timeouts.cleanup_grace_s
         if self.popen is not None and self.leader_status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGTERM)
@@ -962,7 +961,7 @@ class Supervisor:
             # The API server died on its own (SIGKILL, crash): nobody will shut the rest down
             # gracefully; an orphaned engine core does not even act on SIGTERM (measured: 5 s
             # and no exit), so waiting only delays the restart.
-            cleanup_grace = min(cleanup_grace, ORPHAN_GRACE_S)
+            cleanup_grace = min(self.cfg.timeouts.cleanup_grace_s, ORPHAN_GRACE_S)
         self.gen += 1  # everything the old tree still says from here on is stale
         self._set_phase("cleanup")
         report = await asyncio.to_thread(cleanup_mod.cleanup, [tree], grace_s=cleanup_grace)
