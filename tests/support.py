@@ -7,14 +7,19 @@ is removed through the ledger it wrote, even when the test failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import pytest
@@ -39,6 +44,26 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def readable_copy(*modules: ModuleType) -> Iterator[str]:
+    """A sys.path entry another user can read, holding copies of these top-level modules (a
+    package directory or a single file, extension modules included); removed afterwards. The
+    checkout, and the test venv inside it, may sit in a directory only its owner can enter, as
+    after `git clone . "$(mktemp -d)"`."""
+    root = tempfile.mkdtemp(prefix="vsup-readable-")
+    try:
+        os.chmod(root, 0o755)
+        for mod in modules:
+            src = Path(mod.__file__ or "")
+            if src.name == "__init__.py":
+                shutil.copytree(src.parent, Path(root, src.parent.name), ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, root)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def free_port(lo: int = 8000, hi: int = 8099) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import vsup
+from support import readable_copy
 from vsup.control import (
     ERROR_CODES,
     Acl,
@@ -762,20 +763,21 @@ else:
 
 
 class OtherUser:
-    """A real second user (member of OTHER_GROUP) and an interpreter it may execute."""
+    """A real second user (member of OTHER_GROUP), an interpreter it may execute and a copy of
+    the vsup package it may import."""
 
-    def __init__(self, python: str) -> None:
+    def __init__(self, python: str, vsup_path: str) -> None:
         entry = pwd.getpwnam(OTHER_USER)
         self.uid = entry.pw_uid
         self.primary_gid = entry.pw_gid
         self.group_gid = grp.getgrnam(OTHER_GROUP).gr_gid
         self.python = python
+        self.vsup_path = vsup_path
 
     def call(self, path: Path, cmd: str) -> dict[str, Any]:
         """Run ControlClient(path).call(cmd) as this user in a fresh process."""
-        supervisor_dir = str(Path(vsup.__file__).resolve().parent.parent)
         done = subprocess.run(
-            ["runuser", "-u", OTHER_USER, "--", self.python, "-c", CLIENT_SCRIPT, supervisor_dir, str(path), cmd],
+            ["runuser", "-u", OTHER_USER, "--", self.python, "-c", CLIENT_SCRIPT, self.vsup_path, str(path), cmd],
             capture_output=True, text=True, timeout=60, cwd="/",
         )
         assert done.returncode == 0, done.stderr
@@ -799,7 +801,7 @@ def _ensure_user() -> None:
 
 
 @pytest.fixture(scope="session")
-def other_user() -> OtherUser:
+def other_user() -> Iterator[OtherUser]:
     """The user `vsuptest` in group `vsuptestgrp`, created if missing (left in place: shared)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second user and run a client as it")
@@ -810,7 +812,9 @@ def other_user() -> OtherUser:
             capture_output=True, cwd="/",
         )
         if probe.returncode == 0:
-            return OtherUser(python)
+            with readable_copy(vsup) as vsup_path:
+                yield OtherUser(python, vsup_path)
+            return
     pytest.skip(f"no Python >= 3.11 that {OTHER_USER} may execute")
 
 

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import posix_ipc
 import psutil
 import pytest
 from fakes.trees import rand_name, unlink_quiet, wait_for
+from support import readable_copy
 
+import vsup
 from vsup.host import Host, SignalResult
 
 TITLE_SCRIPT = "import setproctitle, sys, time; setproctitle.setproctitle(sys.argv[1]); print('up', flush=True); time.sleep(60)"
@@ -101,17 +102,17 @@ def test_signal_permission_denied_is_reported(tmp_path):
     target = subprocess.Popen(["sleep", "30"])
     try:
         ct = Host().process(target.pid).create_time
-        site = next(p for p in sys.path if p.endswith("site-packages"))
-        code = textwrap.dedent(f"""
-            import sys, signal
-            sys.path[:0] = [{str(Path(__file__).parents[1] / 'supervisor')!r}, {site!r}]
-            from vsup.host import Host
-            print(Host().signal({target.pid}, {ct!r}, signal.SIGTERM).value)
-        """)
-        out = subprocess.run(
-            ["setpriv", "--reuid=vsuptest", "--regid=vsuptest", "--clear-groups", "/usr/bin/python3", "-c", code],
-            capture_output=True, text=True, timeout=30, cwd="/",
-        )
+        with readable_copy(vsup, psutil, posix_ipc) as path:
+            code = textwrap.dedent(f"""
+                import sys, signal
+                sys.path[:0] = [{path!r}]
+                from vsup.host import Host
+                print(Host().signal({target.pid}, {ct!r}, signal.SIGTERM).value)
+            """)
+            out = subprocess.run(
+                ["setpriv", "--reuid=vsuptest", "--regid=vsuptest", "--clear-groups", "/usr/bin/python3", "-c", code],
+                capture_output=True, text=True, timeout=30, cwd="/",
+            )
         assert out.stdout.strip() == "denied", out.stderr
         assert target.poll() is None
     finally:

@@ -7,8 +7,8 @@
 #       opt-vsup/ (a venv), passwd.add, group.add; systemd's log goes to $1/systemd.log
 #   $2  name of the cgroup created for this boot in each hierarchy of $3
 #   $3  space-separated hierarchies under /sys/fs/cgroup
-#   $4  the repository, $5 the test venv's site-packages: bound read-only at /opt/vsup-src and
-#       /opt/vsup-deps (harness.REPO_IN_NS, DEPS_IN_NS)
+#   $4  the repository (its supervisor/ and tests/), $5 the test venv's site-packages: bound
+#       read-only at /opt/vsup-src and /opt/vsup-deps (harness.REPO_IN_NS, DEPS_IN_NS)
 set -eu
 S=$1
 exec >"$S/ns-init.log" 2>&1
@@ -105,9 +105,15 @@ ln -s /run/lock /var/lock
 mount -t tmpfs -o mode=755 opt /opt
 mkdir /opt/vsup
 mount --bind "$S/opt-vsup" /opt/vsup
-mkdir /opt/vsup-src /opt/vsup-deps
-mount --bind "$S/src" /opt/vsup-src
-mount -o remount,bind,ro /opt/vsup-src
+# Only the checkout's supervisor/ and tests/, under a directory of our own: the checkout's top
+# may be a directory only root can enter (`git clone . "$(mktemp -d)"`), and user vsup must
+# read through it.
+mkdir -m 755 /opt/vsup-src /opt/vsup-deps
+for d in supervisor tests; do
+    mkdir -m 755 "/opt/vsup-src/$d"
+    mount --bind "$S/src/$d" "/opt/vsup-src/$d"
+    mount -o remount,bind,ro "/opt/vsup-src/$d"
+done
 mount --bind "$S/deps" /opt/vsup-deps
 mount -o remount,bind,ro /opt/vsup-deps
 
