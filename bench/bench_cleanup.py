@@ -153,12 +153,16 @@ def main() -> None:
                 rows.append(("processes", n, mode, times, f"{killed} killed (SIGTERM)"))
     finally:
         remove_leftovers(started)
-    print(f"cleanup() wall time, median of {a.reps} (min-max); host: {os.cpu_count()} CPUs, {nproc} processes before the run\n")
+    print(
+        f"cleanup() wall time, median of {a.reps} (min-max); host: {os.cpu_count()} CPUs, {nproc} processes before the run\n"
+    )
     print("| what | N | mode | median | min - max | result |")
     print("| --- | ---: | --- | ---: | ---: | --- |")
     for what, n, mode, times, result in rows:
-        print(f"| {what} | {n} | {mode} | {statistics.median(times) * 1000:.0f} ms | "
-              f"{min(times) * 1000:.0f} - {max(times) * 1000:.0f} ms | {result} |")
+        print(
+            f"| {what} | {n} | {mode} | {statistics.median(times) * 1000:.0f} ms | "
+            f"{min(times) * 1000:.0f} - {max(times) * 1000:.0f} ms | {result} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ from vsup.logtail import LogTailer  # noqa: E402
 from vsup.signatures import Catalog  # noqa: E402
 
 API, CORE, W0, W1 = 7868, 8362, 8422, 8423
-PARAMS = ("SamplingParams(n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, "
-          "temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[], "
-          "max_tokens=128, min_tokens=0, logprobs=None, prompt_logprobs=None, skip_special_tokens=True)")
+PARAMS = (
+    "SamplingParams(n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, "
+    "temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[], "
+    "max_tokens=128, min_tokens=0, logprobs=None, prompt_logprobs=None, skip_special_tokens=True)"
+)
 
 
 def _ts(sec: int) -> str:
@@ -55,16 +57,24 @@ def _startup_block() -> list[str]:
         lines = real.read_text(encoding="utf-8", errors="replace").splitlines()
         end = next((i for i, x in enumerate(lines) if "Application startup complete" in x), len(lines) - 1)
         return lines[: end + 1]
-    return [f"(APIServer pid={API}) INFO 11-25 12:42:20 [api_utils.py:286] non-default args: {{'tensor_parallel_size': 2}}",
-            "INFO:     Application startup complete."]
+    return [
+        f"(APIServer pid={API}) INFO 11-25 12:42:20 [api_utils.py:286] non-default args: {{'tensor_parallel_size': 2}}",
+        "INFO:     Application startup complete.",
+    ]
 
 
 def _body_line(rng: random.Random, i: int, t: int) -> str:
     r = rng.random()
     rid = f"chatcmpl-{i:016x}"
     if r < 0.20:
-        path, status = rng.choice([("/v1/chat/completions", "200 OK"), ("/v1/completions", "200 OK"),
-                                   ("/health", "200 OK"), ("/metrics", "200 OK")])
+        path, status = rng.choice(
+            [
+                ("/v1/chat/completions", "200 OK"),
+                ("/v1/completions", "200 OK"),
+                ("/health", "200 OK"),
+                ("/metrics", "200 OK"),
+            ]
+        )
         return f'INFO:     127.0.0.1:{rng.randint(30000, 65000)} - "{"GET" if path in ("/health", "/metrics") else "POST"} {path} HTTP/1.1" {status}'
     if r < 0.26:
         return f"(APIServer pid={API}) INFO {_ts(t)} [request_logger.py:65] Received request {rid}: params: {PARAMS}, lora_request: None."
@@ -72,32 +82,40 @@ def _body_line(rng: random.Random, i: int, t: int) -> str:
         return f"(APIServer pid={API}) INFO {_ts(t)} [async_llm.py:578] Added request {rid}-a07ba2c2."
     if r < 0.35:
         run = rng.randint(0, 32)
-        return (f"(APIServer pid={API}) INFO {_ts(t)} [loggers.py:335] Engine 000: Avg prompt throughput: "
-                f"{rng.uniform(0, 900):.1f} tokens/s, Avg generation throughput: {rng.uniform(0, 3000):.1f} tokens/s, "
-                f"Running: {run} reqs, Waiting: {rng.randint(0, 4)} reqs, CPU KV cache usage: {rng.uniform(0, 90):.1f}%, "
-                f"Prefix cache hit rate: {rng.uniform(0, 80):.1f}%")
+        return (
+            f"(APIServer pid={API}) INFO {_ts(t)} [loggers.py:335] Engine 000: Avg prompt throughput: "
+            f"{rng.uniform(0, 900):.1f} tokens/s, Avg generation throughput: {rng.uniform(0, 3000):.1f} tokens/s, "
+            f"Running: {run} reqs, Waiting: {rng.randint(0, 4)} reqs, CPU KV cache usage: {rng.uniform(0, 90):.1f}%, "
+            f"Prefix cache hit rate: {rng.uniform(0, 80):.1f}%"
+        )
     if r < 0.90:  # 55 %: DEBUG noise of engine core and workers
         pid, name = rng.choice([(CORE, "EngineCore"), (W0, "Worker_TP0"), (W1, "Worker_TP1")])
-        msg = rng.choice([
-            "[distributed/device_communicators/shm_broadcast.py:220] Poller timed out",
-            "[v1/engine/core.py:1596] EngineCore loop active.",
-            "[v1/engine/core.py:1601] EngineCore waiting for work.",
-            f"[v1/worker/cpu_model_runner.py:412] Scheduled {rng.randint(1, 64)} tokens for {rng.randint(1, 8)} requests",
-            f"[v1/core/sched/scheduler.py:{rng.randint(300, 900)}] num_computed_tokens={rng.randint(0, 4096)} for request {rid}",
-        ])
+        msg = rng.choice(
+            [
+                "[distributed/device_communicators/shm_broadcast.py:220] Poller timed out",
+                "[v1/engine/core.py:1596] EngineCore loop active.",
+                "[v1/engine/core.py:1601] EngineCore waiting for work.",
+                f"[v1/worker/cpu_model_runner.py:412] Scheduled {rng.randint(1, 64)} tokens for {rng.randint(1, 8)} requests",
+                f"[v1/core/sched/scheduler.py:{rng.randint(300, 900)}] num_computed_tokens={rng.randint(0, 4096)} for request {rid}",
+            ]
+        )
         return f"({name} pid={pid}) DEBUG {_ts(t)} {msg}"
     if r < 0.94:
         return f"(APIServer pid={API}) INFO {_ts(t)} [serving.py:{rng.randint(100, 999)}] Generated response {rid}: output: 'lorem ipsum dolor {i}', finish_reason: stop"
-    return rng.choice([
-        "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 459.00it/s]",
-        f"(Worker pid={W0}) WARNING {_ts(t)} [cpu_worker.py:114] libtcmalloc is not found in LD_PRELOAD. For best performance, please set LD_PRELOAD.",
-        "[W1125 12:42:41.019357592 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes (0).",
-    ])
+    return rng.choice(
+        [
+            "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 459.00it/s]",
+            f"(Worker pid={W0}) WARNING {_ts(t)} [cpu_worker.py:114] libtcmalloc is not found in LD_PRELOAD. For best performance, please set LD_PRELOAD.",
+            "[W1125 12:42:41.019357592 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes (0).",
+        ]
+    )
 
 
-_STALL = (f"(EngineCore pid={CORE}) INFO {{ts}} [shm_broadcast.py:802] No available shared memory broadcast block found "
-          "in 60 seconds. This typically happens when some processes are hanging or doing some time-consuming work "
-          "(e.g. compilation, weight/kv cache quantization).")
+_STALL = (
+    f"(EngineCore pid={CORE}) INFO {{ts}} [shm_broadcast.py:802] No available shared memory broadcast block found "
+    "in 60 seconds. This typically happens when some processes are hanging or doing some time-consuming work "
+    "(e.g. compilation, weight/kv cache quantization)."
+)
 _DEATH = [
     f"(EngineCore pid={CORE}) ERROR {{ts}} [multiproc_executor.py:315] Worker proc VllmWorker-1 died unexpectedly (exit code: -9), shutting down executor.",
     f"(EngineCore pid={CORE}) ERROR {{ts}} [core.py:1512] EngineCore encountered a fatal error.",
@@ -199,15 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             wall, cpu = _measure(fn)
             rows.append((name, wall, cpu))
 
-        print(f"vsup log benchmark: {n:,} lines, {size / 1e6:.0f} MB, Python {sys.version.split()[0]}, "
-              f"{len(catalog)} signatures; {matched[0]:,} lines matched a signature; verdict {verdict[0]}\n")
+        print(
+            f"vsup log benchmark: {n:,} lines, {size / 1e6:.0f} MB, Python {sys.version.split()[0]}, "
+            f"{len(catalog)} signatures; {matched[0]:,} lines matched a signature; verdict {verdict[0]}\n"
+        )
         print("| stage | wall s | CPU s | lines/s (CPU) | µs/line (CPU) |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, wall, cpu in rows:
             print(f"| {name} | {wall:.2f} | {cpu:.2f} | {n / cpu:,.0f} | {cpu / n * 1e6:.2f} |")
         if args.idle_seconds > 0:
             cpu, wall = idle_tail_cpu(args.idle_seconds)
-            print(f"| idle tailing ({wall:.0f} s) | {wall:.2f} | {cpu:.4f} | - | {cpu / wall * 100:.3f} % of a core |")
+            print(
+                f"| idle tailing ({wall:.0f} s) | {wall:.2f} | {cpu:.4f} | - | {cpu / wall * 100:.3f} % of a core |"
+            )
         return 0
     finally:
         if tmpdir is not None:

@@ -54,8 +54,9 @@ class Req:
 class Client:
     """A request every second against `port`, for whichever model is current."""
 
-    def __init__(self, port: int, model: str, interval: float = CLIENT_INTERVAL_S,
-                 timeout: float = CLIENT_TIMEOUT_S) -> None:
+    def __init__(
+        self, port: int, model: str, interval: float = CLIENT_INTERVAL_S, timeout: float = CLIENT_TIMEOUT_S
+    ) -> None:
         self.port, self.model = port, model
         self.interval, self.timeout = interval, timeout
         self.reqs: list[Req] = []
@@ -103,9 +104,16 @@ class Client:
 
 def complete(port: int, model: str, timeout: float, max_tokens: int = 4) -> str:
     try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", trust_env=False, timeout=timeout,
-                       json={"model": model, "messages": [{"role": "user", "content": "Say hi"}],
-                             "max_tokens": max_tokens})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            trust_env=False,
+            timeout=timeout,
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": max_tokens,
+            },
+        )
     except httpx.TimeoutException:
         return "timeout"
     except httpx.ConnectError:
@@ -115,7 +123,9 @@ def complete(port: int, model: str, timeout: float, max_tokens: int = 4) -> str:
     return "ok" if r.status_code == 200 else f"http_{r.status_code}"
 
 
-def wait_serving(port: int, model: str, timeout: float, stop: Callable[[], bool] = lambda: False) -> float | None:
+def wait_serving(
+    port: int, model: str, timeout: float, stop: Callable[[], bool] = lambda: False
+) -> float | None:
     """Poll until a completion succeeds; the time it did, or None."""
     end = time.time() + timeout
     while time.time() < end and not stop():
@@ -163,8 +173,14 @@ def wait_tree_complete(reg: procs.Registry, timeout: float = 60) -> procs.Tree |
     while time.time() < end:
         api = reg.live_api_server()
         tree = reg.tree_of(api.pid) if api else None
-        if tree and "Worker_TP1" in tree.titles() and "EngineCore" in tree.titles() \
-                and any(o.name.startswith("psm_") for o in tree.ipc.values()) and tree.dist_ids and tree.sockets:
+        if (
+            tree
+            and "Worker_TP1" in tree.titles()
+            and "EngineCore" in tree.titles()
+            and any(o.name.startswith("psm_") for o in tree.ipc.values())
+            and tree.dist_ids
+            and tree.sockets
+        ):
             return tree
         time.sleep(0.5)
     return None
@@ -183,9 +199,13 @@ def measure_idle(sup: Supervisor, reg: procs.Registry, seconds: float) -> dict[s
         time.sleep(1.0)
     cpu1 = sum(procs.cpu_seconds(m.pid) or 0 for m in members)
     dt = time.monotonic() - t0
-    return {"seconds": round(dt, 1), "cpu_pct": round(100 * (cpu1 - cpu0) / dt, 3),
-            "rss_mb": round(sum(rss) / len(rss) / 1e6, 1), "rss_max_mb": round(max(rss) / 1e6, 1),
-            "procs": len(members)}
+    return {
+        "seconds": round(dt, 1),
+        "cpu_pct": round(100 * (cpu1 - cpu0) / dt, 3),
+        "rss_mb": round(sum(rss) / len(rss) / 1e6, 1),
+        "rss_max_mb": round(max(rss) / 1e6, 1),
+        "procs": len(members),
+    }
 
 
 @dataclass
@@ -217,8 +237,9 @@ class Episode:
         return dict(self.__dict__)
 
 
-def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, idle_s: float,
-                log: Callable[[str], None]) -> Episode:
+def run_episode(
+    sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, idle_s: float, log: Callable[[str], None]
+) -> Episode:
     ep = Episode(sup.name, fault, rep)
     reg = procs.Registry(sup.port, sup.logs(), roots=lambda: {(m.pid, m.start) for m in sup.pids()}).start()
     shm_before, tmp_before = set(os.listdir(procs.SHM)), set(os.listdir(procs.TMP))
@@ -236,15 +257,24 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
         if tree is None:
             api = reg.live_api_server()
             t = reg.tree_of(api.pid) if api else None
-            seen = "no live API server on the port" if t is None else (
-                f"API server {t.leader.pid}: {len(t.live_members())} live members "
-                f"({', '.join(sorted({m.cmd.split()[0][-20:] for m in t.live_members()}))}), "
-                f"{len(t.ipc)} shm/sem, dist ids {len(t.dist_ids)}, sockets {len(t.sockets)}; trees {len(reg.trees)}")
-            raise RuntimeError(f"the tree never showed engine core, workers, segments, dist id and sockets: {seen}")
+            seen = (
+                "no live API server on the port"
+                if t is None
+                else (
+                    f"API server {t.leader.pid}: {len(t.live_members())} live members "
+                    f"({', '.join(sorted({m.cmd.split()[0][-20:] for m in t.live_members()}))}), "
+                    f"{len(t.ipc)} shm/sem, dist ids {len(t.dist_ids)}, sockets {len(t.sockets)}; trees {len(reg.trees)}"
+                )
+            )
+            raise RuntimeError(
+                f"the tree never showed engine core, workers, segments, dist id and sockets: {seen}"
+            )
         if isinstance(sup, Vsup):
             _wait_vsup_ready(sup)
-        log(f"  serving after {ep.cold_start_s:.1f}s; tree {tree.leader.pid}: "
-            f"{len(tree.members)} procs, {len(tree.ipc)} shm/sem, {len(tree.sockets)} sockets, dists {len(tree.dist_ids)}")
+        log(
+            f"  serving after {ep.cold_start_s:.1f}s; tree {tree.leader.pid}: "
+            f"{len(tree.members)} procs, {len(tree.ipc)} shm/sem, {len(tree.sockets)} sockets, dists {len(tree.dist_ids)}"
+        )
         if idle_s > 0:
             time.sleep(3)
             ep.idle = measure_idle(sup, reg, idle_s)
@@ -279,15 +309,23 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
                 ep.respawn_s = round(sp[0] - t_fault, 1)
             # Served again = the first success among requests sent after the supervisor acted on
             # the old tree (after a supervisor restart the old server answers until vsup removes it).
-            if t_served is None and t_tree_at is not None and (ok := client.first_ok_after(t_tree_at)) is not None:
+            if (
+                t_served is None
+                and t_tree_at is not None
+                and (ok := client.first_ok_after(t_tree_at)) is not None
+            ):
                 t_served = ok.done
                 owner = port_owner(sup.port)
                 ep.served_by = "old tree (orphan)" if owner in old_leaders else "new tree"
                 ep.debris_at_serve = procs.debris(old).to_json()
             if check_at is not None and ep.debris is None and now >= check_at:
                 ep.debris = procs.debris(old).to_json()
-            if ep.debris is not None and t_served is not None and (swap_thread is None or not swap_thread.is_alive()) \
-                    and now >= min_end:
+            if (
+                ep.debris is not None
+                and t_served is not None
+                and (swap_thread is None or not swap_thread.is_alive())
+                and now >= min_end
+            ):
                 break
         t_end = time.time()
         if t_act is not None:
@@ -301,7 +339,9 @@ def run_episode(sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, i
         ep.next_start = _next_start(ep, reg, old_leaders, t_fault, sup.port)
         if isinstance(sup, Vsup):
             evs = sup.events()[n_events:]
-            ep.reload_phases = {e["phase"]: e["seconds"] for e in evs if e.get("event") == "reload_phase"} or None
+            ep.reload_phases = {
+                e["phase"]: e["seconds"] for e in evs if e.get("event") == "reload_phase"
+            } or None
             ep.notes += _vsup_notes(evs)
         if swap_thread is not None:
             swap_thread.join(60)
@@ -326,8 +366,15 @@ def _wait_vsup_ready(sup: Vsup, timeout: float = 120) -> None:
     raise RuntimeError("vsup never reported state ready")
 
 
-def _inject(sup: Supervisor, fault: int, reg: procs.Registry, tree: procs.Tree, client: Client,
-            hang_watch_s: float, ep: Episode) -> tuple[float, float, threading.Thread | None, list[str] | None]:
+def _inject(
+    sup: Supervisor,
+    fault: int,
+    reg: procs.Registry,
+    tree: procs.Tree,
+    client: Client,
+    hang_watch_s: float,
+    ep: Episode,
+) -> tuple[float, float, threading.Thread | None, list[str] | None]:
     """Inject `fault`; returns the fault time, how long to watch, a swap thread, the in-flight outcome."""
     if fault == 1:
         t = time.time()
@@ -345,16 +392,19 @@ def _inject(sup: Supervisor, fault: int, reg: procs.Registry, tree: procs.Tree, 
         t = time.time()
         os.kill(w.pid, signal.SIGSTOP)
         # one long request in flight on the stopped worker; its outcome is reported as is
-        threading.Thread(target=lambda: outcome.append(complete(sup.port, "tiny-a", hang_watch_s + 120, 200)),
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: outcome.append(complete(sup.port, "tiny-a", hang_watch_s + 120, 200)), daemon=True
+        ).start()
         return t, hang_watch_s, None, outcome
     if fault == 4:
         t = sup.sigkill()
         reaped = time.time() - t
         time.sleep(1.0)  # an operator (or systemd's Restart=) starts it again
         sup.start()
-        ep.notes.append(f"supervisor SIGKILLed and reaped in {reaped:.2f}s, started again {time.time() - t:.2f}s "
-                        "after the fault")
+        ep.notes.append(
+            f"supervisor SIGKILLed and reaped in {reaped:.2f}s, started again {time.time() - t:.2f}s "
+            "after the fault"
+        )
         return t, WATCH_S, None, None
     if fault == 5:
         client.model = "tiny-b"
@@ -372,8 +422,9 @@ def _swap(sup: Supervisor, ep: Episode) -> None:
         ep.notes.append(f"swap: {type(e).__name__}: {e}")
 
 
-def _action(sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, old_leaders: set[int],
-            n_events: int) -> tuple[float | None, str]:
+def _action(
+    sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, old_leaders: set[int], n_events: int
+) -> tuple[float | None, str]:
     """When the supervisor first acted on the fault, and how that was observed."""
     if isinstance(sup, Vsup) and fault != 5:
         for e in sup.events()[n_events:]:
@@ -389,13 +440,18 @@ def _action(sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, ol
     return None, ""
 
 
-def _tree_action(sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, old_leaders: set[int],
-                 n_events: int) -> float | None:
+def _tree_action(
+    sup: Supervisor, fault: int, reg: procs.Registry, t_fault: float, old_leaders: set[int], n_events: int
+) -> float | None:
     """When the supervisor acted on the old tree itself: vsup's teardown/cleanup, else a new server."""
     if isinstance(sup, Vsup) and fault != 5:
         for e in sup.events()[n_events:]:
             ts = _ts(e.get("ts"))
-            if ts is not None and ts >= t_fault and e.get("event") in ("teardown", "cleanup", "leftovers_found"):
+            if (
+                ts is not None
+                and ts >= t_fault
+                and e.get("event") in ("teardown", "cleanup", "leftovers_found")
+            ):
                 return ts
         return None
     sp = reg.spawned_after(t_fault, old_leaders)
@@ -414,7 +470,9 @@ def _next_start(ep: Episode, reg: procs.Registry, old_leaders: set[int], t_fault
         return "started, not serving by the end of the watch"
     if not mine:
         alive_new = [t for t in new if procs.alive(t.leader.pid, t.leader.start)]
-        why = "the old, unsupervised server holds the port" if owner in old_leaders else "did not get the port"
+        why = (
+            "the old, unsupervised server holds the port" if owner in old_leaders else "did not get the port"
+        )
         return f"failed: {why} ({len(new)} start attempt(s), {len(alive_new)} still running)"
     d = ep.debris_at_serve
     if ep.served_by == "new tree" and d and any(d[k] for k in ("procs", "shm", "sems", "dist_files")):
@@ -432,8 +490,9 @@ def _vsup_notes(evs: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_before: set[str],
-              fault: int) -> tuple[list[str], dict[str, Any]]:
+def _teardown(
+    sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_before: set[str], fault: int
+) -> tuple[list[str], dict[str, Any]]:
     """Stop the supervisor, kill what is left of our trees by pid, unlink what they held.
 
     Returns the notes and what the supervisor's own stop left (before the harness removed it)."""
@@ -449,15 +508,19 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
     reg.scan()
     helpers = reg.live_helpers()
     if helpers:
-        report.append(f"harness killed {len(helpers)} supervisor helper process(es) left running: "
-                      + ", ".join(m.cmd[:60] for m in helpers))
+        report.append(
+            f"harness killed {len(helpers)} supervisor helper process(es) left running: "
+            + ", ".join(m.cmd[:60] for m in helpers)
+        )
         procs.kill_members(helpers)
     reg.scan_holdings()  # the dist ids of trees that died since the last look are in the log
     left = procs.debris(reg.trees)
     left_by_stop = left.to_json()
     if left.procs:
-        report.append(f"harness killed {len(left.procs)} leftover process(es): "
-                      + ", ".join(c.split()[0][-30:] for _, c in left.procs))
+        report.append(
+            f"harness killed {len(left.procs)} leftover process(es): "
+            + ", ".join(c.split()[0][-30:] for _, c in left.procs)
+        )
         members = [m for t in reg.trees for m in t.live_members()]
         stuck = procs.kill_members(members)
         if stuck:
@@ -465,24 +528,34 @@ def _teardown(sup: Supervisor, reg: procs.Registry, shm_before: set[str], tmp_be
     left = procs.debris(reg.trees)
     n = len(left.shm) + len(left.sems) + len(left.dist_files) + len(left.sockets) + len(left.tmpdirs)
     if n:
-        report.append(f"harness removed {n} object(s) left after the supervisor's own stop "
-                      f"({len(left.shm)} shm {left.shm_mb:.0f} MB, {len(left.sems)} sem, "
-                      f"{len(left.dist_files)} dist, {len(left.sockets)} sockets, {len(left.tmpdirs)} tmp dirs)")
+        report.append(
+            f"harness removed {n} object(s) left after the supervisor's own stop "
+            f"({len(left.shm)} shm {left.shm_mb:.0f} MB, {len(left.sems)} sem, "
+            f"{len(left.dist_files)} dist, {len(left.sockets)} sockets, {len(left.tmpdirs)} tmp dirs)"
+        )
         failed = procs.remove_objects(left)
         if failed:
             report.append(f"COULD NOT REMOVE: {failed}")
     final = procs.debris(reg.trees)
     if not final.empty:
         report.append(f"REMAINING after harness cleanup: {final.to_json()}")
-    new_shm = {n for n in set(os.listdir(procs.SHM)) - shm_before
-               if n.startswith(("psm_", "sem.mp-", "vllm_dist_", "nccl-", "torch_"))}
-    new_tmp = {n for n in set(os.listdir(procs.TMP)) - tmp_before
-               if n.startswith(("vllm_dist_", "vsup-tree-")) or procs.UUID_NAME.match(n)}
+    new_shm = {
+        n
+        for n in set(os.listdir(procs.SHM)) - shm_before
+        if n.startswith(("psm_", "sem.mp-", "vllm_dist_", "nccl-", "torch_"))
+    }
+    new_tmp = {
+        n
+        for n in set(os.listdir(procs.TMP)) - tmp_before
+        if n.startswith(("vllm_dist_", "vsup-tree-")) or procs.UUID_NAME.match(n)
+    }
     if new_shm or new_tmp:
         names = sorted(new_shm | new_tmp)
-        report.append(f"unattributed new names left alone (other users' servers?): "
-                      f"{len(new_shm)} in /dev/shm, {len(new_tmp)} in /tmp: {', '.join(names[:4])}"
-                      + (" ..." if len(names) > 4 else ""))
+        report.append(
+            f"unattributed new names left alone (other users' servers?): "
+            f"{len(new_shm)} in /dev/shm, {len(new_tmp)} in /tmp: {', '.join(names[:4])}"
+            + (" ..." if len(names) > 4 else "")
+        )
     return report, left_by_stop
 
 
@@ -490,6 +563,7 @@ def _ts(iso: Any) -> float | None:
     if not isinstance(iso, str):
         return None
     from datetime import datetime
+
     try:
         return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
     except ValueError:

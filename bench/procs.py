@@ -54,8 +54,17 @@ def read_stat(pid: int) -> Stat | None:
     except OSError:
         return None
     rest = raw.rsplit(")", 1)[1].split()
-    return Stat(pid, int(rest[1]), int(rest[2]), int(rest[3]), rest[0], int(rest[19]),
-                int(rest[11]), int(rest[12]), int(rest[21]))
+    return Stat(
+        pid,
+        int(rest[1]),
+        int(rest[2]),
+        int(rest[3]),
+        rest[0],
+        int(rest[19]),
+        int(rest[11]),
+        int(rest[12]),
+        int(rest[21]),
+    )
 
 
 def all_stats() -> dict[int, Stat]:
@@ -155,13 +164,26 @@ class Debris:
         return not (self.procs or self.shm or self.sems or self.dist_files or self.sockets or self.tmpdirs)
 
     def total(self) -> int:
-        return (len(self.procs) + len(self.shm) + len(self.sems) + len(self.dist_files) + len(self.sockets)
-                + len(self.tmpdirs))
+        return (
+            len(self.procs)
+            + len(self.shm)
+            + len(self.sems)
+            + len(self.dist_files)
+            + len(self.sockets)
+            + len(self.tmpdirs)
+        )
 
     def to_json(self) -> dict:
-        return {"procs": len(self.procs), "proc_names": [c[:40] for _, c in self.procs],
-                "shm": len(self.shm), "shm_mb": round(self.shm_mb, 1), "sems": len(self.sems),
-                "dist_files": len(self.dist_files), "sockets": len(self.sockets), "tmpdirs": len(self.tmpdirs)}
+        return {
+            "procs": len(self.procs),
+            "proc_names": [c[:40] for _, c in self.procs],
+            "shm": len(self.shm),
+            "shm_mb": round(self.shm_mb, 1),
+            "sems": len(self.sems),
+            "dist_files": len(self.dist_files),
+            "sockets": len(self.sockets),
+            "tmpdirs": len(self.tmpdirs),
+        }
 
 
 def _unix_listeners() -> dict[int, str]:
@@ -185,8 +207,14 @@ class Registry:
     what a tree holds is created at start-up and kept for its whole life.
     """
 
-    def __init__(self, port: int, logs: list[Path], scan_s: float = 0.25, hold_s: float = 2.0,
-                 roots: Callable[[], set[tuple[int, int]]] = lambda: set()) -> None:
+    def __init__(
+        self,
+        port: int,
+        logs: list[Path],
+        scan_s: float = 0.25,
+        hold_s: float = 2.0,
+        roots: Callable[[], set[tuple[int, int]]] = lambda: set(),
+    ) -> None:
         self.port = port
         # The supervisor's own processes (pid, start) and what they spawned that is not a vLLM
         # tree (helpers, e.g. circus's stats daemon): part of the supervisor, measured with it
@@ -258,7 +286,11 @@ class Registry:
                     # again at young processes until they are a few seconds old.
                     young = now - self._boot - st.start / CLK_TCK <= RECHECK_S
                     helper_parents = {k[0]: k for k in (*roots, *self.helpers)}
-                    if st.ppid in helper_parents and pst is not None and helper_parents[st.ppid] == (pst.pid, pst.start):
+                    if (
+                        st.ppid in helper_parents
+                        and pst is not None
+                        and helper_parents[st.ppid] == (pst.pid, pst.start)
+                    ):
                         # spawned by the supervisor (or a helper of it): e.g. circus's stats process
                         if not young:
                             self.helpers[key] = Member(st.pid, st.start, cmd, now)
@@ -407,7 +439,7 @@ def _holdings(pid: int) -> dict[str, set]:
                 shm.add((st.st_dev, st.st_ino))
             except OSError:
                 pass
-        elif (s := SOCKET_LINK.match(target)):
+        elif s := SOCKET_LINK.match(target):
             sockets.add(int(s.group(1)))
     return {"shm": shm, "sockets": sockets}
 
@@ -452,6 +484,7 @@ def kill_members(members: list[Member], grace_s: float = 3.0) -> list[tuple[int,
     vllm-facts.md); whatever it leaves is unlinked by `remove_objects` afterwards.
     Returns the processes that could not be killed.
     """
+
     def send(ms: list[Member], sig: int) -> None:
         for m in ms:
             if alive(m.pid, m.start):
@@ -459,6 +492,7 @@ def kill_members(members: list[Member], grace_s: float = 3.0) -> list[tuple[int,
                     os.kill(m.pid, sig)
                 except ProcessLookupError:
                     pass
+
     trackers = [m for m in members if "resource_tracker" in m.cmd]
     others = [m for m in members if m not in trackers]
     send(others, signal.SIGCONT)

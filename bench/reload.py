@@ -35,8 +35,14 @@ def bare(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
 
     def launch(model: str) -> subprocess.Popen:
         with open(logf, "ab") as f:
-            return subprocess.Popen(vllm_argv(model, port), stdin=subprocess.DEVNULL, stdout=f,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            return subprocess.Popen(
+                vllm_argv(model, port),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     popens: list[subprocess.Popen] = []
     try:
@@ -71,7 +77,11 @@ def bare(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             up = wait_serving(port, nxt, 300)
             if up is None:
                 raise RuntimeError(f"bare vLLM ({nxt}) did not serve within 300s")
-            cyc = {"total": round(up - t0, 2), "stop": round(t_stopped - t0, 2), "start": round(up - t_stopped, 2)}
+            cyc = {
+                "total": round(up - t0, 2),
+                "stop": round(t_stopped - t0, 2),
+                "start": round(up - t_stopped, 2),
+            }
             out["cycles"].append(cyc)
             out["cold_start_s"].append(round(up - t_stopped, 1))
             log(f"  bare stop+start {model} -> {nxt}: {cyc}")
@@ -141,7 +151,9 @@ def vsup(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             procs.kill_members(members)
         left = procs.debris(reg.trees)
         if not left.empty:
-            out["harness_cleanup"].append(f"removed {left.total()} object(s) left after vsup's stop: {left.to_json()}")
+            out["harness_cleanup"].append(
+                f"removed {left.total()} object(s) left after vsup's stop: {left.to_json()}"
+            )
             procs.remove_objects(left)
         reg.stop()
     return out

@@ -38,7 +38,14 @@ import supervisors as sups  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 # One vLLM port per supervisor (ours: 8300-8399), so a leftover of one never answers for another.
-PORTS = {"vsup": 8310, "supervisord": 8320, "circus": 8330, "bash-loop": 8340, "bare": 8350, "vsup-reload": 8360}
+PORTS = {
+    "vsup": 8310,
+    "supervisord": 8320,
+    "circus": 8330,
+    "bash-loop": 8340,
+    "bare": 8350,
+    "vsup-reload": 8360,
+}
 
 
 def log(msg: str) -> None:
@@ -59,12 +66,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cleanup-bench", action="store_true")
     p.add_argument("--keep-work", action="store_true", help="keep logs and configs of every episode")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--report-only", type=Path, metavar="JSON",
-                   help="only render the Markdown and the chart again from a results JSON (no vLLM)")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="only render the Markdown and the chart again from a results JSON (no vLLM)",
+    )
     a = p.parse_args(argv)
-    a.supervisors = (a.supervisors.split(",") if a.supervisors
-                     else ["vsup", "supervisord"] if a.quick else list(sups.KINDS))
-    a.faults = [int(f) for f in a.faults.split(",")] if a.faults else [1, 2, 3] if a.quick else [1, 2, 3, 4, 5]
+    a.supervisors = (
+        a.supervisors.split(",")
+        if a.supervisors
+        else ["vsup", "supervisord"]
+        if a.quick
+        else list(sups.KINDS)
+    )
+    a.faults = (
+        [int(f) for f in a.faults.split(",")] if a.faults else [1, 2, 3] if a.quick else [1, 2, 3, 4, 5]
+    )
     a.reload_reps = a.reload_reps or (1 if a.quick else 3)
     a.hang_watch = a.hang_watch or (90.0 if a.quick else 180.0)
     for s in a.supervisors:
@@ -74,12 +92,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal:")), 0)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cores": os.cpu_count(), "memory_gib": round(mem / 1024 / 1024, 1), "cpu": model,
-            "kernel": platform.release(), "python": platform.python_version()}
+    mem = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 1024 / 1024, 1),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def foreign_vllm() -> int:
@@ -100,13 +135,22 @@ def loadavg() -> str:
 
 
 def preflight(args: argparse.Namespace) -> None:
-    missing = [str(p) for p in (sups.VLLM_PY, sups.MODELS / "tiny-a" / "config.json",
-                                sups.MODELS / "tiny-b" / "config.json") if not p.exists()]
+    missing = [
+        str(p)
+        for p in (
+            sups.VLLM_PY,
+            sups.MODELS / "tiny-a" / "config.json",
+            sups.MODELS / "tiny-b" / "config.json",
+        )
+        if not p.exists()
+    ]
     if missing:
         sys.exit(f"bench: real vLLM not set up ({', '.join(missing)} missing): run `make vllm` first")
     busy = [f"{k}:{p}" for k, p in PORTS.items() if episode.port_in_use(p)]
     if busy:
-        sys.exit(f"bench: ports in use: {busy} (pid {[episode.port_owner(int(b.split(':')[1])) for b in busy]})")
+        sys.exit(
+            f"bench: ports in use: {busy} (pid {[episode.port_owner(int(b.split(':')[1])) for b in busy]})"
+        )
     for s in args.supervisors:
         if s in sups.NEEDS_VENV:
             sups.ensure_venv(sups.NEEDS_VENV[s], log)
@@ -130,9 +174,21 @@ def run_aux(script: str, extra: list[str]) -> dict[str, Any]:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=BENCH.parent)
     except subprocess.TimeoutExpired:
-        return {"present": True, "cmd": " ".join(cmd[1:]), "rc": None, "stdout": "", "stderr": "timed out after 1800 s"}
-    return {"present": True, "cmd": " ".join(cmd[1:]), "rc": r.returncode, "seconds": round(time.monotonic() - t0, 1),
-            "stdout": r.stdout.strip(), "stderr": r.stderr.strip()[-2000:]}
+        return {
+            "present": True,
+            "cmd": " ".join(cmd[1:]),
+            "rc": None,
+            "stdout": "",
+            "stderr": "timed out after 1800 s",
+        }
+    return {
+        "present": True,
+        "cmd": " ".join(cmd[1:]),
+        "rc": r.returncode,
+        "seconds": round(time.monotonic() - t0, 1),
+        "stdout": r.stdout.strip(),
+        "stderr": r.stderr.strip()[-2000:],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         res = json.loads(args.report_only.read_text())
         stem = args.report_only.stem
-        tag = res.get("tag") or (stem if stem != "latest" else f"{res['started'][:16].replace('T', '-').replace(':', '')}-{res['mode']}")
+        tag = res.get("tag") or (
+            stem
+            if stem != "latest"
+            else f"{res['started'][:16].replace('T', '-').replace(':', '')}-{res['mode']}"
+        )
         write(res, args.out, tag)
         return 0
     preflight(args)
@@ -149,16 +209,34 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="vsup-bench-"))
-    log(f"work dir {work}; supervisors {args.supervisors}; faults {args.faults}; "
-        f"hang watch {args.hang_watch:g}s; reload reps {args.reload_reps}")
+    log(
+        f"work dir {work}; supervisors {args.supervisors}; faults {args.faults}; "
+        f"hang watch {args.hang_watch:g}s; reload reps {args.reload_reps}"
+    )
     res: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full", "started": started.isoformat(timespec="seconds"),
-        "machine": machine(), "versions": versions(args, work), "argv": sys.argv[1:],
-        "config": {"hang_watch_s": args.hang_watch, "idle_s": args.idle, "reps": args.reps,
-                   "reload_reps": args.reload_reps, "client_interval_s": episode.CLIENT_INTERVAL_S,
-                   "client_timeout_s": episode.CLIENT_TIMEOUT_S, "debris_after_s": episode.DEBRIS_AFTER_S},
-        "load": {"start": loadavg(), "foreign_vllm_start": foreign_vllm(), "foreign_vllm_max": foreign_vllm()},
-        "episodes": [], "idle": {}, "reload": {}, "aux": {},
+        "mode": "quick" if args.quick else "full",
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(args, work),
+        "argv": sys.argv[1:],
+        "config": {
+            "hang_watch_s": args.hang_watch,
+            "idle_s": args.idle,
+            "reps": args.reps,
+            "reload_reps": args.reload_reps,
+            "client_interval_s": episode.CLIENT_INTERVAL_S,
+            "client_timeout_s": episode.CLIENT_TIMEOUT_S,
+            "debris_after_s": episode.DEBRIS_AFTER_S,
+        },
+        "load": {
+            "start": loadavg(),
+            "foreign_vllm_start": foreign_vllm(),
+            "foreign_vllm_max": foreign_vllm(),
+        },
+        "episodes": [],
+        "idle": {},
+        "reload": {},
+        "aux": {},
     }
     t_start = time.monotonic()
 
@@ -173,14 +251,18 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{name}: fault {fault} ({episode.FAULTS[fault]}), rep {rep + 1}")
                     sup = sups.KINDS[name](work / f"{name}-f{fault}-r{rep}", PORTS[name])
                     idle_s = args.idle if name not in idle_done else 0
-                    ep = episode.run_episode(sup, fault, rep, hang_watch_s=args.hang_watch, idle_s=idle_s, log=log)
+                    ep = episode.run_episode(
+                        sup, fault, rep, hang_watch_s=args.hang_watch, idle_s=idle_s, log=log
+                    )
                     if ep.idle:
                         idle_done.add(name)
                         res["idle"][name] = ep.idle
                     res["episodes"].append(ep.to_json())
                     res["load"]["foreign_vllm_max"] = max(res["load"]["foreign_vllm_max"], foreign_vllm())
-                    log(f"  -> acted {ep.acted_s} ({ep.acted_how}), serves again {ep.serve_s}, "
-                        f"requests {ep.requests}, debris {ep.debris}, next start {ep.next_start}")
+                    log(
+                        f"  -> acted {ep.acted_s} ({ep.acted_how}), serves again {ep.serve_s}, "
+                        f"requests {ep.requests}, debris {ep.debris}, next start {ep.next_start}"
+                    )
                     for line in ep.harness_cleanup + ep.notes:
                         log(f"     {line}")
                     checkpoint()
@@ -189,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             res["reload"]["bare"] = reload_bench.bare(work / "bare", PORTS["bare"], args.reload_reps, log)
             checkpoint()
             log(f"reload: vsup reload x{args.reload_reps}")
-            res["reload"]["vsup"] = reload_bench.vsup(work / "vsup-reload", PORTS["vsup-reload"], args.reload_reps, log)
+            res["reload"]["vsup"] = reload_bench.vsup(
+                work / "vsup-reload", PORTS["vsup-reload"], args.reload_reps, log
+            )
             checkpoint()
         if not args.no_parse:
             log("bench_parse.py")
@@ -224,8 +308,11 @@ def write(res: dict[str, Any], out: Path, tag: str) -> None:
     (out / "latest.json").write_text(json.dumps(res, indent=1, default=str))
     (out / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str))
     py = sups.PEERS / "tools" / "bin" / "python"
-    r = subprocess.run([str(py), str(BENCH / "chart.py"), str(out / "latest.json"), str(out / "latest.png")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(py), str(BENCH / "chart.py"), str(out / "latest.json"), str(out / "latest.png")],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode == 0:
         shutil.copyfile(out / "latest.png", out / f"{tag}.png")
     else:

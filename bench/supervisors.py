@@ -49,21 +49,40 @@ def ensure_venv(name: str, log: Any = print) -> Path:
     PEERS.mkdir(parents=True, exist_ok=True)
     py = os.environ.get("PY", "python3.11")
     subprocess.run([py, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PINS[name]], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", *PINS[name]],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     marker.write_text(want + "\n")
     return venv
 
 
 def vllm_argv(model: str, port: int) -> list[str]:
     """The one command line every supervisor runs (vsup builds the same from its config)."""
-    return [str(VLLM_PY), "-m", VLLM_MODULE, "--model", str(MODELS / model), "--host", "127.0.0.1",
-            "--port", str(port), "--served-model-name", model, *VLLM_ARGS]
+    return [
+        str(VLLM_PY),
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        str(MODELS / model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        model,
+        *VLLM_ARGS,
+    ]
 
 
 def pkg_version(venv_python: Path, dist: str) -> str:
-    r = subprocess.run([str(venv_python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(venv_python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+    )
     return r.stdout.strip() or "?"
 
 
@@ -116,8 +135,15 @@ class Supervisor:
         if not self.started:
             self.write_config()
         out = open(self.dir / f"{self.name}.out", "ab")
-        p = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             env=self.env(), cwd=self.dir, start_new_session=True)
+        p = subprocess.Popen(
+            self.argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            cwd=self.dir,
+            start_new_session=True,
+        )
         out.close()
         st = None
         for _ in range(50):
@@ -125,7 +151,9 @@ class Supervisor:
             if st is not None:
                 break
             time.sleep(0.01)
-        self.started.append(Started(p, procs.Member(p.pid, st.start if st else 0, " ".join(self.argv()), time.time())))
+        self.started.append(
+            Started(p, procs.Member(p.pid, st.start if st else 0, " ".join(self.argv()), time.time()))
+        )
 
     def pids(self) -> list[procs.Member]:
         """The live supervisor process(es): what idle RSS/CPU measures and fault 4 kills."""
@@ -173,8 +201,15 @@ class Vsup(Supervisor):
         # The shipped defaults (deploy/vsup.toml, config.py) except paths, port and models. The
         # remedy ladder is off so that vsup runs exactly the peers' command line after a fault.
         cfg = {
-            "vllm": {"python": str(VLLM_PY), "model": str(MODELS / self.model), "served_model_name": self.model,
-                     "port": self.port, "args": VLLM_ARGS, "env": VLLM_ENV, "log_file": str(self.log)},
+            "vllm": {
+                "python": str(VLLM_PY),
+                "model": str(MODELS / self.model),
+                "served_model_name": self.model,
+                "port": self.port,
+                "args": VLLM_ARGS,
+                "env": VLLM_ENV,
+                "log_file": str(self.log),
+            },
             "daemon": {"state_dir": str(self.dir / "state"), "socket": str(self.dir / "run" / "vsup.sock")},
             "remedies": {"enabled": False},
         }
@@ -183,15 +218,20 @@ class Vsup(Supervisor):
             lines.append(f"[{sec}]")
             lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
         for m in ("tiny-a", "tiny-b"):
-            lines += [f'[models.{m}]', f'model = {_toml(str(MODELS / m))}', f'served_model_name = "{m}"']
+            lines += [f"[models.{m}]", f"model = {_toml(str(MODELS / m))}", f'served_model_name = "{m}"']
         (self.dir / "vsup.toml").write_text("\n".join(lines) + "\n")
 
     def argv(self) -> list[str]:
         return [str(VSUP_PY), "-m", "vsup", "run", "--config", str(self.dir / "vsup.toml")]
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(VSUP_PY), "-m", "vsup", *args, "--config", str(self.dir / "vsup.toml")],
-                              capture_output=True, text=True, timeout=timeout, env=self.env())
+        return subprocess.run(
+            [str(VSUP_PY), "-m", "vsup", *args, "--config", str(self.dir / "vsup.toml")],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+        )
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -248,7 +288,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{run}/supervisor.sock
 [program:vllm]
-command={shlex.join(vllm_argv(model, self.port)).replace('%', '%%')}
+command={shlex.join(vllm_argv(model, self.port)).replace("%", "%%")}
 environment={env}
 autostart=true
 autorestart=true
@@ -272,8 +312,12 @@ stdout_logfile_maxbytes=0
         return [self.bin("supervisord"), "-c", str(self.dir / "supervisord.conf")]
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.bin("supervisorctl"), "-c", str(self.dir / "supervisord.conf"), *args],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [self.bin("supervisorctl"), "-c", str(self.dir / "supervisord.conf"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def graceful_stop(self) -> None:
         self.ctl("shutdown")
@@ -335,9 +379,19 @@ stderr_stream.filename = {self.dir}/vllm.err.log
         return [self.bin("circusd"), str(self.dir / "circus.ini")]
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.bin("circusctl"), "--endpoint", f"ipc://{self.dir}/circus-ctl.sock",
-                               "--timeout", str(int(timeout)), *args],
-                              capture_output=True, text=True, timeout=timeout + 10)
+        return subprocess.run(
+            [
+                self.bin("circusctl"),
+                "--endpoint",
+                f"ipc://{self.dir}/circus-ctl.sock",
+                "--timeout",
+                str(int(timeout)),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 10,
+        )
 
     def graceful_stop(self) -> None:
         self.ctl("quit", "--waiting")
@@ -402,7 +456,9 @@ done
         self.start()
 
     def versions(self) -> str:
-        return subprocess.run(["bash", "-c", "echo $BASH_VERSION"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["bash", "-c", "echo $BASH_VERSION"], capture_output=True, text=True
+        ).stdout.strip()
 
 
 KINDS: dict[str, type[Supervisor]] = {k.name: k for k in (Vsup, Supervisord, Circus, BashLoop)}

@@ -46,26 +46,26 @@ def write_config(port: int) -> Path:
 # Written by scripts/demo.py: vsup supervising the tiny random-weight Llama, TP=2 on 2 CPU cores.
 [vllm]
 python = "{VLLM_PY}"
-model = "{MODELS / 'tiny-a'}"
+model = "{MODELS / "tiny-a"}"
 served_model_name = "tiny-a"
 args = ["--dtype", "bfloat16", "--max-model-len", "256", "-tp", "2", "--enforce-eager"]
 env = {{ VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "0|1" }}
 port = {port}
-log_file = "{DEMO / 'vllm.log'}"
+log_file = "{DEMO / "vllm.log"}"
 
 [daemon]
-state_dir = "{DEMO / 'state'}"
-socket = "{DEMO / 'run' / 'vsup.sock'}"
+state_dir = "{DEMO / "state"}"
+socket = "{DEMO / "run" / "vsup.sock"}"
 
 [timeouts]
 start_s = 300.0
 
 [models.tiny-a]
-model = "{MODELS / 'tiny-a'}"
+model = "{MODELS / "tiny-a"}"
 served_model_name = "tiny-a"
 
 [models.tiny-b]
-model = "{MODELS / 'tiny-b'}"
+model = "{MODELS / "tiny-b"}"
 served_model_name = "tiny-b"
 """)
     return cfg
@@ -85,7 +85,9 @@ def show_events(stream) -> None:
         what = ev.get("event")
         extra = {k: v for k, v in ev.items() if k not in skip and v not in (None, [], {})}
         if what == "state":
-            msg = f"state {ev.get('old')} -> {ev.get('state')}" + (f" ({ev['phase']})" if ev.get("phase") else "")
+            msg = f"state {ev.get('old')} -> {ev.get('state')}" + (
+                f" ({ev['phase']})" if ev.get("phase") else ""
+            )
             if ev.get("reason"):
                 msg += f": {ev['reason']}"
         elif what == "spawned":
@@ -115,8 +117,13 @@ def wait_ready(cfg: Path, timeout: float) -> dict:
 
 def complete(port: int, model: str) -> str:
     import httpx
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", trust_env=False, timeout=60,
-                   json={"model": model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
+
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        trust_env=False,
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8},
+    )
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"]
 
@@ -147,7 +154,9 @@ def main() -> int:
         print(f"  tiny-b says: {complete(port, 'tiny-b')!r}")
         print(vsup(cfg, "status").stdout)
         if interactive:
-            banner("serving; try `.venv/bin/vsup status --config .demo/vsup.toml` in another shell. Ctrl-C stops.")
+            banner(
+                "serving; try `.venv/bin/vsup status --config .demo/vsup.toml` in another shell. Ctrl-C stops."
+            )
             daemon.wait()
         else:
             banner("no terminal: stopping the demo now")
@@ -168,12 +177,15 @@ def main() -> int:
 def check_clean(cfg: Path) -> int:
     sys.path.insert(0, str(ROOT / "supervisor"))
     from vsup import proctree
+
     left = proctree.Ledger(DEMO / "state").load()
     procs = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _ours(d)]
     banner("after Ctrl-C")
     if left or procs:
-        print(f"  NOT clean: ledger lists {len(left)} trees, processes {procs}; run "
-              f"`.venv/bin/vsup cleanup --config {cfg}`")
+        print(
+            f"  NOT clean: ledger lists {len(left)} trees, processes {procs}; run "
+            f"`.venv/bin/vsup cleanup --config {cfg}`"
+        )
         return 1
     print("  clean: no process of the demo's trees, its /dev/shm segments and /tmp files are removed")
     return 0

@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outdir", type=Path)
     p.add_argument("--name", required=True, help="recorded in the spec file (e.g. tiny-a)")
-    p.add_argument("--head-dim", type=int, choices=(64, 16), default=64,
-                   help="64 = healthy; 16 = loads, then the first request kills the engine")
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        choices=(64, 16),
+        default=64,
+        help="64 = healthy; 16 = loads, then the first request kills the engine",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the spec matches")
     args = p.parse_args(argv)
@@ -157,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.monotonic()
-    print(f"[make_tiny_model] {args.name}: building in {outdir} "
-          f"(seed {args.seed}, head_dim {args.head_dim})", flush=True)
+    print(
+        f"[make_tiny_model] {args.name}: building in {outdir} (seed {args.seed}, head_dim {args.head_dim})",
+        flush=True,
+    )
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
     try:
         tokenizer = build_tokenizer(tmp)
-        print(f"[make_tiny_model] {args.name}: tokenizer vocab {len(tokenizer)} "
-              f"({time.monotonic() - t0:.1f}s)", flush=True)
+        print(
+            f"[make_tiny_model] {args.name}: tokenizer vocab {len(tokenizer)} ({time.monotonic() - t0:.1f}s)",
+            flush=True,
+        )
         build_model(tmp, spec, tokenizer)
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)

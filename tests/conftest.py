@@ -22,15 +22,33 @@ def fake_daemon(tmp_path: Path) -> Callable[..., Daemon]:
     """Factory for a daemon supervising the fake OpenAI server (fast, no vLLM)."""
     made: list[Daemon] = []
 
-    def make(mode: str = "ok", *, env: dict[str, str] | None = None, start: bool = True,
-             extra: dict[str, dict[str, Any]] | None = None, args: tuple[str, ...] = ()) -> Daemon:
+    def make(
+        mode: str = "ok",
+        *,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        extra: dict[str, dict[str, Any]] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> Daemon:
         port = free_port(8050, 8099)
         sections: dict[str, dict[str, Any]] = {
-            "vllm": {"python": sys.executable, "module": "fake_api_server", "model": "fake-model",
-                     "port": port, "args": ["-tp", "2"],
-                     "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode, **(env or {})}},
-            "timeouts": {"start_s": 30.0, "stop_grace_s": 5.0, "canary_s": 2.0, "first_canary_s": 5.0, "probe_s": 2.0,
-                         "cleanup_grace_s": 1.0, "drain_s": 5.0},
+            "vllm": {
+                "python": sys.executable,
+                "module": "fake_api_server",
+                "model": "fake-model",
+                "port": port,
+                "args": ["-tp", "2"],
+                "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode, **(env or {})},
+            },
+            "timeouts": {
+                "start_s": 30.0,
+                "stop_grace_s": 5.0,
+                "canary_s": 2.0,
+                "first_canary_s": 5.0,
+                "probe_s": 2.0,
+                "cleanup_grace_s": 1.0,
+                "drain_s": 5.0,
+            },
             "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 3, "window_s": 60.0},
             "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
         }
@@ -46,5 +64,3 @@ def fake_daemon(tmp_path: Path) -> Callable[..., Daemon]:
     yield make
     for d in made:
         d.close()
-
-

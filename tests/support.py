@@ -58,7 +58,9 @@ def readable_copy(*modules: ModuleType) -> Iterator[str]:
         for mod in modules:
             src = Path(mod.__file__ or "")
             if src.name == "__init__.py":
-                shutil.copytree(src.parent, Path(root, src.parent.name), ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    src.parent, Path(root, src.parent.name), ignore=shutil.ignore_patterns("__pycache__")
+                )
             else:
                 shutil.copy2(src, root)
         yield root
@@ -126,28 +128,39 @@ class Daemon:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
         env.pop("NOTIFY_SOCKET", None)
         self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([*VSUP, "run", "--config", str(self.config), *extra],
-                                     stdout=self._stderr, stderr=self._stderr, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*VSUP, "run", "--config", str(self.config), *extra],
+            stdout=self._stderr,
+            stderr=self._stderr,
+            env=env,
+            start_new_session=True,
+        )
         wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
         assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
 
     def _answers(self) -> bool:
         from vsup.control import DaemonUnreachable
+
         try:
             return bool(self.call("status", timeout=5).get("ok"))
         except DaemonUnreachable:
             return False
 
-    def cli(self, *args: str, timeout: float = 600, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 600, user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor"), "VSUP_CONFIG": str(self.config)}
         cmd = [*VSUP, *args]
         if user:
             cmd = ["runuser", "-u", user, "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 30.0) -> dict[str, Any]:
+    def call(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 30.0
+    ) -> dict[str, Any]:
         from vsup.control import ControlClient
+
         return ControlClient(self.socket, timeout_s=timeout).call(cmd, args or {})
 
     def status(self) -> dict[str, Any]:
@@ -156,8 +169,9 @@ class Daemon:
         return r["result"]
 
     def wait_state(self, *states: str, timeout: float = 180) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.status())["state"] in states and s, timeout, f"state in {states}",
-                        interval=0.2)
+        return wait_for(
+            lambda: (s := self.status())["state"] in states and s, timeout, f"state in {states}", interval=0.2
+        )
 
     def events(self) -> list[dict[str, Any]]:
         path = self.state_dir / "events.jsonl"
@@ -165,8 +179,9 @@ class Daemon:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
-                   after: int = 0) -> dict[str, Any]:
+    def wait_event(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str, after: int = 0
+    ) -> dict[str, Any]:
         return wait_for(lambda: next((e for e in self.events()[after:] if pred(e)), None), timeout, what, 0.2)
 
     def stop(self, timeout: float = 90) -> int | None:
@@ -188,6 +203,7 @@ class Daemon:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
             from vsup import cleanup, proctree
+
             recs = proctree.Ledger(self.state_dir).load()
             if recs:
                 cleanup.cleanup(recs, grace_s=2.0)
@@ -197,6 +213,7 @@ class Daemon:
 
 # ---- real vLLM ------------------------------------------------------------------------------
 
+
 def require_real_vllm() -> None:
     missing = [str(p) for p in (VLLM_PY, MODELS / "tiny-a" / "config.json") if not p.exists()]
     if missing:
@@ -205,13 +222,31 @@ def require_real_vllm() -> None:
 
 def real_sections(port: int, model: str = "tiny-a", **over: dict[str, Any]) -> dict[str, dict[str, Any]]:
     s: dict[str, dict[str, Any]] = {
-        "vllm": {"python": str(VLLM_PY), "model": str(MODELS / model), "served_model_name": model,
-                 "port": port, "args": list(REAL_ARGS), "env": dict(REAL_ENV)},
-        "timeouts": {"start_s": 240.0, "stop_grace_s": 20.0, "canary_s": 8.0, "first_canary_s": 60.0,
-                     "probe_s": 3.0, "cleanup_grace_s": 3.0, "drain_s": 30.0},
+        "vllm": {
+            "python": str(VLLM_PY),
+            "model": str(MODELS / model),
+            "served_model_name": model,
+            "port": port,
+            "args": list(REAL_ARGS),
+            "env": dict(REAL_ENV),
+        },
+        "timeouts": {
+            "start_s": 240.0,
+            "stop_grace_s": 20.0,
+            "canary_s": 8.0,
+            "first_canary_s": 60.0,
+            "probe_s": 3.0,
+            "cleanup_grace_s": 3.0,
+            "drain_s": 30.0,
+        },
         # the module injects a fault every minute or so: not a crash loop
-        "restart": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "max_failures": 4, "window_s": 900.0,
-                    "stable_s": 10.0},
+        "restart": {
+            "backoff_initial_s": 0.5,
+            "backoff_max_s": 2.0,
+            "max_failures": 4,
+            "window_s": 900.0,
+            "stable_s": 10.0,
+        },
         "probes": {"interval_s": 2.0, "canary_interval_s": 8.0, "stall_s": 10.0},
     }
     for k, v in over.items():

@@ -148,7 +148,11 @@ def test_permission_denied_signal_is_remaining_not_a_crash():
     pids, rec = add_vllm_tree(h, 500, api_alive=False)
     h.procs[pids["w1"]].deny = True
     rep = run(h, [rec])
-    assert {"pid": pids["w1"], "name": "VLLM::Worker_TP1", "reason": "permission denied sending SIGTERM"} in rep.remaining
+    assert {
+        "pid": pids["w1"],
+        "name": "VLLM::Worker_TP1",
+        "reason": "permission denied sending SIGTERM",
+    } in rep.remaining
     assert pids["engine"] not in h.procs
 
 
@@ -401,7 +405,14 @@ def test_every_step_reports_progress():
     h.procs[pids["tracker"]].tracker_names = []
     rep = run(h, [rec])
     text = "\n".join(rep.messages)
-    for needle in ("found 4 process", "SIGTERM pid 502", "resource tracker", "unlinked psm_", "removed /faketmp/vllm_dist_", "cleanup done"):
+    for needle in (
+        "found 4 process",
+        "SIGTERM pid 502",
+        "resource tracker",
+        "unlinked psm_",
+        "removed /faketmp/vllm_dist_",
+        "cleanup done",
+    ):
         assert needle in text, needle
 
 
@@ -452,7 +463,12 @@ def test_port_holder_names_the_listener():
     h = FakeHost()
     h.add_proc(700, 1, 700, API_CMD, comm="python")
     h.listeners[8201] = [700]
-    assert port_holder(8201, host=h) == {"pid": 700, "name": "python", "cmdline": list(API_CMD), "user": "root"}
+    assert port_holder(8201, host=h) == {
+        "pid": 700,
+        "name": "python",
+        "cmdline": list(API_CMD),
+        "user": "root",
+    }
     assert port_holder(8202, host=h) is None
     h.listeners[8203] = [None]
     assert port_holder(8203, host=h)["pid"] is None
@@ -613,7 +629,10 @@ def test_real_thousands_of_entries_in_a_shm_root(tmp_path):
         left = set(os.listdir(shm))
         assert len(left) == 2001 and "psm_000001" in left
         assert len(rep.unlinked) == 999
-        assert {"name": "psm_000001", "reason": f"in use by pid {os.getpid()} ({Host().process(os.getpid()).title})"} in rep.skipped
+        assert {
+            "name": "psm_000001",
+            "reason": f"in use by pid {os.getpid()} ({Host().process(os.getpid()).title})",
+        } in rep.skipped
         assert took < 20, took
     finally:
         held.close()
@@ -626,7 +645,12 @@ def test_real_unscoped_dry_run_spares_live_trees(decoys):
     rep = cleanup([], foreign=True, dry_run=True, live=[decoys["live"].rec])
     ours = set(decoys["live"].pids) | {decoys["holder"].pid, decoys["other"].pid}
     assert not ours & {k["pid"] for k in rep.killed}
-    protected = {*decoys["live"].shm_names, decoys["holder"].shm, Path(decoys["pg"]).name, decoys["other"].shm}
+    protected = {
+        *decoys["live"].shm_names,
+        decoys["holder"].shm,
+        Path(decoys["pg"]).name,
+        decoys["other"].shm,
+    }
     assert not protected & {u["name"] for u in rep.unlinked}
     assert set(os.listdir("/dev/shm")) >= shm_before & protected
     assert_decoys_intact(decoys)
@@ -636,8 +660,17 @@ def test_every_vllm_shm_pattern_is_swept_when_unheld_and_old():
     """Unheld old objects of each known vLLM name (CPU-build cpushm included) are debris; near
     misses are not."""
     h = FakeHost()
-    debris = ["psm_1a2b", "sem.mp-x1y2", "nccl-abc", "torch_123_456", "vllm_mm_x", "VLLM_OBJECT_STORAGE_SHM_BUFFER",
-              "vllm_offload_a.mmap", "vllm_ec_b.mmap", "vllm_dist_" + "f" * 32 + "-tp:0-[0-1]-cpushm_0"]
+    debris = [
+        "psm_1a2b",
+        "sem.mp-x1y2",
+        "nccl-abc",
+        "torch_123_456",
+        "vllm_mm_x",
+        "VLLM_OBJECT_STORAGE_SHM_BUFFER",
+        "vllm_offload_a.mmap",
+        "vllm_ec_b.mmap",
+        "vllm_dist_" + "f" * 32 + "-tp:0-[0-1]-cpushm_0",
+    ]
     keep = ["psm", "sem.loky-1", "vllm_offload_a", "my_psm_1", "PostgreSQL.1"]
     for n in debris + keep:
         h.add_shm(n, born=h.t - 1000)
@@ -663,8 +696,9 @@ def test_real_tree_tmpdir_removed_only_when_recorded_and_unused(tmp_path):
     leader = ProcRef(dead.pid, time.time() - 5, "python", ["python"])
     holder = open(Path(busy, "sub", "f"))  # noqa: SIM115 - a live process (us) holds a file inside
     try:
-        rec = TreeRecord("t", "m", 8200, time.time() - 10, leader, dead.pid, dead.pid, [leader],
-                         files=[ours, busy])
+        rec = TreeRecord(
+            "t", "m", 8200, time.time() - 10, leader, dead.pid, dead.pid, [leader], files=[ours, busy]
+        )
         host = ScopedHost(set(), shm_root=tmp_path / "shm", tmp_root=tmp)
         (tmp_path / "shm").mkdir()
         rep = cleanup([rec], host=host, grace_s=0.1)

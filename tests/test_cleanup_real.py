@@ -78,16 +78,39 @@ def real_server(tmp_path):
         pytest.fail(f"port {PORT} is taken: {port_holder(PORT)}")
     tmp_before = set(os.listdir("/tmp"))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    argv = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL),
-            "--host", "127.0.0.1", "--port", str(PORT), "--dtype", "bfloat16", "--max-model-len", "256",
-            "-tp", "2", "--enforce-eager"]
+    argv = [
+        str(VLLM_PY),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(MODEL),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(PORT),
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "256",
+        "-tp",
+        "2",
+        "--enforce-eager",
+    ]
     log = tmp_path / "vllm.log"
     started_at = time.time()
     with open(log, "ab") as f:
-        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     shm: set[str] = set()
     tmp: set[str] = set()
     try:
+
         def up():
             if popen.poll() is not None:
                 raise AssertionError(f"vLLM exited {popen.returncode}:\n{log.read_text()[-3000:]}")
@@ -97,8 +120,15 @@ def real_server(tmp_path):
         pids = session_pids(popen.pid)
         shm, tmp = tree_holdings(Host(), pids)
         tmp |= {n for n in set(os.listdir("/tmp")) - tmp_before if DIST_FILE.match(n) or ZMQ_SOCKET.match(n)}
-        yield {"popen": popen, "sid": popen.pid, "pids": pids, "shm": shm, "tmp": tmp,
-               "log": log, "started_at": started_at}
+        yield {
+            "popen": popen,
+            "sid": popen.pid,
+            "pids": pids,
+            "shm": shm,
+            "tmp": tmp,
+            "log": log,
+            "started_at": started_at,
+        }
     finally:
         kill_session(popen.pid)
         try:
@@ -116,7 +146,9 @@ def test_foreign_cleanup_of_a_real_tp2_server(real_server, tmp_path, other_user)
     """API server SIGKILLed → foreign cleanup removes the orphans and their segments and
     semaphores, reports bytes freed, a second run finds nothing, and the decoys survive."""
     srv = real_server
-    assert any(n.startswith("psm_") for n in srv["shm"]) and any(n.startswith("sem.mp-") for n in srv["shm"]), srv["shm"]
+    assert any(n.startswith("psm_") for n in srv["shm"]) and any(
+        n.startswith("sem.mp-") for n in srv["shm"]
+    ), srv["shm"]
 
     # refresh() on the real tree: what the daemon would record every few seconds, and its cost.
     api = Host().process(srv["sid"])
@@ -128,7 +160,9 @@ def test_foreign_cleanup_of_a_real_tp2_server(real_server, tmp_path, other_user)
         t0 = time.perf_counter()
         refresh(rec)
         times.append(time.perf_counter() - t0)
-    print(f"\nrefresh on real TP=2 tree: median {statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
+    print(
+        f"\nrefresh on real TP=2 tree: median {statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms"
+    )
     assert {p.pid for p in rec.procs} == set(srv["pids"])
     assert {i.name for i in rec.ipc} == srv["shm"]
     assert statistics.median(times) < 0.1
@@ -153,15 +187,19 @@ def test_foreign_cleanup_of_a_real_tp2_server(real_server, tmp_path, other_user)
         assert not {*live.pids, holder.pid, other.pid} & {k["pid"] for k in dry.killed}
 
         decoy_shm = {*live.shm_names, holder.shm, other.shm, Path(pg).name}
-        host = ScopedHost({srv["sid"], live.sid, holder.sid, other.sid},
-                          shm_allow=(srv["shm"] | decoy_shm).__contains__,
-                          tmp_allow=(srv["tmp"] | set(live.tmp_names)).__contains__)
+        host = ScopedHost(
+            {srv["sid"], live.sid, holder.sid, other.sid},
+            shm_allow=(srv["shm"] | decoy_shm).__contains__,
+            tmp_allow=(srv["tmp"] | set(live.tmp_names)).__contains__,
+        )
         msgs: list[str] = []
         t0 = time.monotonic()
         rep = cleanup([], foreign=True, host=host, progress=msgs.append)
         took = time.monotonic() - t0
         print("\n".join(msgs))
-        print(f"cleanup took {took:.2f} s; freed {rep.bytes_freed} bytes allocated, {rep.apparent_bytes_freed} apparent")
+        print(
+            f"cleanup took {took:.2f} s; freed {rep.bytes_freed} bytes allocated, {rep.apparent_bytes_freed} apparent"
+        )
         assert rep.clean, rep.remaining
         assert set(orphans) == {k["pid"] for k in rep.killed}
         assert not any(alive(p) for p in orphans)

@@ -28,7 +28,9 @@ args = ["--max-model-len", "128"]
 
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vsup", "check-config", str(path)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "vsup", "check-config", str(path)], capture_output=True, text=True
+    )
 
 
 def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
@@ -43,24 +45,38 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert run_check(p).returncode == 0
 
 
-@pytest.mark.parametrize("body, key, words", [
-    ("[vllm\npython=1", None, "TOML syntax error"),
-    (GOOD + "\n[vllm2]\nx=1\n", "vllm2", "unknown section"),
-    (GOOD.replace("port = 8000", "port = 8000\ncolour = 1"), "vllm.colour", "unknown key"),
-    (GOOD.replace("port = 8000", 'port = "8000"'), "vllm.port", "expected integer"),
-    (GOOD.replace("port = 8000", "port = 70000"), "vllm.port", "out of range"),
-    (GOOD.replace("port = 8000", "port = 0"), "vllm.port", "out of range"),
-    (GOOD.replace(f'python = "{sys.executable}"', 'python = "/nonexistent/python"'), "vllm.python", "does not exist"),
-    (GOOD.replace(f'python = "{sys.executable}"', 'python = "python3"'), "vllm.python", "absolute path"),
-    (GOOD.replace('model = "/models/tiny-a"', ""), "vllm.model", "required"),
-    (GOOD.replace('args = ["-tp", "2"]', 'args = "-tp 2"'), "vllm.args", "array of strings"),
-    (GOOD.replace('args = ["-tp", "2"]', 'args = ["--port", "9"]'), "vllm.args", "--port is set by vsup"),
-    (GOOD + "\n[timeouts]\nstop_grace_s = true\n", "timeouts.stop_grace_s", "expected number"),
-    (GOOD + "\n[models.c]\nargs = []\n", "models.c.model", "required"),
-    (GOOD.replace('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\nsocket_group = "no-such-group-x"'),
-     "daemon.socket_group", "no such group"),
-    (GOOD + "\n[remedies]\nladder = [{ name = \"x\", flags = [] }]\n", "remedies.ladder[0].flags", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "body, key, words",
+    [
+        ("[vllm\npython=1", None, "TOML syntax error"),
+        (GOOD + "\n[vllm2]\nx=1\n", "vllm2", "unknown section"),
+        (GOOD.replace("port = 8000", "port = 8000\ncolour = 1"), "vllm.colour", "unknown key"),
+        (GOOD.replace("port = 8000", 'port = "8000"'), "vllm.port", "expected integer"),
+        (GOOD.replace("port = 8000", "port = 70000"), "vllm.port", "out of range"),
+        (GOOD.replace("port = 8000", "port = 0"), "vllm.port", "out of range"),
+        (
+            GOOD.replace(f'python = "{sys.executable}"', 'python = "/nonexistent/python"'),
+            "vllm.python",
+            "does not exist",
+        ),
+        (GOOD.replace(f'python = "{sys.executable}"', 'python = "python3"'), "vllm.python", "absolute path"),
+        (GOOD.replace('model = "/models/tiny-a"', ""), "vllm.model", "required"),
+        (GOOD.replace('args = ["-tp", "2"]', 'args = "-tp 2"'), "vllm.args", "array of strings"),
+        (GOOD.replace('args = ["-tp", "2"]', 'args = ["--port", "9"]'), "vllm.args", "--port is set by vsup"),
+        (GOOD + "\n[timeouts]\nstop_grace_s = true\n", "timeouts.stop_grace_s", "expected number"),
+        (GOOD + "\n[models.c]\nargs = []\n", "models.c.model", "required"),
+        (
+            GOOD.replace('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\nsocket_group = "no-such-group-x"'),
+            "daemon.socket_group",
+            "no such group",
+        ),
+        (
+            GOOD + '\n[remedies]\nladder = [{ name = "x", flags = [] }]\n',
+            "remedies.ladder[0].flags",
+            "unknown key",
+        ),
+    ],
+)
 def test_bad_config_is_one_line_exit_2(tmp_path: Path, body: str, key: str | None, words: str) -> None:
     """Each kind of bad config exits 2 with one line naming the file, the key and the problem."""
     p = tmp_path / "c.toml"

@@ -275,7 +275,11 @@ def test_sequential_requests_on_one_connection(server: ServerThread) -> None:
     """Three pipelined requests on one connection are answered in order."""
     conn = Conn(server.server.path)
     try:
-        conn.send(b"".join(json.dumps({"id": i, "cmd": "echo", "args": {"n": i}}).encode() + b"\n" for i in (1, 2, 3)))
+        conn.send(
+            b"".join(
+                json.dumps({"id": i, "cmd": "echo", "args": {"n": i}}).encode() + b"\n" for i in (1, 2, 3)
+            )
+        )
         replies = [conn.line() for _ in range(3)]
         assert [(r["id"], r["result"]["n"]) for r in replies] == [(1, 1), (2, 2), (3, 3)]
     finally:
@@ -297,7 +301,14 @@ def test_request_without_trailing_newline_before_eof(server: ServerThread) -> No
 def test_error_codes_constant_is_the_documented_set() -> None:
     """ERROR_CODES holds exactly the documented codes, each with a one-line meaning."""
     assert set(ERROR_CODES) == {
-        "bad_request", "unknown_command", "busy", "forbidden", "failed", "too_large", "timeout", "internal",
+        "bad_request",
+        "unknown_command",
+        "busy",
+        "forbidden",
+        "failed",
+        "too_large",
+        "timeout",
+        "internal",
     }
     assert all(text and "\n" not in text for text in ERROR_CODES.values())
 
@@ -350,7 +361,11 @@ def test_bad_line_flood_is_summarised_in_events(server: ServerThread) -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [({}, "missing argument 'model'"), ({"model": 3}, "'model' must be str"), ({"model": "b", "wait_s": True}, "must be float")],
+    [
+        ({}, "missing argument 'model'"),
+        ({"model": 3}, "'model' must be str"),
+        ({"model": "b", "wait_s": True}, "must be float"),
+    ],
 )
 def test_wrong_args_are_bad_request(server: ServerThread, args: dict[str, Any], message: str) -> None:
     """Missing or wrong-typed command args, checked with Request.arg, are bad_request."""
@@ -372,14 +387,19 @@ def test_unknown_command(server: ServerThread) -> None:
     assert "reload" in reply["error"]["message"]
 
 
-@pytest.mark.parametrize(("cmd", "code", "text"), [("busy", "busy", "reload of 'b'"), ("fail", "failed", "CUDA out of memory")])
+@pytest.mark.parametrize(
+    ("cmd", "code", "text"), [("busy", "busy", "reload of 'b'"), ("fail", "failed", "CUDA out of memory")]
+)
 def test_command_errors_pass_through(server: ServerThread, cmd: str, code: str, text: str) -> None:
     """A CommandError raised by a handler is the reply's code and message."""
     reply = ControlClient(server.server.path).call(cmd)
     assert reply["ok"] is False and reply["error"]["code"] == code and text in reply["error"]["message"]
 
 
-@pytest.mark.parametrize(("cmd", "text"), [("crash", "RuntimeError: boom"), ("not_json", "not JSON"), ("bad_code", "unknown control error code")])
+@pytest.mark.parametrize(
+    ("cmd", "text"),
+    [("crash", "RuntimeError: boom"), ("not_json", "not JSON"), ("bad_code", "unknown control error code")],
+)
 def test_handler_bug_is_internal_and_daemon_survives(server: ServerThread, cmd: str, text: str) -> None:
     """A handler bug answers internal, is reported as an event, and status still works."""
     reply = ControlClient(server.server.path).call(cmd)
@@ -396,7 +416,11 @@ def test_line_over_limit_is_too_large_and_closes(sock_dir: Path, gates: Gates) -
         try:
             conn.send(b"x" * 1025 + b"\n")
             reply = conn.line()
-            assert reply == {"id": None, "ok": False, "error": {"code": "too_large", "message": reply["error"]["message"]}}
+            assert reply == {
+                "id": None,
+                "ok": False,
+                "error": {"code": "too_large", "message": reply["error"]["message"]},
+            }
             assert conn.at_eof()
         finally:
             conn.close()
@@ -572,7 +596,9 @@ def test_disconnect_mid_command_does_not_cancel_it(server: ServerThread, gates: 
     conn.send({"id": 5, "cmd": "reload"})
     server.wait(gates["reload_started"])
     conn.close()
-    wait_until(lambda: "control_client_gone" in server.event_names(), what="the server to see the client leave")
+    wait_until(
+        lambda: "control_client_gone" in server.event_names(), what="the server to see the client leave"
+    )
     server.set(gates["reload_go"])
     server.wait(gates["reload_done"])
     wait_until(lambda: "control_reply_undelivered" in server.event_names(), what="undelivered event")
@@ -777,8 +803,22 @@ class OtherUser:
     def call(self, path: Path, cmd: str) -> dict[str, Any]:
         """Run ControlClient(path).call(cmd) as this user in a fresh process."""
         done = subprocess.run(
-            ["runuser", "-u", OTHER_USER, "--", self.python, "-c", CLIENT_SCRIPT, self.vsup_path, str(path), cmd],
-            capture_output=True, text=True, timeout=60, cwd="/",
+            [
+                "runuser",
+                "-u",
+                OTHER_USER,
+                "--",
+                self.python,
+                "-c",
+                CLIENT_SCRIPT,
+                self.vsup_path,
+                str(path),
+                cmd,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
         )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
@@ -790,8 +830,18 @@ def _ensure_user() -> None:
         entry = pwd.getpwnam(OTHER_USER)
     except KeyError:
         made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", OTHER_GROUP, OTHER_USER],
-            capture_output=True, text=True,
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "-G",
+                OTHER_GROUP,
+                OTHER_USER,
+            ],
+            capture_output=True,
+            text=True,
         )
         if made.returncode != 0:
             pwd.getpwnam(OTHER_USER)  # created by a concurrent session: fine; else let it raise
@@ -808,8 +858,17 @@ def other_user() -> Iterator[OtherUser]:
     _ensure_user()
     for python in (sys.executable, "/usr/bin/python3"):
         probe = subprocess.run(
-            ["runuser", "-u", OTHER_USER, "--", python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-            capture_output=True, cwd="/",
+            [
+                "runuser",
+                "-u",
+                OTHER_USER,
+                "--",
+                python,
+                "-c",
+                "import sys; assert sys.version_info >= (3, 11)",
+            ],
+            capture_output=True,
+            cwd="/",
         )
         if probe.returncode == 0:
             with readable_copy(vsup) as vsup_path:
@@ -818,22 +877,32 @@ def other_user() -> Iterator[OtherUser]:
     pytest.skip(f"no Python >= 3.11 that {OTHER_USER} may execute")
 
 
-def test_other_user_reader_may_read_but_not_reload(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+def test_other_user_reader_may_read_but_not_reload(
+    sock_dir: Path, gates: Gates, other_user: OtherUser
+) -> None:
     """A user with read rights through a supplementary group gets status but forbidden for reload."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid) as srv:
+    with ServerThread(
+        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
+    ) as srv:
         status = other_user.call(srv.server.path, "status")["reply"]
         assert status["ok"] is True and status["result"]["uid"] == other_user.uid
         reload = other_user.call(srv.server.path, "reload")["reply"]
         assert reload["error"]["code"] == "forbidden" and "admin" in reload["error"]["message"]
         forbidden = [f for n, f in srv.events if n == "control_forbidden"]
-        assert forbidden[0]["uid"] == other_user.uid and forbidden[0]["cmd"] == "reload" and forbidden[0]["pid"] > 0
+        assert (
+            forbidden[0]["uid"] == other_user.uid
+            and forbidden[0]["cmd"] == "reload"
+            and forbidden[0]["pid"] > 0
+        )
         assert not gates["reload_started"].is_set()
 
 
 def test_other_user_outside_acl_is_forbidden(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
     """A user who can connect but is in no Acl list is refused even status, as forbidden."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid) as srv:
+    with ServerThread(
+        sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid
+    ) as srv:
         reply = other_user.call(srv.server.path, "status")["reply"]
         assert reply["error"]["code"] == "forbidden"
         assert f"uid {other_user.uid} may not use" in reply["error"]["message"]
@@ -842,12 +911,16 @@ def test_other_user_outside_acl_is_forbidden(sock_dir: Path, gates: Gates, other
 def test_other_user_admin_may_reload(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
     """A user listed as admin may run a lifecycle command."""
     acl = Acl(admin_uids=frozenset({other_user.uid}))
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid) as srv:
+    with ServerThread(
+        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
+    ) as srv:
         srv.set(gates["reload_go"])
         assert other_user.call(srv.server.path, "reload")["reply"]["ok"] is True
 
 
-def test_user_outside_socket_group_cannot_connect(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+def test_user_outside_socket_group_cannot_connect(
+    sock_dir: Path, gates: Gates, other_user: OtherUser
+) -> None:
     """With the socket 0660 root:root, another user gets EACCES explained as a group problem."""
     acl = Acl(read_uids=frozenset({other_user.uid}))  # the Acl would allow; the file mode does not
     with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=0) as srv:

@@ -135,7 +135,9 @@ def assert_status_answers(live: LiveServer) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=20,
 )
 commands = st.sampled_from(["status", "echo", "typed", "phases", "reload", ""]) | st.text(max_size=20)
@@ -186,7 +188,9 @@ def test_valid_requests_answered_in_order(live: LiveServer, args: list[dict[str,
     if any(len(line) > MAX_LINE for line in payload.splitlines()):
         return
     lines = exchange(live.server.path, payload)
-    assert [(line["id"], line["ok"], line["result"]) for line in lines] == [(i, True, a) for i, a in enumerate(args)]
+    assert [(line["id"], line["ok"], line["result"]) for line in lines] == [
+        (i, True, a) for i, a in enumerate(args)
+    ]
 
 
 @FUZZ

@@ -36,7 +36,11 @@ def test_ready_only_after_canary(fake_daemon) -> None:
     evs = d.events()
     order = [(e["event"], e.get("probe")) for e in evs if e["event"] in ("probe", "ready")]
     assert order.index(("probe", "canary")) < order.index(("ready", None))
-    assert [p for p in order if p[0] == "probe"][:3] == [("probe", "health"), ("probe", "models"), ("probe", "canary")]
+    assert [p for p in order if p[0] == "probe"][:3] == [
+        ("probe", "health"),
+        ("probe", "models"),
+        ("probe", "canary"),
+    ]
     assert_legal(evs)
 
 
@@ -45,8 +49,11 @@ def test_exit_status_zero_is_still_a_failure_and_restarts(fake_daemon) -> None:
     d = fake_daemon()
     s = d.wait_state("ready", timeout=30)
     os.kill(s["pid"], signal.SIGTERM)  # the fake exits 0 on SIGTERM
-    wait_for(lambda: (x := d.status())["restarts"] == 1 and x["state"] == "ready" and x["pid"] != s["pid"],
-             30, "an automatic restart")
+    wait_for(
+        lambda: (x := d.status())["restarts"] == 1 and x["state"] == "ready" and x["pid"] != s["pid"],
+        30,
+        "an automatic restart",
+    )
     assert any(e["event"] == "incident" for e in d.events())
     assert_legal(d.events())
 
@@ -114,7 +121,7 @@ def test_idle_engine_is_read_once_per_canary_a_busy_one_every_interval(fake_daem
     def after_six_canaries() -> list[str] | None:
         lines = d.log_file.read_text().splitlines()
         at = [i for i, line in enumerate(lines) if "POST /v1/chat/completions" in line]
-        return lines[at[1]:at[5]] if len(at) >= 6 else None  # the first is the readiness canary
+        return lines[at[1] : at[5]] if len(at) >= 6 else None  # the first is the readiness canary
 
     window = wait_for(after_six_canaries, 30, "six canaries")
     per_canary = sum("GET /metrics" in line for line in window) / 4
@@ -152,8 +159,10 @@ def test_teardown_sigkills_what_outlives_the_grace_without_a_second_one(fake_dae
     """A server and child that ignore SIGTERM (as vLLM 0.32 waiting on a hung client): after
     stop_grace_s what is left is SIGKILLed at once; cleanup_grace_s (the grace for orphans of
     earlier runs, 60 s here) is not spent on top of it."""
-    d = fake_daemon(env={"FAKE_VLLM_IGNORE_TERM": "1", "FAKE_VLLM_CHILDREN": "1"},
-                    extra={"timeouts": {"stop_grace_s": 1.0, "cleanup_grace_s": 60.0}})
+    d = fake_daemon(
+        env={"FAKE_VLLM_IGNORE_TERM": "1", "FAKE_VLLM_CHILDREN": "1"},
+        extra={"timeouts": {"stop_grace_s": 1.0, "cleanup_grace_s": 60.0}},
+    )
     d.wait_state("ready", timeout=30)
     wait_for(lambda: len(d.status()["tree"]["pids"]) >= 2, 10, "the child in the tree record")
     pids = d.status()["tree"]["pids"]
@@ -169,8 +178,11 @@ def test_recovery_of_a_dead_engine_does_not_wait_stop_grace(fake_daemon) -> None
     """An engine death leaves an API server that will never answer its clients (and, as vLLM 0.32
     with a request open, ignores SIGTERM): the recovery's teardown takes the short failed-server
     grace, not the operator's stop_grace_s (60 s here), then restarts."""
-    d = fake_daemon("worker_dies_after_ready", env={"FAKE_VLLM_IGNORE_TERM": "1"},
-                    extra={"timeouts": {"stop_grace_s": 60.0}})
+    d = fake_daemon(
+        "worker_dies_after_ready",
+        env={"FAKE_VLLM_IGNORE_TERM": "1"},
+        extra={"timeouts": {"stop_grace_s": 60.0}},
+    )
     first = d.wait_state("ready", timeout=30)
     wait_for(lambda: d.status()["restarts"] >= 1, 40, "recovery from the engine death")
     ev = next(e for e in d.events() if e["event"] == "teardown")
@@ -213,9 +225,12 @@ def test_reload_survives_client_disconnect(fake_daemon) -> None:
     """A client that goes away mid-reload does not stop the reload; the result is in the events."""
     d = fake_daemon(env={"FAKE_VLLM_DELAY_S": "1"})
     d.wait_state("ready", timeout=30)
-    p = subprocess.Popen([*__import__("support").VSUP, "reload", "next", "--config", str(d.config)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": str(__import__("support").ROOT / "supervisor")})
+    p = subprocess.Popen(
+        [*__import__("support").VSUP, "reload", "next", "--config", str(d.config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(__import__("support").ROOT / "supervisor")},
+    )
     wait_for(lambda: d.status()["state"] == "reloading", 10, "reloading")
     p.kill()
     p.wait()
@@ -278,7 +293,9 @@ def test_stable_serving_forgets_old_failures(fake_daemon) -> None:
             d.wait_event(lambda e: e["event"] == "stable", 10, "stable serving", after=mark)
         mark = len(d.events())
         os.kill(s["pid"], signal.SIGKILL)
-        wait_for(lambda: (x := d.status())["restarts"] == n + 1 and x["state"] == "ready", 30, f"restart {n + 1}")
+        wait_for(
+            lambda: (x := d.status())["restarts"] == n + 1 and x["state"] == "ready", 30, f"restart {n + 1}"
+        )
     assert d.status()["state"] == "ready"
 
 

@@ -16,11 +16,17 @@ json_values = st.recursive(
     max_leaves=10,
 )
 requests = st.fixed_dictionaries(
-    {"id": st.integers() | st.text(max_size=5), "cmd": st.sampled_from(["status", "nope", "reload", "events", ""])},
+    {
+        "id": st.integers() | st.text(max_size=5),
+        "cmd": st.sampled_from(["status", "nope", "reload", "events", ""]),
+    },
     optional={"args": json_values},
 )
-payloads = st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
-                     requests.map(lambda v: json.dumps(v).encode()))
+payloads = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    requests.map(lambda v: json.dumps(v).encode()),
+)
 
 
 def send_raw(path: str, data: bytes) -> None:
@@ -49,6 +55,10 @@ def test_random_input_leaves_daemon_and_model_unaffected(fake_daemon) -> None:
         assert s["state"] == "ready" and s["pid"] == before["pid"]
 
     one()
-    r = httpx.post(f"http://127.0.0.1:{d.port}/v1/chat/completions", trust_env=False, timeout=10,
-                   json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    r = httpx.post(
+        f"http://127.0.0.1:{d.port}/v1/chat/completions",
+        trust_env=False,
+        timeout=10,
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+    )
     assert r.status_code == 200

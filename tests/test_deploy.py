@@ -129,18 +129,14 @@ def test_example_config_paths_live_in_unit_directories(
     assert Path(example.vllm.log_file).parent == Path("/var/log") / one(service, "LogsDirectory")
 
 
-def test_stop_timeout_outlasts_vsups_own_stop(
-    service: list[tuple[str, str]], example: config.Config
-) -> None:
+def test_stop_timeout_outlasts_vsups_own_stop(service: list[tuple[str, str]], example: config.Config) -> None:
     """TimeoutStopSec exceeds vsup's worst-case stop, so systemd never SIGKILLs a stop in progress."""
     t = example.timeouts
     vsup_stop = t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s
     assert seconds(one(service, "TimeoutStopSec")) > vsup_stop
 
 
-def test_start_timeout_outlasts_vsups_start(
-    service: list[tuple[str, str]], example: config.Config
-) -> None:
+def test_start_timeout_outlasts_vsups_start(service: list[tuple[str, str]], example: config.Config) -> None:
     """TimeoutStartSec (also ExecReload's limit) exceeds a reload: drain, stop, release, start."""
     t = example.timeouts
     reload_s = t.drain_s + t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s + t.start_s
@@ -173,11 +169,15 @@ def test_unit_commands_parse_with_the_cli(service: list[tuple[str, str]]) -> Non
 
 def test_check_config_accepts_example_except_what_install_creates(tmp_path: Path) -> None:
     """`vsup check-config` rejects the example here only for the GPU box's interpreter, and accepts it localized."""
-    as_shipped = subprocess.run([str(VENV_VSUP), "check-config", str(TOML)],
-                                capture_output=True, text=True, timeout=60)
+    as_shipped = subprocess.run(
+        [str(VENV_VSUP), "check-config", str(TOML)], capture_output=True, text=True, timeout=60
+    )
     assert as_shipped.returncode == 2
     assert as_shipped.stderr.strip() == (
-        f"vsup: config error: {TOML}: vllm.python: interpreter /opt/vllm/venv/bin/python does not exist")
+        f"vsup: config error: {TOML}: vllm.python: interpreter /opt/vllm/venv/bin/python does not exist"
+    )
     copy = localized_example(tmp_path / "vsup.toml")
-    here = subprocess.run([str(VENV_VSUP), "check-config", str(copy)], capture_output=True, text=True, timeout=60)
+    here = subprocess.run(
+        [str(VENV_VSUP), "check-config", str(copy)], capture_output=True, text=True, timeout=60
+    )
     assert here.returncode == 0, here.stderr

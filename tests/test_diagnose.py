@@ -24,10 +24,13 @@ SEED = SYN / "seed_0.6.3.log"
 
 
 def has_hangul(text: str) -> bool:
-    return any("\uac00" <= ch <= "\ud7a3" or "\u1100" <= ch <= "\u11ff" or "\u3130" <= ch <= "\u318f" for ch in text)
+    return any(
+        "\uac00" <= ch <= "\ud7a3" or "\u1100" <= ch <= "\u11ff" or "\u3130" <= ch <= "\u318f" for ch in text
+    )
 
 
 # ---------------------------------------------------------------------- the seed (acceptance)
+
 
 def test_seed_verdict_is_engine_dead():
     """The seed incident (0.6.3, TP=2, 'Engine loop has died') is an engine death."""
@@ -46,7 +49,9 @@ def test_seed_finds_the_063_stall_line():
 def test_seed_advises_disable_custom_all_reduce_then_nccl_p2p():
     """TP>1 engine death at the first request: --disable-custom-all-reduce comes before NCCL_P2P_DISABLE=1."""
     advice = diagnose_file(SEED).advice
-    assert "--disable-custom-all-reduce" in ADVICE_DISABLE_CUSTOM_AR and "NCCL_P2P_DISABLE=1" in ADVICE_NCCL_P2P
+    assert (
+        "--disable-custom-all-reduce" in ADVICE_DISABLE_CUSTOM_AR and "NCCL_P2P_DISABLE=1" in ADVICE_NCCL_P2P
+    )
     assert advice.index(ADVICE_DISABLE_CUSTOM_AR) < advice.index(ADVICE_NCCL_P2P)
 
 
@@ -74,7 +79,9 @@ def test_json_shape_is_exact():
     """to_json has exactly the issue's keys, findings exactly kind/line/process/pid/message."""
     j = diagnose_file(SEED).to_json()
     assert set(j) == {"verdict", "findings", "root_cause", "advice"}
-    assert j["findings"] and all(set(f) == {"kind", "line", "process", "pid", "message"} for f in j["findings"])
+    assert j["findings"] and all(
+        set(f) == {"kind", "line", "process", "pid", "message"} for f in j["findings"]
+    )
     first = j["findings"][0]
     assert (first["kind"], first["line"], first["process"], first["pid"]) == ("serving", 1, None, None)
     json.dumps(j)  # serialisable
@@ -88,7 +95,10 @@ REAL = {
     "log_requests_debug.log": ("healthy", None),
     "sigkill_worker.log": ("engine_dead", "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)"),
     "sigkill_engine.log": ("engine_dead", "engine core exited unexpectedly"),
-    "sigkill_worker_inflight.log": ("engine_dead", "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)"),
+    "sigkill_worker_inflight.log": (
+        "engine_dead",
+        "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)",
+    ),
     "sigkill_api.log": ("healthy", None),  # nothing in the log says so: the daemon sees the exit
     "sigstop_worker.log": ("stalled", "No available shared memory broadcast block found"),
     # SIGTERM 8 s into a hang, before the first 60 s stall line: the log shows only a requested stop.
@@ -165,17 +175,29 @@ def test_sigkill_worker_root_cause_skips_generic_executor_failed():
 
 # ---------------------------------------------------------------------- synthetic: other versions
 
-@pytest.mark.parametrize("name,verdict,cause", [
-    ("v0.6.3_stall_then_ready.log", "healthy", None),
-    ("v0.6.3_ansi_colours.log", "healthy", None),
-    ("v0.8.5_worker_oom.log", "engine_dead", "torch.OutOfMemoryError: CUDA out of memory"),
-    ("v0.10.2_startup_no_kv_memory.log", "startup_failed", "ValueError: No available memory for the cache blocks"),
-    ("v0.11.0_stall_after_ready.log", "stalled", "No available shared memory broadcast block found in 60 seconds"),
-    ("v0.33_nccl_first_request.log", "engine_dead", "RuntimeError: NCCL error: unhandled system error"),
-    ("midrun_stall_no_ready.log", "stalled", "No available shared memory broadcast block"),
-    ("startup_stall_nothing_after.log", "stalled", "No available shared memory broadcast block"),
-    ("two_runs_startup_failed_then_ok.log", "startup_failed", "Not enough allowed NUMA nodes"),
-])
+
+@pytest.mark.parametrize(
+    "name,verdict,cause",
+    [
+        ("v0.6.3_stall_then_ready.log", "healthy", None),
+        ("v0.6.3_ansi_colours.log", "healthy", None),
+        ("v0.8.5_worker_oom.log", "engine_dead", "torch.OutOfMemoryError: CUDA out of memory"),
+        (
+            "v0.10.2_startup_no_kv_memory.log",
+            "startup_failed",
+            "ValueError: No available memory for the cache blocks",
+        ),
+        (
+            "v0.11.0_stall_after_ready.log",
+            "stalled",
+            "No available shared memory broadcast block found in 60 seconds",
+        ),
+        ("v0.33_nccl_first_request.log", "engine_dead", "RuntimeError: NCCL error: unhandled system error"),
+        ("midrun_stall_no_ready.log", "stalled", "No available shared memory broadcast block"),
+        ("startup_stall_nothing_after.log", "stalled", "No available shared memory broadcast block"),
+        ("two_runs_startup_failed_then_ok.log", "startup_failed", "Not enough allowed NUMA nodes"),
+    ],
+)
 def test_synthetic_version_logs(name, verdict, cause):
     """Hand-built logs in each version's exact wording give the expected verdict and root cause."""
     d = diagnose_file(SYN / name)
@@ -228,6 +250,7 @@ def test_tp_from_command_line_in_log():
 
 # ---------------------------------------------------------------------- rules in small
 
+
 def test_unknown_when_nothing_is_recognised():
     """Text that is not a vLLM log gives unknown, no findings, no root cause."""
     d = analyze(["hello", "world"])
@@ -242,29 +265,35 @@ def test_failure_with_no_up_sign_is_startup_failed():
 
 def test_midrun_failure_with_later_500_is_engine_dead():
     """A log that begins at the failure, followed by a 500 access line, shows the server was up."""
-    d = analyze([
-        "ERROR 03-12 06:01:27 client.py:250] RuntimeError: Engine loop has died",
-        'INFO:     1.2.3.4:5 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error',
-    ])
+    d = analyze(
+        [
+            "ERROR 03-12 06:01:27 client.py:250] RuntimeError: Engine loop has died",
+            'INFO:     1.2.3.4:5 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error',
+        ]
+    )
     assert d.verdict == "engine_dead"
 
 
 def test_stall_then_serving_without_ready_is_stalled():
     """A stall followed by serving lines but no ready line (mid-run log) is a stall, not start-up."""
-    d = analyze([
-        "(EngineCore pid=1) INFO 11-24 03:53:10 [shm_broadcast.py:802] No available shared memory broadcast block found in 60 seconds.",
-        'INFO:     1.2.3.4:5 - "GET /health HTTP/1.1" 200 OK',
-    ])
+    d = analyze(
+        [
+            "(EngineCore pid=1) INFO 11-24 03:53:10 [shm_broadcast.py:802] No available shared memory broadcast block found in 60 seconds.",
+            'INFO:     1.2.3.4:5 - "GET /health HTTP/1.1" 200 OK',
+        ]
+    )
     assert d.verdict == "stalled"
 
 
 def test_engine_dead_outranks_stall():
     """A stall and a death: the verdict is the worse, engine_dead."""
-    d = analyze([
-        "INFO:     Application startup complete.",
-        "(EngineCore pid=1) INFO 11-24 03:53:10 [shm_broadcast.py:802] No available shared memory broadcast block found in 60 seconds.",
-        "(EngineCore pid=1) ERROR 11-24 03:55:10 [core.py:1512] EngineCore encountered a fatal error.",
-    ])
+    d = analyze(
+        [
+            "INFO:     Application startup complete.",
+            "(EngineCore pid=1) INFO 11-24 03:53:10 [shm_broadcast.py:802] No available shared memory broadcast block found in 60 seconds.",
+            "(EngineCore pid=1) ERROR 11-24 03:55:10 [core.py:1512] EngineCore encountered a fatal error.",
+        ]
+    )
     assert d.verdict == "engine_dead"
 
 
@@ -284,7 +313,9 @@ def test_line_numbers_count_every_line():
 def test_diagnose_file_handles_invalid_utf8_and_bare_cr(tmp_path):
     """Invalid bytes become U+FFFD, a bare CR (tqdm) does not split a line, numbers match grep -n."""
     p = tmp_path / "x.log"
-    p.write_bytes(b"progress 10%\rprogress 100%\n\xff\xfe bad bytes\nINFO:     Application startup complete.\n")
+    p.write_bytes(
+        b"progress 10%\rprogress 100%\n\xff\xfe bad bytes\nINFO:     Application startup complete.\n"
+    )
     d = diagnose_file(p)
     assert d.verdict == "healthy" and d.findings[0].line == 3
 
@@ -298,7 +329,10 @@ def test_diagnose_file_missing_raises_oserror(tmp_path):
 def test_render_text_summary():
     """The human summary names verdict, root cause and numbered advice."""
     d = Diagnosis("engine_dead", [], "RuntimeError: boom", ["do this", "then that"])
-    assert render_text(d) == "verdict: engine_dead\nroot cause: RuntimeError: boom\nadvice:\n  1. do this\n  2. then that"
+    assert (
+        render_text(d)
+        == "verdict: engine_dead\nroot cause: RuntimeError: boom\nadvice:\n  1. do this\n  2. then that"
+    )
 
 
 def test_render_text_accepts_the_json_form():

@@ -226,8 +226,10 @@ def test_snapshot_reads_memory_procs_and_decodes_names():
 def test_holders_name_tree_and_foreign_processes():
     """Holders carry pid, user, cmdline and MiB, with in_tree only for the given pids."""
     dev = FakeDevice(procs=[(10, 2 * GIB), (20, GIB)])
-    g, _n, _v = open_fake([dev], {10: FakeProc(cmdline="VLLM::Worker_TP0"),
-                                  20: FakeProc(user="alice", cmdline="python train.py")})
+    g, _n, _v = open_fake(
+        [dev],
+        {10: FakeProc(cmdline="VLLM::Worker_TP0"), 20: FakeProc(user="alice", cmdline="python train.py")},
+    )
     got = {h["pid"]: h for h in g.holders({10})}
     assert got[10]["in_tree"] and got[10]["used_mib"] == 2048 and got[10]["cmdline"] == "VLLM::Worker_TP0"
     assert not got[20]["in_tree"] and got[20]["user"] == "alice" and got[20]["used_mib"] == 1024
@@ -253,24 +255,28 @@ def test_process_listing_not_supported_keeps_memory_totals():
 
 def test_local_pid_without_nvidia_files_is_not_blamed():
     """An NVML pid that names an unrelated local process (no /dev/nvidia* open) stays unresolved."""
-    g, _n, _v = open_fake([FakeDevice(procs=[(4242, GIB)])],
-                          {4242: FakeProc(cmdline="sshd", devices=frozenset())})
+    g, _n, _v = open_fake(
+        [FakeDevice(procs=[(4242, GIB)])], {4242: FakeProc(cmdline="sshd", devices=frozenset())}
+    )
     (p,) = g.snapshot()[0].procs
     assert (p.pid, p.nvml_pid, p.pid_source) == (None, 4242, "unresolved")
 
 
 def test_inner_namespace_pid_is_mapped_through_nspid():
     """An NVML pid from an inner pid namespace maps to the local pid whose NSpid lists it."""
-    g, _n, _v = open_fake([FakeDevice(procs=[(7, GIB)])],
-                          {900: FakeProc(nspid=[7]), 901: FakeProc(nspid=[7], devices=frozenset())})
+    g, _n, _v = open_fake(
+        [FakeDevice(procs=[(7, GIB)])],
+        {900: FakeProc(nspid=[7]), 901: FakeProc(nspid=[7], devices=frozenset())},
+    )
     (p,) = g.snapshot()[0].procs
     assert (p.pid, p.pid_source) == (900, "nspid")
 
 
 def test_inner_pid_found_in_two_containers_stays_unresolved():
     """The same inner pid in two containers, both on the GPU, is ambiguous: nothing is blamed."""
-    g, _n, _v = open_fake([FakeDevice(procs=[(7, GIB)])],
-                          {900: FakeProc(nspid=[7]), 901: FakeProc(nspid=[7])})
+    g, _n, _v = open_fake(
+        [FakeDevice(procs=[(7, GIB)])], {900: FakeProc(nspid=[7]), 901: FakeProc(nspid=[7])}
+    )
     (p,) = g.snapshot()[0].procs
     assert (p.pid, p.pid_source) == (None, "unresolved")
 
@@ -278,8 +284,10 @@ def test_inner_pid_found_in_two_containers_stays_unresolved():
 def test_host_pid_is_paired_by_device_file():
     """A host pid invisible here pairs with the one local process holding /dev/nvidiaN open."""
     devs = [FakeDevice(procs=[(555001, GIB)], minor=0), FakeDevice(procs=[], minor=1, uuid="GPU-1")]
-    procs = {33: FakeProc(devices=frozenset({"nvidiactl", "nvidia0"})),
-             34: FakeProc(devices=frozenset({"nvidiactl", "nvidia1"}))}
+    procs = {
+        33: FakeProc(devices=frozenset({"nvidiactl", "nvidia0"})),
+        34: FakeProc(devices=frozenset({"nvidiactl", "nvidia1"})),
+    }
     g, _n, _v = open_fake(devs, procs)
     (p,) = g.snapshot()[0].procs
     assert (p.pid, p.nvml_pid, p.pid_source) == (33, 555001, "devfd")
@@ -322,8 +330,9 @@ def test_release_seen_when_tree_dies_and_memory_returns():
 def test_release_timeout_names_the_tree_holder():
     """A tree pid still holding memory at the deadline is named, marked in_tree, in the reason."""
     dev = FakeDevice(used=3 * GIB, procs=[(10, 2 * GIB), (20, 512 * MIB)])
-    g, _n, _v = open_fake([dev], {10: FakeProc(cmdline="VLLM::Worker_TP0"),
-                                  20: FakeProc(user="bob", cmdline="other")})
+    g, _n, _v = open_fake(
+        [dev], {10: FakeProc(cmdline="VLLM::Worker_TP0"), 20: FakeProc(user="bob", cmdline="other")}
+    )
     clock = FakeClock()
     rep = g.wait_released({10}, None, timeout_s=2.0, clock=clock, sleep=clock.sleep)
     assert not rep.released
@@ -386,8 +395,9 @@ def test_release_wait_reports_unreadable_gpu_at_timeout():
 
 def test_precheck_refuses_foreign_holder_with_its_name():
     """A foreign process holding memory makes precheck refuse, naming pid, user, cmdline, MiB."""
-    g, _n, _v = open_fake([FakeDevice(procs=[(20, GIB)])],
-                          {20: FakeProc(user="alice", cmdline="python train.py --epochs 3")})
+    g, _n, _v = open_fake(
+        [FakeDevice(procs=[(20, GIB)])], {20: FakeProc(user="alice", cmdline="python train.py --epochs 3")}
+    )
     res = g.precheck()
     assert not res.ok
     assert "pid 20 user alice cmdline 'python train.py --epochs 3' holds 1024 MiB on GPU 0" in res.reason
@@ -465,8 +475,10 @@ def test_linux_procs_counts_a_zombie_as_not_alive():
 
 def test_linux_procs_reads_nspid_and_device_links(tmp_path):
     """NSpid chains map inner pids to local ones, and fd links to /dev/nvidia* are named."""
-    for pid, nspid, links in [(100, "100\t7", ["/dev/nvidiactl", "/dev/nvidia0", "/tmp/x"]),
-                              (101, "101", ["/dev/null"])]:
+    for pid, nspid, links in [
+        (100, "100\t7", ["/dev/nvidiactl", "/dev/nvidia0", "/tmp/x"]),
+        (101, "101", ["/dev/null"]),
+    ]:
         d = tmp_path / str(pid)
         (d / "fd").mkdir(parents=True)
         (d / "status").write_text(f"Name:\tpython\nNSpid:\t{nspid}\n")
@@ -495,6 +507,11 @@ def test_cleanup_summary_reports_freed_mib_or_nothing() -> None:
     assert g.cleanup_summary(None, {1}, None) is None
     assert g.cleanup_summary(stub, set(), None) is None  # type: ignore[arg-type]
     out = g.cleanup_summary(stub, {11, 12}, None)  # type: ignore[arg-type]
-    assert out == {"released": True, "freed_mib": {0: 2658, 1: 2658}, "elapsed_s": 0.2, "remaining": [],
-                   "reason": None}
+    assert out == {
+        "released": True,
+        "freed_mib": {0: 2658, 1: 2658},
+        "elapsed_s": 0.2,
+        "remaining": [],
+        "reason": None,
+    }
     assert stub.calls == [{11, 12}]

@@ -110,8 +110,19 @@ def test_signal_permission_denied_is_reported(tmp_path):
                 print(Host().signal({target.pid}, {ct!r}, signal.SIGTERM).value)
             """)
             out = subprocess.run(
-                ["setpriv", "--reuid=vsuptest", "--regid=vsuptest", "--clear-groups", "/usr/bin/python3", "-c", code],
-                capture_output=True, text=True, timeout=30, cwd="/",
+                [
+                    "setpriv",
+                    "--reuid=vsuptest",
+                    "--regid=vsuptest",
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    "-c",
+                    code,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
             )
         assert out.stdout.strip() == "denied", out.stderr
         assert target.poll() is None

@@ -254,7 +254,10 @@ def test_many_writers_interleaving_whole_lines(tmp_path, tail):
         fd = os.open(p, os.O_WRONLY | os.O_APPEND)
         try:
             for i in range(per):
-                os.write(fd, f"(Worker_TP{w} pid={1000 + w}) INFO 11-24 03:50:13 [x.py:1] line {i:05d} {'y' * 100}\n".encode())
+                os.write(
+                    fd,
+                    f"(Worker_TP{w} pid={1000 + w}) INFO 11-24 03:50:13 [x.py:1] line {i:05d} {'y' * 100}\n".encode(),
+                )
         finally:
             os.close(fd)
 
@@ -265,8 +268,11 @@ def test_many_writers_interleaving_whole_lines(tmp_path, tail):
         th.join()
     lines = c.wait_count(writers * per)
     assert len(lines) == writers * per
-    expected = {f"(Worker_TP{w} pid={1000 + w}) INFO 11-24 03:50:13 [x.py:1] line {i:05d} {'y' * 100}"
-                for w in range(writers) for i in range(per)}
+    expected = {
+        f"(Worker_TP{w} pid={1000 + w}) INFO 11-24 03:50:13 [x.py:1] line {i:05d} {'y' * 100}"
+        for w in range(writers)
+        for i in range(per)
+    }
     assert set(lines) == expected
 
 
@@ -354,10 +360,17 @@ def test_safety_net_poll_finds_lines_without_events(tmp_path):
     """With an observer that never reports, the periodic stat still delivers new lines."""
 
     class DeafObserver:
-        def schedule(self, *a, **kw): return None
-        def start(self): pass
-        def stop(self): pass
-        def join(self, timeout=None): pass
+        def schedule(self, *a, **kw):
+            return None
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def join(self, timeout=None):
+            pass
 
     p = tmp_path / "v.log"
     p.touch()

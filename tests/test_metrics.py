@@ -174,6 +174,7 @@ def test_without_prometheus_client_everything_is_a_noop(
 
 # ---- through a running daemon ---------------------------------------------------------------
 
+
 def scrape_url(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
@@ -192,16 +193,30 @@ def metered(tmp_path) -> Iterator["Daemon"]:
     from support import FAKES, ROOT, Daemon, free_port
 
     port = free_port(PORTS.start, PORTS.stop)
-    d = Daemon(tmp_path / "d", {
-        "vllm": {"python": sys.executable, "module": "fake_vllm_tree", "model": "fake-model",
-                 "port": free_port(8400, 8489), "args": ["-tp", "2"],
-                 "env": {"PYTHONPATH": f"{FAKES}:{ROOT / 'tests' / 'systemd'}", "FAKE_TREE_DEBRIS": "0"}},
-        "daemon": {"metrics_port": port},
-        "timeouts": {"start_s": 30.0, "stop_grace_s": RELOAD_STOP_S, "canary_s": 2.0, "probe_s": 2.0,
-                     "cleanup_grace_s": 1.0, "drain_s": 2.0},
-        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
-        "probes": {"interval_s": 0.2, "canary_interval_s": 1.0},
-    })
+    d = Daemon(
+        tmp_path / "d",
+        {
+            "vllm": {
+                "python": sys.executable,
+                "module": "fake_vllm_tree",
+                "model": "fake-model",
+                "port": free_port(8400, 8489),
+                "args": ["-tp", "2"],
+                "env": {"PYTHONPATH": f"{FAKES}:{ROOT / 'tests' / 'systemd'}", "FAKE_TREE_DEBRIS": "0"},
+            },
+            "daemon": {"metrics_port": port},
+            "timeouts": {
+                "start_s": 30.0,
+                "stop_grace_s": RELOAD_STOP_S,
+                "canary_s": 2.0,
+                "probe_s": 2.0,
+                "cleanup_grace_s": 1.0,
+                "drain_s": 2.0,
+            },
+            "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+            "probes": {"interval_s": 0.2, "canary_interval_s": 1.0},
+        },
+    )
     d.metrics_port = port  # type: ignore[attr-defined]
     try:
         d.start()
@@ -223,14 +238,20 @@ def test_scrape_during_a_reload_shows_its_phase(metered) -> None:
     reload = threading.Thread(target=metered.cli, args=("reload", "--current"))
     reload.start()
     try:
-        mid = wait_for(lambda: (m := scrape_url(port)).get('vsup_reload_phase{phase="stop"}') == 1 and m,
-                       10, "the stop phase on the endpoint", interval=0.1)
+        mid = wait_for(
+            lambda: (m := scrape_url(port)).get('vsup_reload_phase{phase="stop"}') == 1 and m,
+            10,
+            "the stop phase on the endpoint",
+            interval=0.1,
+        )
         assert mid['vsup_state{state="reloading"}'] == 1
         assert mid['vsup_state{state="ready"}'] == 0
         assert 'vsup_reload_phase_seconds{phase="drain"}' in mid
     finally:
         reload.join(60)
-    after = wait_for(lambda: (m := scrape_url(port)).get('vsup_state{state="ready"}') == 1 and m, 30, "ready again")
+    after = wait_for(
+        lambda: (m := scrape_url(port)).get('vsup_state{state="ready"}') == 1 and m, 30, "ready again"
+    )
     assert after['vsup_reload_phase_seconds{phase="stop"}'] >= RELOAD_STOP_S - 0.5
     assert {after[f'vsup_reload_phase{{phase="{p}"}}'] for p in ("drain", "stop", "cleanup", "start")} == {0}
     assert after["vsup_cleanup_processes_killed_total"] >= 1  # the child that outlived SIGTERM

@@ -52,7 +52,11 @@ def test_spawn_new_session_log_appended_and_no_fd_kept(tmp_path):
         fds = {fd: os.readlink(f"/proc/{popen.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{popen.pid}/fd")}
         assert fds["0"] == "/dev/null" and fds["1"] == str(log) and fds["2"] == str(log)
         assert len(fds) == 3, fds  # close_fds: the inheritable pipe end did not leak
-        assert str(log) not in {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert str(log) not in {
+            os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        }
         # btime in /proc/stat is whole seconds, so create times run up to 1 s early.
         assert rec.started_at <= rec.leader.create_time + 1.0
         assert rec.leader.create_time == pytest.approx(Host().process(popen.pid).create_time)
@@ -79,7 +83,12 @@ def test_refresh_records_processes_objects_and_files(tree):
     semaphores under their real names, not glibc's temporary ones), the store and the 3 sockets."""
     rec = refresh(tree.rec)
     assert {p.pid for p in rec.procs} == set(tree.pids)
-    assert {p.name for p in rec.procs} >= {"VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1", "resource_tracker"}
+    assert {p.name for p in rec.procs} >= {
+        "VLLM::EngineCore",
+        "VLLM::Worker_TP0",
+        "VLLM::Worker_TP1",
+        "resource_tracker",
+    }
     assert {i.name for i in rec.ipc} == set(tree.shm_names)
     for i in rec.ipc:
         st = os.stat(f"/dev/shm/{i.name}")
@@ -182,8 +191,17 @@ records = st.builds(
     sid=st.integers(1, 4_000_000),
     pgid=st.integers(1, 4_000_000),
     procs=st.lists(procrefs, max_size=5),
-    ipc=st.lists(st.builds(IpcRef, name=st.text(min_size=1, max_size=20), kind=st.sampled_from(["shm", "sem", "file"]),
-                           dev=st.integers(0, 2**32), ino=st.integers(0, 2**63), size=st.integers(0, 2**40)), max_size=5),
+    ipc=st.lists(
+        st.builds(
+            IpcRef,
+            name=st.text(min_size=1, max_size=20),
+            kind=st.sampled_from(["shm", "sem", "file"]),
+            dev=st.integers(0, 2**32),
+            ino=st.integers(0, 2**63),
+            size=st.integers(0, 2**40),
+        ),
+        max_size=5,
+    ),
     files=st.lists(st.text(max_size=40), max_size=5),
     ended=st.booleans(),
 )
@@ -227,6 +245,7 @@ def test_corrupt_ledger_is_moved_aside_and_empty(tmp_path, caplog, body):
 
 # ---- private TMPDIR and torch's caches --------------------------------------------------------
 
+
 def test_torch_cache_is_shared_through_a_link_that_cleanup_does_not_follow(tmp_path):
     """torch resolves its cache (and always its precompiled headers) under
     `<TMPDIR>/torchinductor_<user>`: the tree's private TMPDIR links that name to the shared
@@ -250,8 +269,10 @@ def test_torch_cache_is_shared_through_a_link_that_cleanup_does_not_follow(tmp_p
     assert Path(tree2, "torchinductor_alice", "precompiled_headers", "h.gch").exists()
 
 
-@pytest.mark.parametrize("env, want", [({"LOGNAME": "a", "USER": "b"}, "torchinductor_a"),
-                                       ({"USER": "x/y"}, "torchinductor_x_y"), ({}, None)])
+@pytest.mark.parametrize(
+    "env, want",
+    [({"LOGNAME": "a", "USER": "b"}, "torchinductor_a"), ({"USER": "x/y"}, "torchinductor_x_y"), ({}, None)],
+)
 def test_torch_cache_name_follows_the_childs_environment_as_getpass_does(tmp_path, env, want):
     import pwd
 

@@ -33,6 +33,7 @@ def real(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("real")
     port = free_port(8000, 8049)
     from support import MODELS
+
     sections = real_sections(port)
     # room for long generations, so a reload really has requests in flight to drain
     sections["vllm"]["args"] = [a if a != "256" else "1024" for a in sections["vllm"]["args"]]
@@ -48,9 +49,12 @@ def real(tmp_path_factory: pytest.TempPathFactory):
 
 
 def chat(d: Daemon, model: str, max_tokens: int = 4, timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{d.port}/v1/chat/completions", trust_env=False, timeout=timeout,
-                      json={"model": model, "messages": [{"role": "user", "content": "Say hi"}],
-                            "max_tokens": max_tokens})
+    return httpx.post(
+        f"http://127.0.0.1:{d.port}/v1/chat/completions",
+        trust_env=False,
+        timeout=timeout,
+        json={"model": model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": max_tokens},
+    )
 
 
 def current_tree(d: Daemon) -> proctree.TreeRecord:
@@ -63,11 +67,13 @@ def current_tree(d: Daemon) -> proctree.TreeRecord:
 
 def wait_tree_complete(d: Daemon) -> proctree.TreeRecord:
     """Wait until the record shows the engine core, both workers and their shm segments."""
+
     def ok() -> proctree.TreeRecord | None:
         rec = current_tree(d)
         titles = " ".join(_cmdline(p.pid) for p in rec.procs)
         shm = [i for i in rec.ipc if i.name.startswith("psm_")]
         return rec if ("VLLM::EngineCore" in titles and "Worker_TP1" in titles and shm) else None
+
     return wait_for(ok, 30, "the tree record to list engine core, workers and segments", 0.5)
 
 
@@ -96,21 +102,29 @@ def assert_tree_gone(rec: proctree.TreeRecord) -> None:
 
 
 def restarted(d: Daemon, before: dict[str, Any], timeout: float = READY_S) -> dict[str, Any]:
-    return wait_for(lambda: (s := d.status())["restarts"] > before["restarts"] and s["state"] == "ready" and s,
-                    timeout, "an automatic restart to ready", 0.5)
+    return wait_for(
+        lambda: (s := d.status())["restarts"] > before["restarts"] and s["state"] == "ready" and s,
+        timeout,
+        "an automatic restart to ready",
+        0.5,
+    )
 
 
 def test_ready_only_after_canary_and_serves(real: Daemon) -> None:
     """The real TP=2 server becomes `ready` only after the canary; a completion then works."""
     s = real.wait_state("ready", timeout=READY_S)
     evs = real.events()
-    canary = next(i for i, e in enumerate(evs) if e["event"] == "probe" and e.get("probe") == "canary" and e["ok"])
+    canary = next(
+        i for i, e in enumerate(evs) if e["event"] == "probe" and e.get("probe") == "canary" and e["ok"]
+    )
     ready = next(i for i, e in enumerate(evs) if e["event"] == "state" and e["state"] == "ready")
     assert canary < ready
     r = chat(real, s["model"])
     assert r.status_code == 200 and r.json()["choices"]
     rec = wait_tree_complete(real)
-    assert any(i.name.startswith("sem.mp-") for i in rec.ipc), "semaphores recorded via the (deleted) inode match"
+    assert any(i.name.startswith("sem.mp-") for i in rec.ipc), (
+        "semaphores recorded via the (deleted) inode match"
+    )
 
 
 def test_sigkill_engine_core_restarts(real: Daemon) -> None:
@@ -157,8 +171,9 @@ def test_sigkill_worker_detected_from_log_within_5s(real: Daemon) -> None:
     n = len(real.events())
     t_kill = time.time()
     os.kill(pid_titled(rec, "Worker_TP1"), signal.SIGKILL)
-    det = real.wait_event(lambda e: e["event"] == "detection" and e.get("source") == "log", 30, "a log detection",
-                          after=n)
+    det = real.wait_event(
+        lambda e: e["event"] == "detection" and e.get("source") == "log", 30, "a log detection", after=n
+    )
     assert det["kind"] in ("worker_died", "engine_dead"), det
     t_det = _ts(det["ts"])
     assert t_det - t_kill < 5.0, f"detected {t_det - t_kill:.1f}s after the kill"
@@ -174,7 +189,9 @@ def test_sigstop_worker_idle_recovers_within_30s(real: Daemon) -> None:
     t_stop = time.time()
     os.kill(pid_titled(rec, "Worker_TP1"), signal.SIGSTOP)
     try:
-        ev = real.wait_event(lambda e: e["event"] == "state" and e["state"] == "stopping", 60, "teardown", after=n)
+        ev = real.wait_event(
+            lambda e: e["event"] == "state" and e["state"] == "stopping", 60, "teardown", after=n
+        )
         assert _ts(ev["ts"]) - t_stop < 30.0, f"recovery began {_ts(ev['ts']) - t_stop:.1f}s after SIGSTOP"
         assert "hang confirmed" in ev["reason"]
         states = [e["state"] for e in real.events()[n:] if e["event"] == "state"]
@@ -205,8 +222,12 @@ def test_sigstop_worker_with_request_in_flight_bounded_teardown(real: Daemon) ->
     os.kill(pid_titled(rec, "Worker_TP1"), signal.SIGSTOP)
     t.start()
     try:
-        teardown = real.wait_event(lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 90,
-                                   "the teardown's cleanup", after=n)
+        teardown = real.wait_event(
+            lambda e: e["event"] == "cleanup" and e.get("why") == "teardown",
+            90,
+            "the teardown's cleanup",
+            after=n,
+        )
         # bounded: the unhealthy grace (3 s) plus the cleanup engine's grace, not the client's 150 s
         assert teardown["seconds"] < 20, teardown
         restarted(real, before)
@@ -245,8 +266,12 @@ def test_reload_waits_for_the_request_in_flight(real: Daemon) -> None:
         # two requests back to back: the reload is asked for when the first round is done, so
         # the second round (~3 s of generation on this tiny model) is in flight
         for _ in range(2):
-            r = httpx.post(f"http://127.0.0.1:{real.port}/v1/completions", trust_env=False, timeout=120,
-                           json={"model": s["model"], "prompt": "Once", "max_tokens": 1000, "ignore_eos": True})
+            r = httpx.post(
+                f"http://127.0.0.1:{real.port}/v1/completions",
+                trust_env=False,
+                timeout=120,
+                json={"model": s["model"], "prompt": "Once", "max_tokens": 1000, "ignore_eos": True},
+            )
             done_at.append(time.time())
             outcome.append(r.status_code)
 
@@ -264,8 +289,11 @@ def test_reload_waits_for_the_request_in_flight(real: Daemon) -> None:
     drained = next(e for e in real.events()[n:] if e["event"] == "drained")
     # the second round was still generating when the reload was asked for: only a drain that
     # waited for it lets every request finish before the teardown begins
-    assert max(done_at) <= _ts(teardown["ts"]) + 0.5, ("the requests finished before the stop began",
-                                                       drained, max(done_at))
+    assert max(done_at) <= _ts(teardown["ts"]) + 0.5, (
+        "the requests finished before the stop began",
+        drained,
+        max(done_at),
+    )
     assert drained["ok"], drained
 
 
@@ -281,7 +309,9 @@ def test_reload_broken_rolls_back(real: Daemon) -> None:
     s = real.status()
     assert s["state"] == "ready" and s["model"] == before["model"]
     assert chat(real, before["model"]).status_code == 200
-    broken_spawn = next(e for e in real.events()[n:] if e["event"] == "spawned" and "broken" in " ".join(e["argv"]))
+    broken_spawn = next(
+        e for e in real.events()[n:] if e["event"] == "spawned" and "broken" in " ".join(e["argv"])
+    )
     assert not alive(broken_spawn["pid"])
     for rec in proctree.Ledger(real.state_dir).load():
         assert rec.id == s["tree"]["id"], "only the live tree is left in the ledger"
@@ -323,6 +353,7 @@ def _cmdline(pid: int) -> str:
 
 def _ts(iso: str) -> float:
     from datetime import datetime
+
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
@@ -332,6 +363,7 @@ def _running(d: Daemon) -> float:
     except httpx.HTTPError:
         return 0
     from vsup.probes import parse_metrics
+
     p = parse_metrics(txt)
     return p.running if p else 0
 
@@ -353,6 +385,7 @@ def test_dies_at_first_request_ladder_then_failed(tmp_path: Path) -> None:
     """head_dim 16 model: found by the canary before ready; the ladder is tried, then `failed` with the root cause."""
     require_real_vllm()
     from support import MODELS
+
     port = free_port(8000, 8049)
     sections = real_sections(port, "tiny-broken", restart={"max_failures": 3})
     # log requests with their prompts (DEBUG), so the redaction of the incident bundle is tested

@@ -48,7 +48,7 @@ def test_escaped_quotes_and_newlines_inside_prompt():
 
 def test_double_quoted_repr_prompt():
     """repr() picks double quotes when the prompt has an apostrophe."""
-    out = redact(f"Received request r1: prompt: \"it's {MARK}\", params: {PARAMS}")
+    out = redact(f'Received request r1: prompt: "it\'s {MARK}", params: {PARAMS}')
     assert MARK not in out and f"params: {PARAMS}" in out
 
 
@@ -60,7 +60,7 @@ def test_unterminated_prompt_is_redacted_to_end_of_line_only():
 
 def test_json_body_messages_are_removed():
     """A request JSON body keeps model and max_tokens, loses messages."""
-    body = {"model": "m", "messages": [{"role": "user", "content": f"[{MARK}] }} \" ]"}], "max_tokens": 5}
+    body = {"model": "m", "messages": [{"role": "user", "content": f'[{MARK}] }} " ]'}], "max_tokens": 5}
     out = redact("Request chatcmpl-1 JSON body: " + json.dumps(body))
     assert MARK not in out and '"model": "m"' in out and '"max_tokens": 5' in out
 
@@ -81,8 +81,13 @@ def test_generated_output_is_removed():
 
 def test_scheduler_dump_token_ids_removed_but_stop_ids_kept():
     """prompt_token_ids=[...] in a repr dump goes; stop_token_ids=[...] (operator settings) stays."""
-    out = redact("NewRequestData(req_id=a, prompt_token_ids=[11, 22, 33], stop_token_ids=[7], prompt_token_ids_len=3)")
-    assert out == "NewRequestData(req_id=a, prompt_token_ids=<redacted 12 chars>, stop_token_ids=[7], prompt_token_ids_len=3)"
+    out = redact(
+        "NewRequestData(req_id=a, prompt_token_ids=[11, 22, 33], stop_token_ids=[7], prompt_token_ids_len=3)"
+    )
+    assert (
+        out
+        == "NewRequestData(req_id=a, prompt_token_ids=<redacted 12 chars>, stop_token_ids=[7], prompt_token_ids_len=3)"
+    )
 
 
 def test_none_values_are_left_alone():
@@ -117,7 +122,9 @@ def test_random_secret_in_json_body_never_survives(secret, key):
 @given(ids=st.lists(st.integers(0, 200000), min_size=3, max_size=50))
 def test_random_token_ids_never_survive(ids):
     """prompt_token_ids lists are removed whole."""
-    out = redact(f"Received request r: prompt: 'x', params: {PARAMS}, prompt_token_ids: {ids}, lora_request: None.")
+    out = redact(
+        f"Received request r: prompt: 'x', params: {PARAMS}, prompt_token_ids: {ids}, lora_request: None."
+    )
     assert str(ids)[1:-1] not in out and "lora_request: None." in out
 
 

@@ -157,9 +157,7 @@ def test_from_env_leaves_the_environment_alone(path_receiver: Receiver) -> None:
     assert env == snapshot
 
 
-def test_send_failure_never_raises_and_logs_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_send_failure_never_raises_and_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A socket that does not exist costs one warning, however many messages fail."""
     n = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
     with caplog.at_level(logging.WARNING, logger="vsup.sdnotify"):

@@ -23,10 +23,10 @@ import pytest
 from support import FAKES, ROOT, Daemon, free_port, wait_for
 from vsup.daemon import HEARTBEAT_S
 
-WATCHDOG_USEC = 1_000_000          # systemd's WatchdogSec=1s: pings expected every 0.5 s
+WATCHDOG_USEC = 1_000_000  # systemd's WatchdogSec=1s: pings expected every 0.5 s
 PING_S = WATCHDOG_USEC / 2 / 1e6
 SYSTEMD_TESTS = ROOT / "tests" / "systemd"  # fake_vllm_tree.py
-START_S = 30.0                     # [timeouts].start_s of these daemons
+START_S = 30.0  # [timeouts].start_s of these daemons
 # After the owner task stops waking, the pinger may still send for up to two heartbeats plus
 # one ping interval (daemon._watchdog_pinger); anything later is a ping from a wedged loop.
 WEDGE_SLACK_S = 2 * HEARTBEAT_S + PING_S + 0.5
@@ -71,20 +71,30 @@ class NotifySocket:
 class NotifiedDaemon(Daemon):
     """A Daemon started as systemd would: NOTIFY_SOCKET and WATCHDOG_* in its environment."""
 
-    def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]], notify: Path,
-                 driver: Path | None = None) -> None:
+    def __init__(
+        self, tmp: Path, sections: dict[str, dict[str, Any]], notify: Path, driver: Path | None = None
+    ) -> None:
         super().__init__(tmp, sections)
         self.notify = notify
         self.driver = driver
 
     def start(self, *extra: str) -> "NotifiedDaemon":
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor"), "NOTIFY_SOCKET": str(self.notify),
-               "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "supervisor"),
+            "NOTIFY_SOCKET": str(self.notify),
+            "WATCHDOG_USEC": str(WATCHDOG_USEC),
+        }
         env.pop("WATCHDOG_PID", None)  # the watchdog is meant for the pid we start
         head = [sys.executable, str(self.driver)] if self.driver else [sys.executable, "-m", "vsup"]
         self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([*head, "run", "--config", str(self.config), *extra],
-                                     stdout=self._stderr, stderr=self._stderr, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*head, "run", "--config", str(self.config), *extra],
+            stdout=self._stderr,
+            stderr=self._stderr,
+            env=env,
+            start_new_session=True,
+        )
         wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
         assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
@@ -94,19 +104,35 @@ class NotifiedDaemon(Daemon):
 def notified(tmp_path: Path) -> Iterator[Callable[..., tuple[NotifiedDaemon, NotifySocket]]]:
     made: list[tuple[NotifiedDaemon, NotifySocket]] = []
 
-    def make(driver_code: str | None = None, module: str = "fake_api_server", env: dict[str, str] | None = None,
-             timeouts: dict[str, float] | None = None) -> tuple[NotifiedDaemon, NotifySocket]:
+    def make(
+        driver_code: str | None = None,
+        module: str = "fake_api_server",
+        env: dict[str, str] | None = None,
+        timeouts: dict[str, float] | None = None,
+    ) -> tuple[NotifiedDaemon, NotifySocket]:
         rx = NotifySocket(tmp_path / f"notify{len(made)}.sock")
         driver = None
         if driver_code is not None:
             driver = tmp_path / f"driver{len(made)}.py"
             driver.write_text(driver_code)
         sections: dict[str, dict[str, Any]] = {
-            "vllm": {"python": sys.executable, "module": module, "model": "fake-model",
-                     "port": free_port(8400, 8489), "args": ["-tp", "2"],
-                     "env": {"PYTHONPATH": f"{FAKES}:{SYSTEMD_TESTS}", "FAKE_VLLM_MODE": "ok", **(env or {})}},
-            "timeouts": {"start_s": START_S, "stop_grace_s": 5.0, "canary_s": 2.0, "probe_s": 2.0,
-                         "cleanup_grace_s": 1.0, "drain_s": 5.0, **(timeouts or {})},
+            "vllm": {
+                "python": sys.executable,
+                "module": module,
+                "model": "fake-model",
+                "port": free_port(8400, 8489),
+                "args": ["-tp", "2"],
+                "env": {"PYTHONPATH": f"{FAKES}:{SYSTEMD_TESTS}", "FAKE_VLLM_MODE": "ok", **(env or {})},
+            },
+            "timeouts": {
+                "start_s": START_S,
+                "stop_grace_s": 5.0,
+                "canary_s": 2.0,
+                "probe_s": 2.0,
+                "cleanup_grace_s": 1.0,
+                "drain_s": 5.0,
+                **(timeouts or {}),
+            },
             "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
         }
         d = NotifiedDaemon(tmp_path / f"d{len(made)}", sections, rx.path, driver)
@@ -132,7 +158,7 @@ def state_words(messages: list[str]) -> list[str]:
     for m in messages:
         for line in m.split("\n"):
             if line.startswith("STATUS="):
-                word = line[len("STATUS="):].split(":")[0].split(" (")[0]
+                word = line[len("STATUS=") :].split(":")[0].split(" (")[0]
                 if not out or out[-1] != word:
                     out.append(word)
     return out
@@ -158,7 +184,7 @@ def test_start_reload_stop_send_the_protocol_in_order(notified) -> None:
     reloading = next(m for m in msgs if m.startswith("RELOADING=1"))
     key, _, usec = reloading.split("\n")[1].partition("=")
     assert key == "MONOTONIC_USEC" and before * 1e6 <= int(usec) <= after * 1e6
-    assert msgs[msgs.index(reloading) + 1:].count("READY=1\nSTATUS=ready: fake-model, 0 restarts") == 1
+    assert msgs[msgs.index(reloading) + 1 :].count("READY=1\nSTATUS=ready: fake-model, 0 restarts") == 1
     assert state_words(msgs) == ["stopped", "starting", "ready", "reloading", "ready", "stopping", "stopped"]
     stop_i = msgs.index("STOPPING=1")  # sent when shutdown begins, before the teardown
     assert any(m.startswith("STATUS=stopping") for m in msgs[stop_i:])
@@ -211,7 +237,7 @@ def test_wedged_owner_stops_the_pings_while_the_loop_still_answers(notified) -> 
     wait_for(lambda: "STATUS=wedged" in rx.messages(), 30 + WEDGE_AFTER_S, "the wedge")
     wedged_at = rx.first(lambda m: m == "STATUS=wedged")
     time.sleep(WEDGE_SLACK_S + 3 * PING_S)  # observing an absence: nothing to wait on
-    assert d.status()["state"] == "ready"    # the loop and the control socket still work
+    assert d.status()["state"] == "ready"  # the loop and the control socket still work
     pings = rx.pings()
     assert len([t for t in pings if t < wedged_at]) >= 2  # healthy pings before the wedge
     assert [t - wedged_at for t in pings if t > wedged_at + WEDGE_SLACK_S] == []

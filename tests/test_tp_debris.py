@@ -95,8 +95,11 @@ def scoped(*jobs: TpJob) -> ScopedHost:
     sids = {j.sid for j in jobs}
 
     def shm_ok(name: str) -> bool:
-        return any(name in (*j.ready["psm"], *j.ready["sem"]) or
-                   (j.record is not None and name in {i.name for i in j.record.ipc}) for j in jobs)
+        return any(
+            name in (*j.ready["psm"], *j.ready["sem"])
+            or (j.record is not None and name in {i.name for i in j.record.ipc})
+            for j in jobs
+        )
 
     def tmp_ok(name: str) -> bool:
         return any(name == os.path.basename(j.ready["dist"]) for j in jobs)
@@ -119,16 +122,21 @@ def assert_blocked(job: TpJob, rank: int, witness: TpJob, phase: int) -> None:
     WITNESS_ROUNDS of them (an event to wait for, not a fixed sleep), and sits in ``phase``."""
     psm = job.ready["psm"][rank]
     before = read_progress(psm)
-    witness.wait_progress(list(range(witness.ready["world"])), WITNESS_ROUNDS, FAULT_TIMEOUT_S,
-                          "the foreign job to keep all-reducing")
+    witness.wait_progress(
+        list(range(witness.ready["world"])),
+        WITNESS_ROUNDS,
+        FAULT_TIMEOUT_S,
+        "the foreign job to keep all-reducing",
+    )
     after = read_progress(psm)
     assert after == before, f"rank {rank} moved: {before} -> {after}"
     assert after is not None and after.phase == phase, after
     assert alive(job.workers[rank]), f"rank {rank} should still be alive"
 
 
-def clean_and_check(job: TpJob, rec: TreeRecord, foreign: TpJob, record_timing: Callable[[str, float], None],
-                    fault: str) -> cleanup.Report:
+def clean_and_check(
+    job: TpJob, rec: TreeRecord, foreign: TpJob, record_timing: Callable[[str, float], None], fault: str
+) -> cleanup.Report:
     """Run vsup's cleanup on the tree's record; everything of the tree is gone, the foreign job is not."""
     foreign_rounds = foreign.rounds()
     t0 = time.monotonic()
@@ -139,12 +147,16 @@ def clean_and_check(job: TpJob, rec: TreeRecord, foreign: TpJob, record_timing: 
     assert rep.clean, rep.remaining
     assert not session_pids(job.sid), f"tree processes left: {session_pids(job.sid)}"
     assert not [p for p in rec.procs if running(p)], rec.procs
-    shm_left = [n for n in {*job.ready["psm"], *job.ready["sem"], *(i.name for i in rec.ipc)}
-                if os.path.exists(f"/dev/shm/{n}")]
+    shm_left = [
+        n
+        for n in {*job.ready["psm"], *job.ready["sem"], *(i.name for i in rec.ipc)}
+        if os.path.exists(f"/dev/shm/{n}")
+    ]
     assert not shm_left, f"tree objects left in /dev/shm: {shm_left}"
 
-    assert all(alive(p) for p in (foreign.popen.pid, *foreign.workers, foreign.ready["tracker"])), \
+    assert all(alive(p) for p in (foreign.popen.pid, *foreign.workers, foreign.ready["tracker"])), (
         "a foreign process died"
+    )
     assert all(foreign.objects().values()), f"foreign objects lost: {foreign.objects()}"
     foreign.wait_progress([0, 1], 3, FAULT_TIMEOUT_S, "the foreign job to keep all-reducing after cleanup")
     assert min(foreign.rounds()) > min(foreign_rounds)
@@ -178,8 +190,11 @@ def test_sigkill_parent_orphans_are_cleaned(tree, foreign, record_timing):
     job.popen.send_signal(signal.SIGKILL)
     job.popen.wait(timeout=10)
     for pid in (*job.workers, job.ready["tracker"]):
-        wait_until(lambda p=pid: proc_ppid(p) not in (None, job.popen.pid), FAULT_TIMEOUT_S,
-                   f"pid {pid} to be reparented")
+        wait_until(
+            lambda p=pid: proc_ppid(p) not in (None, job.popen.pid),
+            FAULT_TIMEOUT_S,
+            f"pid {pid} to be reparented",
+        )
     job.wait_progress([0, 1], 5, FAULT_TIMEOUT_S, "the orphaned workers to keep all-reducing")
     assert all(os.path.exists(f"/dev/shm/{n}") for n in job.ready["psm"] + job.ready["sem"])
 
@@ -199,10 +214,16 @@ def test_sigkill_worker_survivor_is_wedged_and_cleaned(tree, foreign, record_tim
     rec = recorded(job, scoped(job, foreign))
     victim, survivor = job.workers[1], job.workers[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)" in job.log_text(),
-               FAULT_TIMEOUT_S, "the parent to log the worker's death")
-    wait_until(lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_FAILED,
-               FAULT_TIMEOUT_S, "the survivor's all-reduce to fail")
+    wait_until(
+        lambda: "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)" in job.log_text(),
+        FAULT_TIMEOUT_S,
+        "the parent to log the worker's death",
+    )
+    wait_until(
+        lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_FAILED,
+        FAULT_TIMEOUT_S,
+        "the survivor's all-reduce to fail",
+    )
     assert f"(Worker_TP0 pid={survivor}) ERROR" in job.log_text() and "all_reduce failed" in job.log_text()
     assert_blocked(job, 0, foreign, PHASE_FAILED)
     assert alive(job.popen.pid) and alive(survivor)
@@ -218,8 +239,11 @@ def test_sigstop_worker_hangs_peer_in_all_reduce_and_is_cleaned(tree, foreign, r
     victim = job.workers[1]
     os.kill(victim, signal.SIGSTOP)
     wait_until(lambda: proc_state(victim) == "T", FAULT_TIMEOUT_S, "the worker to stop")
-    wait_until(lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_IN_COLLECTIVE,
-               FAULT_TIMEOUT_S, "the peer to enter the next all-reduce")
+    wait_until(
+        lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_IN_COLLECTIVE,
+        FAULT_TIMEOUT_S,
+        "the peer to enter the next all-reduce",
+    )
     assert_blocked(job, 0, foreign, PHASE_IN_COLLECTIVE)
     assert proc_state(victim) == "T"
     stopped_at = read_progress(job.ready["psm"][1])
@@ -248,10 +272,14 @@ def test_dist_store_of_a_lone_tree_is_attributed_and_removed(tree, foreign, reco
     assert os.path.exists(foreign.ready["dist"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proctree attributes an unheld vllm_dist_* only when no other vLLM-looking process started in "
-    "the DIST_ATTRIBUTION_WINDOW_S (600 s) before it; a foreign TP job started just before makes "
-    "the tree's own store ambiguous, so cleanup leaves it (issue 9 report)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "proctree attributes an unheld vllm_dist_* only when no other vLLM-looking process started in "
+        "the DIST_ATTRIBUTION_WINDOW_S (600 s) before it; a foreign TP job started just before makes "
+        "the tree's own store ambiguous, so cleanup leaves it (issue 9 report)"
+    ),
+)
 def test_dist_store_is_removed_beside_a_foreign_job(tree, foreign, record_timing):
     """With the foreign TP job in view, the tree's vllm_dist_* store is still recorded and removed."""
     job = tree()

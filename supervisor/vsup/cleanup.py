@@ -269,8 +269,8 @@ def cleanup(
                 owned.setdefault(key, "")
                 if not path.endswith(" (deleted)"):
                     # A glibc temporary semaphore name resolves through the sem.mp-* listing.
-                    owned_names.add(path[len(shm_prefix):])
-            elif path.startswith(tmp_prefix) and DIST_FILE.match(path[len(tmp_prefix):]):
+                    owned_names.add(path[len(shm_prefix) :])
+            elif path.startswith(tmp_prefix) and DIST_FILE.match(path[len(tmp_prefix) :]):
                 files.append(path)
     if sockets:
         files.extend(path for ino, path in host.unix_sockets().items() if ino in sockets)
@@ -334,7 +334,9 @@ def cleanup(
         seen.add(key)
         ours = key in owned
         if not ours and not pattern:
-            rep.skipped.append({"name": name, "reason": "recorded name now has another inode and is no vLLM name"})
+            rep.skipped.append(
+                {"name": name, "reason": "recorded name now has another inode and is no vLLM name"}
+            )
             continue
         if key in live_owned:
             rep.skipped.append({"name": name, "reason": f"held by live tree {live_owned[key]}"})
@@ -364,7 +366,9 @@ def cleanup(
                     _freed(rep, name, kind, before[name], "holder exit")
                 continue
             except PermissionError as e:
-                (rep.remaining if ours else rep.skipped).append({"name": name, "reason": f"unlink refused: {e}"})
+                (rep.remaining if ours else rep.skipped).append(
+                    {"name": name, "reason": f"unlink refused: {e}"}
+                )
                 continue
         say(f"{'would unlink' if dry_run else 'unlinked'} {name} ({st.alloc} bytes allocated)")
         _freed(rep, name, kind, st, "would unlink" if dry_run else "vsup")
@@ -385,7 +389,7 @@ def cleanup(
         if path in done or not path.startswith(tmp_prefix):
             continue
         done.add(path)
-        name = path[len(tmp_prefix):]
+        name = path[len(tmp_prefix) :]
         if TREE_TMPDIR.match(name):
             # The tree's own TMPDIR (vsup made it for this tree alone): everything in it is the
             # tree's, once nothing alive holds or listens on anything inside it.
@@ -415,13 +419,17 @@ def cleanup(
         ours = path in ours_files
         in_use = path in bound if st.is_socket else (st.dev, st.ino) in held
         if in_use:
-            (rep.remaining if ours else rep.skipped).append({"name": path, "reason": "in use by a live process"})
+            (rep.remaining if ours else rep.skipped).append(
+                {"name": path, "reason": "in use by a live process"}
+            )
             continue
         if not may_touch(st.uid):
             rep.skipped.append({"name": path, "reason": owner(st.uid)})
             continue
         if not ours and first_live is not None and st.born >= first_live[0] - LIVE_START_SLACK_S:
-            rep.skipped.append({"name": path, "reason": f"created after live {first_live[1]} started; presumed its"})
+            rep.skipped.append(
+                {"name": path, "reason": f"created after live {first_live[1]} started; presumed its"}
+            )
             continue
         if not dry_run:
             try:
@@ -429,7 +437,9 @@ def cleanup(
             except FileNotFoundError:
                 continue
             except PermissionError as e:
-                (rep.remaining if ours else rep.skipped).append({"name": path, "reason": f"remove refused: {e}"})
+                (rep.remaining if ours else rep.skipped).append(
+                    {"name": path, "reason": f"remove refused: {e}"}
+                )
                 continue
         rep.removed_files.append(path)
         say(f"{'would remove' if dry_run else 'removed'} {path}")
@@ -486,7 +496,13 @@ def render_table(report: Report) -> str:
     for s in report.skipped:
         rows.append(("skipped", s["name"], s["reason"]))
     for r in report.remaining:
-        rows.append(("REMAINING", r.get("name") if "pid" not in r else f"pid {r['pid']} {r.get('name', '')}", r["reason"]))
+        rows.append(
+            (
+                "REMAINING",
+                r.get("name") if "pid" not in r else f"pid {r['pid']} {r.get('name', '')}",
+                r["reason"],
+            )
+        )
     out = []
     if rows:
         w0 = max(len(r[0]) for r in rows)

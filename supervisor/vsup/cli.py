@@ -49,10 +49,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help="config file (default: $VSUP_CONFIG, else /etc/vsup/vsup.toml)")
-    p = _Parser(prog="vsup", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_argument(
+        "--config", metavar="PATH", help="config file (default: $VSUP_CONFIG, else /etc/vsup/vsup.toml)"
+    )
+    p = _Parser(
+        prog="vsup",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"vsup {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -61,27 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common], **kw)
 
     r = add("run", "run the daemon in the foreground (systemd's ExecStart)")
-    r.add_argument("--no-autostart", action="store_true",
-                   help="do not start the model at launch; wait for `vsup start`")
+    r.add_argument(
+        "--no-autostart", action="store_true", help="do not start the model at launch; wait for `vsup start`"
+    )
     c = add("check-config", "validate a config file and exit (2 on the first problem)")
     c.add_argument("path", nargs="?", help="config file (default: as for --config)")
     c.add_argument("--explain", action="store_true", help="also print every key with default and meaning")
     s = add("status", "show the daemon's state, model, API server pid and restarts")
     s.add_argument("--json", action="store_true", help="one JSON object")
-    for name, help in (("start", "start the configured model (after stop or failed)"),
-                       ("stop", "stop the model and clean up; the daemon stays up in `stopped`"),
-                       ("restart", "stop and start the current model (drain first)")):
+    for name, help in (
+        ("start", "start the configured model (after stop or failed)"),
+        ("stop", "stop the model and clean up; the daemon stays up in `stopped`"),
+        ("restart", "stop and start the current model (drain first)"),
+    ):
         x = add(name, help)
         x.add_argument("--json", action="store_true", help="print the final reply as JSON")
     rl = add("reload", "swap to another model: drain, stop, cleanup, start, ready; roll back on failure")
     rl.add_argument("model", nargs="?", help="a [models.NAME] from the config, or a model path")
-    rl.add_argument("--current", action="store_true",
-                    help="re-read the config file and reload the current model (systemctl reload)")
+    rl.add_argument(
+        "--current",
+        action="store_true",
+        help="re-read the config file and reload the current model (systemctl reload)",
+    )
     rl.add_argument("--json", action="store_true", help="progress and result as JSON lines")
     cl = add("cleanup", "remove orphaned vLLM processes, /dev/shm segments, semaphores and /tmp files")
     cl.add_argument("--dry-run", action="store_true", help="report what would be removed, touch nothing")
-    cl.add_argument("--foreign", action="store_true",
-                    help="also orphans of vLLM servers vsup did not start")
+    cl.add_argument("--foreign", action="store_true", help="also orphans of vLLM servers vsup did not start")
     cl.add_argument("--all-users", action="store_true", help="(root only) also other users' orphans")
     cl.add_argument("--json", action="store_true", help="one JSON object")
     e = add("events", "show recent events; --follow streams new ones")
@@ -105,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- config ------------------------------------------------------------------------------------
 
-def _load(args: argparse.Namespace, path: str | None = None, *, check_python: bool = True) -> config_mod.Config:
+
+def _load(
+    args: argparse.Namespace, path: str | None = None, *, check_python: bool = True
+) -> config_mod.Config:
     try:
         return config_mod.load(path or args.config, check_python=check_python)
     except config_mod.ConfigError as e:
@@ -124,12 +137,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     import faulthandler
+
     faulthandler.enable()  # systemd's watchdog SIGABRT then leaves the Python stacks in the journal
     from . import daemon
+
     try:
         return daemon.main(cfg, autostart=not args.no_autostart)
     except Exception as e:  # the daemon's own failures at start-up: one line, not a traceback
         from .control import ControlSocketError as SocketInUse
+
         if isinstance(e, (SocketInUse, PermissionError, FileNotFoundError)):
             print(f"vsup: cannot start: {e}", file=sys.stderr)
             return EXIT_FAILED
@@ -138,13 +154,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---- talking to the daemon ---------------------------------------------------------------------
 
-def _call(cfg: config_mod.Config, cmd: str, cmd_args: dict[str, Any] | None = None, *,
-          on_progress: Callable[[dict], None] | None = None, on_event: Callable[[dict], None] | None = None,
-          timeout_s: float | None = 30.0) -> dict[str, Any]:
+
+def _call(
+    cfg: config_mod.Config,
+    cmd: str,
+    cmd_args: dict[str, Any] | None = None,
+    *,
+    on_progress: Callable[[dict], None] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    timeout_s: float | None = 30.0,
+) -> dict[str, Any]:
     from .control import ControlClient, DaemonUnreachable
+
     try:
-        return ControlClient(cfg.socket, timeout_s=timeout_s).call(cmd, cmd_args or {}, on_progress=on_progress,
-                                                                   on_event=on_event)
+        return ControlClient(cfg.socket, timeout_s=timeout_s).call(
+            cmd, cmd_args or {}, on_progress=on_progress, on_event=on_event
+        )
     except DaemonUnreachable as e:
         print(f"vsup: {e}", file=sys.stderr)
         raise SystemExit(EXIT_UNREACHABLE) from None
@@ -176,11 +201,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def render_status(s: dict[str, Any]) -> str:
-    lines = [f"state:     {s['state']}" + (f" ({s['phase']})" if s.get("phase") else ""),
-             f"model:     {s.get('model') or '-'}",
-             f"pid:       {s.get('pid') or '-'}" + (f"  ({s.get('workers')} workers)" if s.get("workers") else ""),
-             f"restarts:  {s.get('restarts', 0)}",
-             f"since:     {s.get('since')}"]
+    lines = [
+        f"state:     {s['state']}" + (f" ({s['phase']})" if s.get("phase") else ""),
+        f"model:     {s.get('model') or '-'}",
+        f"pid:       {s.get('pid') or '-'}" + (f"  ({s.get('workers')} workers)" if s.get("workers") else ""),
+        f"restarts:  {s.get('restarts', 0)}",
+        f"since:     {s.get('since')}",
+    ]
     if s.get("reason"):
         lines.append(f"reason:    {s['reason']}")
     if s.get("operation"):
@@ -191,8 +218,10 @@ def render_status(s: dict[str, Any]) -> str:
         d = s["last_detection"]
         lines.append(f"detected:  {d.get('kind')} via {d.get('source')} at {d.get('at')}: {d.get('message')}")
     for g in s.get("gpus") or []:
-        lines.append(f"gpu {g.get('index')}:     {g.get('used_mib')}/{g.get('total_mib')} MiB used, "
-                     f"{g.get('model_mib', 0)} MiB by the model")
+        lines.append(
+            f"gpu {g.get('index')}:     {g.get('used_mib')}/{g.get('total_mib')} MiB used, "
+            f"{g.get('model_mib', 0)} MiB by the model"
+        )
     if s.get("vllm_version"):
         lines.append(f"vllm:      {s['vllm_version']}")
     return "\n".join(lines)
@@ -227,8 +256,11 @@ class _Progress:
         elif self.tty:
             self._draw()
         else:
-            print(f"{self.label}: {self.phase} (elapsed {prog.get('elapsed_s', 0):.1f}s)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{self.label}: {self.phase} (elapsed {prog.get('elapsed_s', 0):.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         self._stop.set()
@@ -237,8 +269,9 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _lifecycle(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None,
-               label: str | None = None) -> int:
+def _lifecycle(
+    args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None, label: str | None = None
+) -> int:
     cfg = _load(args, check_python=False)
     prog = _Progress(label or cmd, args.json)
     try:
@@ -275,8 +308,10 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.current):
-        print("vsup: error: reload needs a MODEL (configured name or path) or --current, not both",
-              file=sys.stderr)
+        print(
+            "vsup: error: reload needs a MODEL (configured name or path) or --current, not both",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     a: dict[str, Any] = {"current": True} if args.current else {"model": args.model}
     return _lifecycle(args, "reload", a, label=f"reload {args.model or '(current)'}")
@@ -289,25 +324,37 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     cfg = _load(args, check_python=False)
     from . import cleanup as cleanup_mod
     from .control import ControlClient, DaemonUnreachable
+
     a = {"dry_run": args.dry_run, "foreign": args.foreign, "all_users": args.all_users}
     try:
         reply = ControlClient(cfg.socket, timeout_s=None).call("cleanup", a)
     except DaemonUnreachable:
         # No daemon: read the ledger a dead (or stopped) daemon left and act on it directly.
         from . import gpu, proctree
+
         ledger = proctree.Ledger(cfg.state_dir)
         recs = ledger.load()
         gpus = gpu.Gpus.open()
         before = gpus.snapshot() if gpus is not None else None
-        report = cleanup_mod.cleanup(recs, foreign=args.foreign, all_users=args.all_users,
-                                     dry_run=args.dry_run, grace_s=cfg.timeouts.cleanup_grace_s,
-                                     progress=None if args.json else (lambda m: print(m, file=sys.stderr)))
+        report = cleanup_mod.cleanup(
+            recs,
+            foreign=args.foreign,
+            all_users=args.all_users,
+            dry_run=args.dry_run,
+            grace_s=cfg.timeouts.cleanup_grace_s,
+            progress=None if args.json else (lambda m: print(m, file=sys.stderr)),
+        )
         if report.clean and not args.dry_run:
             for r in recs:
                 ledger.remove(r.id)
         result = report.to_json()
-        freed = None if args.dry_run else gpu.cleanup_summary(gpus, {k["pid"] for k in report.killed}, before,
-                                                               timeout_s=cfg.timeouts.gpu_release_s)
+        freed = (
+            None
+            if args.dry_run
+            else gpu.cleanup_summary(
+                gpus, {k["pid"] for k in report.killed}, before, timeout_s=cfg.timeouts.gpu_release_s
+            )
+        )
         if freed:
             result["gpu"] = freed
     else:
@@ -336,11 +383,15 @@ def render_cleanup(r: dict[str, Any], dry_run: bool) -> str:
         out.append(f"REMAINS  {x.get('name') or x.get('pid')}: {x.get('reason')}")
     g = r.get("gpu")
     if g:
-        out.append(f"gpu: freed {sum(g['freed_mib'].values())} MiB"
-                   + ("" if g["released"] else f"; still held: {g['remaining']}"))
-    out.append(f"{'would free' if dry_run else 'freed'} {_mb(r.get('bytes_freed', 0))}; "
-               f"{len(r.get('killed', []))} processes, {len(r.get('unlinked', []))} IPC objects, "
-               f"{len(r.get('removed_files', []))} files; {len(r.get('remaining', []))} remaining")
+        out.append(
+            f"gpu: freed {sum(g['freed_mib'].values())} MiB"
+            + ("" if g["released"] else f"; still held: {g['remaining']}")
+        )
+    out.append(
+        f"{'would free' if dry_run else 'freed'} {_mb(r.get('bytes_freed', 0))}; "
+        f"{len(r.get('killed', []))} processes, {len(r.get('unlinked', []))} IPC objects, "
+        f"{len(r.get('removed_files', []))} files; {len(r.get('remaining', []))} remaining"
+    )
     return "\n".join(out)
 
 
@@ -355,6 +406,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not args.follow:
         from .control import ControlClient, DaemonUnreachable
+
         try:
             reply = ControlClient(cfg.socket).call("events", {"n": args.n})
             evs = reply["result"]["events"] if reply.get("ok") else None
@@ -362,17 +414,24 @@ def cmd_events(args: argparse.Namespace) -> int:
                 return _finish(reply, False, str)
         except DaemonUnreachable:
             from .events import read_events
+
             evs = read_events(cfg.state_dir, args.n)
         for ev in evs:
             print(json.dumps(ev))
         return EXIT_OK
-    reply = _call(cfg, "events", {"n": args.n, "follow": True},
-                  on_event=lambda ev: print(json.dumps(ev), flush=True), timeout_s=None)
+    reply = _call(
+        cfg,
+        "events",
+        {"n": args.n, "follow": True},
+        on_event=lambda ev: print(json.dumps(ev), flush=True),
+        timeout_s=None,
+    )
     return _finish(reply, False, str) if not reply.get("ok") else EXIT_OK
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from . import diagnose
+
     if args.logfile:
         try:
             d = diagnose.diagnose_file(args.logfile)
@@ -394,9 +453,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "check-config": cmd_check_config, "status": cmd_status, "start": cmd_start,
-    "stop": cmd_stop, "restart": cmd_restart, "reload": cmd_reload, "cleanup": cmd_cleanup,
-    "events": cmd_events, "diagnose": cmd_diagnose,
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "status": cmd_status,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "restart": cmd_restart,
+    "reload": cmd_reload,
+    "cleanup": cmd_cleanup,
+    "events": cmd_events,
+    "diagnose": cmd_diagnose,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,8 +69,14 @@ class DaemonConfig:
 class TimeoutsConfig:
     # Measured on 2-core CPU machines: the tiny model is ready in 40-45 s; real GPU models load
     # for minutes, so the default is generous and operators shorten it.
-    start_s: float = _f(600.0, "from spawn to ready (health + model listed + canary), else the start failed", min=1)
-    stop_grace_s: float = _f(20.0, "stop, reload: SIGTERM to the API server, then this long before SIGKILL of the tree (failed server: 3 s at most)", min=0)
+    start_s: float = _f(
+        600.0, "from spawn to ready (health + model listed + canary), else the start failed", min=1
+    )
+    stop_grace_s: float = _f(
+        20.0,
+        "stop, reload: SIGTERM to the API server, then this long before SIGKILL of the tree (failed server: 3 s at most)",
+        min=0,
+    )
     # A hung worker keeps the API server in "Waiting for connections to close" forever, so
     # a stop never waits for clients beyond the grace.
     kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)
@@ -81,7 +87,9 @@ class TimeoutsConfig:
     # The first completion after a start also warms the engine up (18 s measured on a cold CPU
     # start, seconds after), so it gets its own, longer deadline. An engine that dies at its first
     # request answers 500 at once; only a hang at the first request waits this long.
-    first_canary_s: float = _f(120.0, "the readiness canary (the first completion after a start) must finish within this", min=0.1)
+    first_canary_s: float = _f(
+        120.0, "the readiness canary (the first completion after a start) must finish within this", min=0.1
+    )
     drain_s: float = _f(60.0, "reload: wait this long for running requests to finish before stopping", min=0)
     cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
     probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
@@ -93,17 +101,27 @@ class RestartConfig:
     backoff_initial_s: float = _f(1.0, "first delay before an automatic restart", min=0)
     backoff_max_s: float = _f(60.0, "ceiling of the exponential backoff", min=0)
     backoff_factor: float = _f(2.0, "each consecutive failure multiplies the delay by this", min=1)
-    max_failures: int = _f(5, "this many failures within window_s -> state failed (until an operator acts)", min=1)
+    max_failures: int = _f(
+        5, "this many failures within window_s -> state failed (until an operator acts)", min=1
+    )
     window_s: float = _f(600.0, "the window for max_failures", min=1)
-    stable_s: float = _f(300.0, "ready this long without a failure: the failure count and backoff start over", min=0)
+    stable_s: float = _f(
+        300.0, "ready this long without a failure: the failure count and backoff start over", min=0
+    )
 
 
 @dataclass(frozen=True)
 class ProbesConfig:
-    interval_s: float = _f(5.0, "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary", min=0.1)
+    interval_s: float = _f(
+        5.0,
+        "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary",
+        min=0.1,
+    )
     canary_interval_s: float = _f(8.0, "periodic canary completion while ready (0 = only at start)", min=0)
     stall_s: float = _f(20.0, "requests running but no generated tokens for this long = no progress", min=1)
-    startup_grace_s: float = _f(0.0, "extra time after ready during which stall lines are only warnings", min=0)
+    startup_grace_s: float = _f(
+        0.0, "extra time after ready during which stall lines are only warnings", min=0
+    )
     confirm: int = _f(2, "independent bad signals needed before an unhealthy server is torn down", min=1)
     canary_prompt: str = _f("Say OK.", "the canary's user message (never a real prompt)")
     canary_max_tokens: int = _f(4, "tokens the canary asks for", min=1)
@@ -125,7 +143,9 @@ DEFAULT_LADDER = (
 @dataclass(frozen=True)
 class RemediesConfig:
     enabled: bool = _f(True, "apply the remedy ladder on repeated failures of the same kind")
-    after: int = _f(1, "failures of one kind (engine death or stall soon after start) before the next remedy", min=1)
+    after: int = _f(
+        1, "failures of one kind (engine death or stall soon after start) before the next remedy", min=1
+    )
     only_tp: bool = _f(True, "apply the ladder only with tensor parallelism > 1 (what the ladder fixes)")
     ladder: tuple[Remedy, ...] = _f(DEFAULT_LADDER, "[[remedies.ladder]] name/args/env, tried in order")
 
@@ -162,8 +182,9 @@ class Config:
         """The model to run: a configured [models.NAME], a path/id, or the [vllm] default."""
         if name_or_path is None:
             v = self.vllm
-            return ModelConfig(name=v.served_model_name or v.model, model=v.model,
-                               served_model_name=v.served_model_name)
+            return ModelConfig(
+                name=v.served_model_name or v.model, model=v.model, served_model_name=v.served_model_name
+            )
         if name_or_path in self.models:
             return self.models[name_or_path]
         return ModelConfig(name=name_or_path, model=name_or_path)
@@ -241,8 +262,9 @@ def _build(cls: type, table: Mapping[str, Any], section: str, path: Path) -> Any
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table"}.get(type(v), type(v).__name__)
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(v), type(v).__name__
+    )
 
 
 def _check_type(value: Any, f: dataclasses.Field, key: str, path: Path) -> Any:
@@ -303,8 +325,13 @@ def _ladder(v: Any, key: str, path: Path) -> tuple[Remedy, ...]:
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(path, f"{k}.name", "required string")
-        out.append(Remedy(name, _str_list(item.get("args", []), f"{k}.args", path),
-                          _str_table(item.get("env", {}), f"{k}.env", path)))
+        out.append(
+            Remedy(
+                name,
+                _str_list(item.get("args", []), f"{k}.args", path),
+                _str_table(item.get("env", {}), f"{k}.env", path),
+            )
+        )
     return tuple(out)
 
 
@@ -318,17 +345,22 @@ def _models(v: Any, path: Path) -> dict[str, ModelConfig]:
             raise ConfigError(path, key, "must be a table")
         extra = set(t) - {"model", "args", "env", "served_model_name"}
         if extra:
-            raise ConfigError(path, f"{key}.{sorted(extra)[0]}",
-                              "unknown key (known: model, args, env, served_model_name)")
+            raise ConfigError(
+                path, f"{key}.{sorted(extra)[0]}", "unknown key (known: model, args, env, served_model_name)"
+            )
         model = t.get("model")
         if not isinstance(model, str) or not model:
             raise ConfigError(path, f"{key}.model", "required string")
         smn = t.get("served_model_name")
         if smn is not None and not isinstance(smn, str):
             raise ConfigError(path, f"{key}.served_model_name", "expected string")
-        out[name] = ModelConfig(name=name, model=model, args=_str_list(t.get("args", []), f"{key}.args", path),
-                                env=_str_table(t.get("env", {}), f"{key}.env", path),
-                                served_model_name=smn)
+        out[name] = ModelConfig(
+            name=name,
+            model=model,
+            args=_str_list(t.get("args", []), f"{key}.args", path),
+            env=_str_table(t.get("env", {}), f"{key}.env", path),
+            served_model_name=smn,
+        )
     return out
 
 
@@ -339,7 +371,9 @@ def _semantic_checks(cfg: Config, check_python: bool) -> None:
     p = cfg.path
     for a in cfg.vllm.args:
         if a.split("=", 1)[0] in _RESERVED_ARGS:
-            raise ConfigError(p, "vllm.args", f"{a.split('=', 1)[0]} is set by vsup from vllm.model/host/port")
+            raise ConfigError(
+                p, "vllm.args", f"{a.split('=', 1)[0]} is set by vsup from vllm.model/host/port"
+            )
     if check_python:
         py = Path(cfg.vllm.python)
         if not py.is_absolute():
@@ -350,18 +384,24 @@ def _semantic_checks(cfg: Config, check_python: bool) -> None:
             raise ConfigError(p, "vllm.python", f"{py} is not an executable file")
     import grp
     import pwd
+
     d = cfg.daemon
-    for key, names, lookup in (("admin_users", d.admin_users, pwd.getpwnam), ("read_users", d.read_users, pwd.getpwnam),
-                               ("admin_groups", d.admin_groups, grp.getgrnam),
-                               ("read_groups", d.read_groups, grp.getgrnam),
-                               ("socket_group", [d.socket_group] if d.socket_group else [], grp.getgrnam)):
+    for key, names, lookup in (
+        ("admin_users", d.admin_users, pwd.getpwnam),
+        ("read_users", d.read_users, pwd.getpwnam),
+        ("admin_groups", d.admin_groups, grp.getgrnam),
+        ("read_groups", d.read_groups, grp.getgrnam),
+        ("socket_group", [d.socket_group] if d.socket_group else [], grp.getgrnam),
+    ):
         for n in names:
             if n.isdigit():
                 continue
             try:
                 lookup(n)
             except KeyError:
-                raise ConfigError(p, f"daemon.{key}", f"no such {'group' if 'group' in key else 'user'}: {n!r}") from None
+                raise ConfigError(
+                    p, f"daemon.{key}", f"no such {'group' if 'group' in key else 'user'}: {n!r}"
+                ) from None
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
         raise ConfigError(p, "restart.backoff_max_s", "must be >= restart.backoff_initial_s")
     if cfg.daemon.metrics_port is not None and cfg.daemon.metrics_port == cfg.vllm.port:

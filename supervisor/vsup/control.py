@@ -287,9 +287,7 @@ class ControlSocketInUse(ControlSocketError):
 
 
 def _encode(obj: Any) -> bytes:
-    return (
-        json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n"
-    ).encode("ascii")
+    return (json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n").encode("ascii")
 
 
 def _error(id: Any, code: str, message: str) -> dict[str, Any]:
@@ -469,7 +467,9 @@ class _Connection:
                     pending.cancel()
             if self._bad_lines > BAD_LINE_EVENTS:
                 self.server._emit(
-                    "control_bad_request", **self.fields(), code="bad_request",
+                    "control_bad_request",
+                    **self.fields(),
+                    code="bad_request",
                     reason=f"{self._bad_lines - BAD_LINE_EVENTS} more bad lines not reported singly",
                 )
             await self._close()

@@ -46,13 +46,13 @@ STRIKE_KINDS = frozenset({"shm_stall"})
 # A failure of these kinds within the first requests of a TP>1 server is what the remedy
 # ladder (the seed's --disable-custom-all-reduce) addresses.
 LADDER_KINDS = frozenset({"engine_dead", "worker_died", "hang", "exited"})
-EARLY_REQUESTS = 3          # "at the first requests": this many completions served, or fewer
+EARLY_REQUESTS = 3  # "at the first requests": this many completions served, or fewer
 # Stopping a failed server (hung, engine dead, failed reload): its clients' requests will never
 # complete, and vLLM 0.32 blocks in "Waiting for connections to close" while they are open, so
 # a long grace only delays the restart. stop_grace_s is for operators' stops and reloads.
 FAILED_STOP_GRACE_S = 3
-DRAIN_IDLE_S = 1.0          # reload's drain: no running or waiting request for this long
-ORPHAN_GRACE_S = 1.0        # SIGTERM-to-SIGKILL for what is left when the API server died by itself
+DRAIN_IDLE_S = 1.0  # reload's drain: no running or waiting request for this long
+ORPHAN_GRACE_S = 1.0  # SIGTERM-to-SIGKILL for what is left when the API server died by itself
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
 LINE_RING = 4000
@@ -62,16 +62,17 @@ LINE_RING = 4000
 REFRESH_S = 2.0
 REFRESH_SETTLED_S = 15.0
 REFRESH_AFTER_READY_S = 20.0
-HEARTBEAT_S = 1.0           # the owner wakes at least this often (watchdog pings depend on it)
+HEARTBEAT_S = 1.0  # the owner wakes at least this often (watchdog pings depend on it)
 
 
 # ---- observations ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Exited:
     gen: int
     pid: int
-    status: int          # waitpid-style exit code (negative: killed by that signal)
+    status: int  # waitpid-style exit code (negative: killed by that signal)
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,10 @@ class LogSignal:
     gen: int
     kind: str
     sig_id: str
-    message: str         # redacted
+    message: str  # redacted
     process: str | None
     pid: int | None
-    at: float            # monotonic time the line was read
+    at: float  # monotonic time the line was read
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class NotReady:
 class Cmd:
     name: str
     args: dict[str, Any]
-    request: Any | None                      # control.Request (progress) or None (internal)
+    request: Any | None  # control.Request (progress) or None (internal)
     future: asyncio.Future[Any] = field(repr=False, default=None)  # type: ignore[assignment]
 
 
@@ -117,7 +118,7 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Intent:
-    kind: str                     # start | serve | recover | stop | idle | reload | exit
+    kind: str  # start | serve | recover | stop | idle | reload | exit
     spec: ModelConfig | None = None
     reason: str | None = None
     failure_kind: str | None = None
@@ -130,9 +131,11 @@ class OperationFailed(Exception):
 
 # ---- the supervisor -----------------------------------------------------------------------
 
+
 class Supervisor:
-    def __init__(self, cfg: Config, *, events: EventLog | None = None, autostart: bool = True,
-                 notifier: Any = None) -> None:
+    def __init__(
+        self, cfg: Config, *, events: EventLog | None = None, autostart: bool = True, notifier: Any = None
+    ) -> None:
         self.cfg = cfg
         self.autostart = autostart
         self.events = events or EventLog(cfg.state_dir)
@@ -145,23 +148,23 @@ class Supervisor:
         self.popen: Any = None
         self.leader_status: int | None = None
         self._leader_gone = asyncio.Event()
-        self._op: str | None = None               # operator operation reserved (busy otherwise)
+        self._op: str | None = None  # operator operation reserved (busy otherwise)
         self._failures: collections.deque[float] = collections.deque()
         self._kind_failures: collections.Counter[str] = collections.Counter()
         self.remedy_level = 0
         self._lines: collections.deque[str] = collections.deque(maxlen=LINE_RING)
-        self._lines_at_spawn = 0                  # total lines seen when the current tree started
+        self._lines_at_spawn = 0  # total lines seen when the current tree started
         self._lines_total = 0
         self._served_since_ready = 0
         self._heartbeat = time.monotonic()
-        self._bounded_until = 0.0                 # monotonic deadline of a bounded phase in progress
+        self._bounded_until = 0.0  # monotonic deadline of a bounded phase in progress
         self._last_status: str | None = None
         self._exiting = False
         self._signals_seen = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tailer: Any = None
         self._gpu_baseline: dict[int, int] | None = None
-        self._ready_at: float | None = None       # monotonic time the current tree became ready
+        self._ready_at: float | None = None  # monotonic time the current tree became ready
         self._catalog: Any = None
         self._parse: Any = None
         self.notifier = notifier
@@ -171,14 +174,28 @@ class Supervisor:
 
     # -- state ----------------------------------------------------------------------------
 
-    def _set_state(self, state: State, *, reason: str | None = None, phase: str | None = None,
-                   deadline: float | None = None, **changes: Any) -> None:
+    def _set_state(
+        self,
+        state: State,
+        *,
+        reason: str | None = None,
+        phase: str | None = None,
+        deadline: float | None = None,
+        **changes: Any,
+    ) -> None:
         """The one place the state changes. Checks the table, emits one event."""
         old = self.snap.state
         if state != old:
             check(old, state)
-        self.snap = replace(self.snap, state=state, reason=reason, phase=phase, deadline=deadline,
-                            since=time.time() if state != old else self.snap.since, **changes)
+        self.snap = replace(
+            self.snap,
+            state=state,
+            reason=reason,
+            phase=phase,
+            deadline=deadline,
+            since=time.time() if state != old else self.snap.since,
+            **changes,
+        )
         self.events.bind(state=str(state), model=self.snap.model, pid=self.snap.pid)
         self.events.emit("state", old=str(old), phase=phase, reason=reason)
         self._notify_status()
@@ -217,10 +234,14 @@ class Supervisor:
         out["vllm_version"] = self.vllm_version
         out["tree"] = None
         if self.tree is not None:
-            out["tree"] = {"id": self.tree.id, "sid": self.tree.sid,
-                           "pids": sorted({p.pid for p in self.tree.procs})}
+            out["tree"] = {
+                "id": self.tree.id,
+                "sid": self.tree.sid,
+                "pids": sorted({p.pid for p in self.tree.procs}),
+            }
         if self.gpus is not None:
             from . import gpu
+
             pids = {p.pid for p in self.tree.procs} if self.tree else set()
             with contextlib.suppress(Exception):
                 out["gpus"] = gpu.status_summary(self.gpus, pids)
@@ -283,13 +304,19 @@ class Supervisor:
             kind = m.sig.kind
             if kind == "serving":
                 g = m.groups
-                if g.get("method") == "POST" and str(g.get("path", "")).startswith("/v1/") \
-                        and g.get("status") == 200:
+                if (
+                    g.get("method") == "POST"
+                    and str(g.get("path", "")).startswith("/v1/")
+                    and g.get("status") == 200
+                ):
                     self._served_since_ready += 1  # completions served: "the first requests"
                 continue
             if kind in FATAL_KINDS or kind in STRIKE_KINDS or kind == "ready":
-                self.q.put_nowait(LogSignal(self.gen, kind, m.sig.id, _redact(m.line.message),
-                                            m.line.process, m.line.pid, now))
+                self.q.put_nowait(
+                    LogSignal(
+                        self.gen, kind, m.sig.id, _redact(m.line.message), m.line.process, m.line.pid, now
+                    )
+                )
 
     async def _catch_up_log(self, timeout: float = 1.5) -> None:
         """Let the tailer reach the end of the log before explaining a failure: the exit
@@ -327,6 +354,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._setup_optional()
         from .host import Host
+
         Host().set_child_subreaper()
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -335,8 +363,13 @@ class Supervisor:
         tailer = self._tailer = self._start_tailer(loop)
         server = await self._start_control()
         try:
-            self.events.emit("daemon_started", version=_version(), config=str(self.cfg.path),
-                             vllm_version=self.vllm_version, socket=str(self.cfg.socket))
+            self.events.emit(
+                "daemon_started",
+                version=_version(),
+                config=str(self.cfg.path),
+                vllm_version=self.vllm_version,
+                socket=str(self.cfg.socket),
+            )
             # READY=1 as soon as commands are accepted, not when the model is: a model load can
             # take longer than any sane TimeoutStartSec, and `vsup status` must work meanwhile.
             if self.notifier is not None:
@@ -357,15 +390,18 @@ class Supervisor:
     def _setup_optional(self) -> None:
         try:
             from . import logparse, signatures
+
             self._catalog = signatures.Catalog.load()
             self._parse = logparse.parse_line
         except Exception as e:  # the catalog is data: a broken one must not stop supervision
             self.events.emit("catalog_unavailable", error=f"{type(e).__name__}: {e}")
         with contextlib.suppress(ImportError):
             from . import gpu
+
             self.gpus = gpu.Gpus.open()
         if self.cfg.daemon.metrics_port:
             from . import metrics
+
             self.metrics = metrics.Metrics()
             self.metrics.start(self.cfg.daemon.metrics_host, self.cfg.daemon.metrics_port)
 
@@ -374,22 +410,36 @@ class Supervisor:
             from .logtail import LogTailer
         except ImportError:
             return None
-        t = LogTailer(Path(self.cfg.vllm.log_file),
-                      lambda lines: loop.call_soon_threadsafe(self._on_lines, lines), start_at_end=True)
+        t = LogTailer(
+            Path(self.cfg.vllm.log_file),
+            lambda lines: loop.call_soon_threadsafe(self._on_lines, lines),
+            start_at_end=True,
+        )
         t.start()
         return t
 
     async def _start_control(self) -> Any:
         from . import control
+
         d = self.cfg.daemon  # names were checked by config.load; a user deleted since is an error here
-        acl = control.Acl.from_names(read_users=d.read_users, read_groups=d.read_groups,
-                                     admin_users=d.admin_users, admin_groups=d.admin_groups)
+        acl = control.Acl.from_names(
+            read_users=d.read_users,
+            read_groups=d.read_groups,
+            admin_users=d.admin_users,
+            admin_groups=d.admin_groups,
+        )
         group = control.Acl.from_names(admin_groups=[d.socket_group]).admin_gids if d.socket_group else None
-        handlers = {name: getattr(self, f"_h_{name}") for name in
-                    ("status", "start", "stop", "restart", "reload", "cleanup", "events", "diagnose")}
-        server = control.ControlServer(self.cfg.socket, handlers, acl=acl,
-                                       socket_group=next(iter(group)) if group else None,
-                                       on_event=lambda name, fields: self.events.emit(name, **fields))
+        handlers = {
+            name: getattr(self, f"_h_{name}")
+            for name in ("status", "start", "stop", "restart", "reload", "cleanup", "events", "diagnose")
+        }
+        server = control.ControlServer(
+            self.cfg.socket,
+            handlers,
+            acl=acl,
+            socket_group=next(iter(group)) if group else None,
+            on_event=lambda name, fields: self.events.emit(name, **fields),
+        )
         await server.start()
         return server
 
@@ -453,11 +503,13 @@ class Supervisor:
         recs = self.ledger.load()
         if not recs:
             return
-        self.events.emit("leftovers_found", trees=[r.id for r in recs],
-                         pids=sorted({p.pid for r in recs for p in r.procs}))
+        self.events.emit(
+            "leftovers_found", trees=[r.id for r in recs], pids=sorted({p.pid for r in recs for p in r.procs})
+        )
         with self._bounded(self.cfg.timeouts.cleanup_grace_s + self.cfg.timeouts.kill_wait_s + 15):
-            report = await asyncio.to_thread(cleanup_mod.cleanup, recs,
-                                             grace_s=self.cfg.timeouts.cleanup_grace_s)
+            report = await asyncio.to_thread(
+                cleanup_mod.cleanup, recs, grace_s=self.cfg.timeouts.cleanup_grace_s
+            )
         self._cleanup_event("leftovers", report)
         if report.clean:
             for r in recs:
@@ -499,7 +551,9 @@ class Supervisor:
             self._reply(it.cmd, self.status())
             return Intent("serve")
         if obs is not None:  # a command interrupted the start
-            self._reply(it.cmd, error=OperationFailed(f"start interrupted by {getattr(obs, 'name', 'shutdown')}"))
+            self._reply(
+                it.cmd, error=OperationFailed(f"start interrupted by {getattr(obs, 'name', 'shutdown')}")
+            )
             return self._intent_for(obs)
         if it.cmd is not None:
             # an operator start that fails goes through the same recovery (backoff, ladder,
@@ -507,13 +561,20 @@ class Supervisor:
             self._reply(it.cmd, error=OperationFailed(detail))
         return Intent("recover", reason=detail, failure_kind=kind)
 
-    async def _start_tree(self, spec: ModelConfig, reason: str, *, in_reload: bool
-                          ) -> tuple[bool, str, str | None, Any]:
+    async def _start_tree(
+        self, spec: ModelConfig, reason: str, *, in_reload: bool
+    ) -> tuple[bool, str, str | None, Any]:
         """Pre-clean, spawn, prove ready. Returns (ok, detail, failure kind, interrupting obs)."""
         t = self.cfg.timeouts
         if not in_reload:
-            self._set_state(State.STARTING, reason=reason, phase="cleanup",
-                            model=spec.served_model_name or spec.name, model_path=spec.model, pid=None)
+            self._set_state(
+                State.STARTING,
+                reason=reason,
+                phase="cleanup",
+                model=spec.served_model_name or spec.name,
+                model_path=spec.model,
+                pid=None,
+            )
         else:
             self._set_phase("cleanup")
         report = await self._cleanup_dead()
@@ -521,9 +582,13 @@ class Supervisor:
             return False, f"pre-start cleanup left debris: {_remaining(report)}", "cleanup", None
         holder = cleanup_mod.port_holder(self.cfg.vllm.port)
         if holder is not None:
-            return (False, f"port {self.cfg.vllm.port} is held by pid {holder.get('pid')} "
-                           f"({holder.get('name')}, user {holder.get('user')}): not ours, not touched",
-                    "port_busy", None)
+            return (
+                False,
+                f"port {self.cfg.vllm.port} is held by pid {holder.get('pid')} "
+                f"({holder.get('name')}, user {holder.get('user')}): not ours, not touched",
+                "port_busy",
+                None,
+            )
         if self.gpus is not None:
             # Every process of ours is gone by now: whoever still holds GPU memory is someone
             # else's, and starting beside it would fail (or OOM) later, in a worse place.
@@ -546,8 +611,9 @@ class Supervisor:
         self._lines_at_spawn = self._lines_total
         self._served_since_ready = 0
         try:
-            self.popen, self.tree = proctree.spawn(argv, env, Path(self.cfg.vllm.log_file),
-                                                   model=spec.model, port=self.cfg.vllm.port)
+            self.popen, self.tree = proctree.spawn(
+                argv, env, Path(self.cfg.vllm.log_file), model=spec.model, port=self.cfg.vllm.port
+            )
         except OSError as e:
             if tree_tmp:
                 shutil.rmtree(tree_tmp, ignore_errors=True)  # never follows the cache link
@@ -558,15 +624,27 @@ class Supervisor:
         gen = self.gen
         self.snap = replace(self.snap, pid=self.popen.pid, workers=0)
         self.events.bind(pid=self.popen.pid)
-        self.events.emit("spawned", argv=argv, log_file=self.cfg.vllm.log_file, sid=self.tree.sid,
-                         remedies=[r.name for r in self._remedies()])
+        self.events.emit(
+            "spawned",
+            argv=argv,
+            log_file=self.cfg.vllm.log_file,
+            sid=self.tree.sid,
+            remedies=[r.name for r in self._remedies()],
+        )
         self._spawn_task(self._refresher(gen))
         deadline_mono = time.monotonic() + t.start_s
         if in_reload:
             self._set_phase("ready", deadline=time.time() + t.start_s)
         else:
-            self._set_state(State.STARTING, reason=reason, phase="readiness", deadline=time.time() + t.start_s,
-                            model=spec.served_model_name or spec.name, model_path=spec.model, pid=self.popen.pid)
+            self._set_state(
+                State.STARTING,
+                reason=reason,
+                phase="readiness",
+                deadline=time.time() + t.start_s,
+                model=spec.served_model_name or spec.name,
+                model_path=spec.model,
+                pid=self.popen.pid,
+            )
         if self.notifier is not None:
             self.notifier.extend_timeout(int((t.start_s + 30) * 1e6))
         ready_task = self._spawn_task(self._readiness(gen, spec))
@@ -583,8 +661,12 @@ class Supervisor:
                     return False, self._root_cause(obs.detail), "engine_dead", None
                 if isinstance(obs, Exited):
                     await self._catch_up_log()
-                    return (False, self._root_cause(f"server exited with status {obs.status} before ready"),
-                            "exited", None)
+                    return (
+                        False,
+                        self._root_cause(f"server exited with status {obs.status} before ready"),
+                        "exited",
+                        None,
+                    )
                 if isinstance(obs, LogSignal):
                     if obs.kind in FATAL_KINDS:
                         self._detected(obs)
@@ -594,8 +676,11 @@ class Supervisor:
                     if obs.kind in STRIKE_KINDS:
                         # Long compilation/weight loading logs the same stall line: before
                         # ready it is a warning, never a failure (gpustack#3888).
-                        self.events.emit("stall_during_startup", message=obs.message,
-                                         note="start-up work; not acted on before ready")
+                        self.events.emit(
+                            "stall_during_startup",
+                            message=obs.message,
+                            note="start-up work; not acted on before ready",
+                        )
                     continue
                 if isinstance(obs, (Cmd, Shutdown)):
                     if isinstance(obs, Cmd) and obs.name == "start":
@@ -627,7 +712,9 @@ class Supervisor:
                         continue
                 else:
                     r = await prober.canary(name, p.canary_prompt, p.canary_max_tokens, t.first_canary_s)
-                    self.events.emit("probe", probe="canary", ok=r.ok, detail=r.detail, seconds=round(r.seconds, 3))
+                    self.events.emit(
+                        "probe", probe="canary", ok=r.ok, detail=r.detail, seconds=round(r.seconds, 3)
+                    )
                     if r.ok:
                         self.q.put_nowait(ReadyProven(gen))
                     else:
@@ -698,6 +785,7 @@ class Supervisor:
 
     def _export_gpu_metrics(self, rec: proctree.TreeRecord) -> None:
         from . import gpu
+
         with contextlib.suppress(Exception):  # NVML hiccups must not stop the refresher
             for g in gpu.status_summary(self.gpus, {p.pid for p in rec.procs}) or []:
                 self.metrics.gpu(g["index"], g["used_mib"] << 20, g["total_mib"] << 20, g["model_mib"] << 20)
@@ -726,8 +814,11 @@ class Supervisor:
                     continue
                 if isinstance(obs, Exited):
                     await self._catch_up_log()
-                    return Intent("recover", reason=self._root_cause(f"server exited with status {obs.status}"),
-                                  failure_kind="exited")
+                    return Intent(
+                        "recover",
+                        reason=self._root_cause(f"server exited with status {obs.status}"),
+                        failure_kind="exited",
+                    )
                 if isinstance(obs, LogSignal):
                     if obs.kind in FATAL_KINDS:
                         self._detected(obs)
@@ -764,8 +855,9 @@ class Supervisor:
                 # Confirmed by independent signals. Generated tokens still increasing means
                 # the engine is slow, not stuck: canary timeouts alone do not tear it down.
                 if len(strikes) >= self.cfg.probes.confirm and not (progressed and _only_canary(strikes)):
-                    return Intent("recover", reason="hang confirmed: " + "; ".join(strikes[-3:]),
-                                  failure_kind="hang")
+                    return Intent(
+                        "recover", reason="hang confirmed: " + "; ".join(strikes[-3:]), failure_kind="hang"
+                    )
         finally:
             probe_task.cancel()
 
@@ -793,8 +885,16 @@ class Supervisor:
                     last_tokens = tokens
                     stuck_for = time.monotonic() - last_change
                     if running > 0 and stuck_for >= p.stall_s:
-                        self.q.put_nowait(Probe(gen, ProbeResult(
-                            "progress", False, f"{running:g} running, no token generated for {stuck_for:.0f}s")))
+                        self.q.put_nowait(
+                            Probe(
+                                gen,
+                                ProbeResult(
+                                    "progress",
+                                    False,
+                                    f"{running:g} running, no token generated for {stuck_for:.0f}s",
+                                ),
+                            )
+                        )
                         last_change = time.monotonic()
                     elif progressed:
                         self.q.put_nowait(Probe(gen, replace(m, data={**m.data, "progressed": True})))
@@ -821,9 +921,15 @@ class Supervisor:
 
     def _detected(self, what: LogSignal | ProbeResult) -> None:
         if isinstance(what, LogSignal):
-            info = {"source": "log", "kind": what.kind, "signature": what.sig_id, "message": what.message,
-                    "process": what.process, "log_pid": what.pid,
-                    "latency_s": round(time.monotonic() - what.at, 3)}
+            info = {
+                "source": "log",
+                "kind": what.kind,
+                "signature": what.sig_id,
+                "message": what.message,
+                "process": what.process,
+                "log_pid": what.pid,
+                "latency_s": round(time.monotonic() - what.at, 3),
+            }
         else:
             info = {"source": "probe", "kind": what.probe, "message": what.detail}
         self.snap = replace(self.snap, last_detection={**info, "at": _iso(time.time())})
@@ -848,13 +954,22 @@ class Supervisor:
         self._maybe_remedy(kind, early)
         n = len(self._failures)
         if n >= self.cfg.restart.max_failures:
-            self._set_state(State.FAILED, reason=f"{n} failures within {self.cfg.restart.window_s:g}s; "
-                                                 f"last: {reason}", phase=None, pid=None)
+            self._set_state(
+                State.FAILED,
+                reason=f"{n} failures within {self.cfg.restart.window_s:g}s; last: {reason}",
+                phase=None,
+                pid=None,
+            )
             return Intent("idle")
         r = self.cfg.restart
         delay = min(r.backoff_max_s, r.backoff_initial_s * r.backoff_factor ** (n - 1))
-        self._set_state(State.STARTING, reason=f"restart after: {reason}", phase="backoff",
-                        deadline=time.time() + delay, pid=None)
+        self._set_state(
+            State.STARTING,
+            reason=f"restart after: {reason}",
+            phase="backoff",
+            deadline=time.time() + delay,
+            pid=None,
+        )
         self.events.emit("backoff", delay_s=delay, failures=n)
         end = time.monotonic() + delay
         while True:
@@ -870,9 +985,16 @@ class Supervisor:
 
     def _incident(self, reason: str, kind: str | None, lines: list[str], tree: Any, report: Any) -> None:
         """Write the incident bundle of a failed tree and announce it as an event."""
-        bundle = incidents.write_bundle(self.cfg, reason=reason, kind=kind or "reload_failed", lines=lines,
-                                        tree=tree, events=list(self.events.recent), cleanup=report.to_json(),
-                                        vllm_version=self.vllm_version)
+        bundle = incidents.write_bundle(
+            self.cfg,
+            reason=reason,
+            kind=kind or "reload_failed",
+            lines=lines,
+            tree=tree,
+            events=list(self.events.recent),
+            cleanup=report.to_json(),
+            vllm_version=self.vllm_version,
+        )
         self.events.emit("incident", path=str(bundle), kind=kind)
 
     def _maybe_remedy(self, kind: str, early: bool) -> None:
@@ -888,8 +1010,14 @@ class Supervisor:
             self._kind_failures.clear()
             applied = self.cfg.remedies.ladder[self.remedy_level - 1]
             self.snap = replace(self.snap, remedies=tuple(r.name for r in self._remedies()))
-            self.events.emit("remedy_applied", remedy=applied.name, args=applied.args, env=applied.env,
-                             failure_kind=kind, level=self.remedy_level)
+            self.events.emit(
+                "remedy_applied",
+                remedy=applied.name,
+                args=applied.args,
+                env=applied.env,
+                failure_kind=kind,
+                level=self.remedy_level,
+            )
 
     # stop ---------------------------------------------------------------------------------
 
@@ -901,7 +1029,9 @@ class Supervisor:
             if report.clean:
                 self._reply(it.cmd, {"stopped": True, "cleanup": report.to_json()})
             else:
-                self._reply(it.cmd, error=OperationFailed(f"stopped, but debris remains: {_remaining(report)}"))
+                self._reply(
+                    it.cmd, error=OperationFailed(f"stopped, but debris remains: {_remaining(report)}")
+                )
         if self._exiting:
             return Intent("exit")
         return Intent("idle")
@@ -919,7 +1049,9 @@ class Supervisor:
                     if self.snap.state == State.FAILED:
                         self._set_state(State.STOPPING, reason="operator stop", phase="cleanup")
                         self._set_state(State.STOPPED, reason="operator stop")
-                    self._reply(obs, {"stopped": True, "note": "was not running", "cleanup": report.to_json()})
+                    self._reply(
+                        obs, {"stopped": True, "note": "was not running", "cleanup": report.to_json()}
+                    )
                     continue
                 self._failures.clear()  # an operator action resets the crash-loop count
                 if obs.name == "start":
@@ -967,9 +1099,13 @@ class Supervisor:
         report = await asyncio.to_thread(cleanup_mod.cleanup, [tree], grace_s=cleanup_grace)
         self._cleanup_event("teardown", report, seconds=round(time.monotonic() - t0, 3))
         if self.gpus is not None:
-            rel = await asyncio.to_thread(self.gpus.wait_released, {p.pid for p in tree.procs},
-                                          self._gpu_baseline, timeout_s=self.cfg.timeouts.gpu_release_s,
-                                          before=gpu_before)
+            rel = await asyncio.to_thread(
+                self.gpus.wait_released,
+                {p.pid for p in tree.procs},
+                self._gpu_baseline,
+                timeout_s=self.cfg.timeouts.gpu_release_s,
+                before=gpu_before,
+            )
             self.events.emit("gpu_release", **_as_dict(rel))
         if report.clean:
             self.ledger.remove(tree.id)
@@ -986,8 +1122,9 @@ class Supervisor:
     async def _cleanup_dead_bounded(self) -> Any:
         recs = [r for r in self.ledger.load() if self.tree is None or r.id != self.tree.id]
         live = [self.tree] if self.tree is not None else []
-        report = await asyncio.to_thread(cleanup_mod.cleanup, recs, live=live,
-                                         grace_s=self.cfg.timeouts.cleanup_grace_s)
+        report = await asyncio.to_thread(
+            cleanup_mod.cleanup, recs, live=live, grace_s=self.cfg.timeouts.cleanup_grace_s
+        )
         if recs or report.killed or report.unlinked:
             self._cleanup_event("pre-start" if not live else "dead-trees", report)
         if report.clean:
@@ -997,9 +1134,17 @@ class Supervisor:
 
     def _cleanup_event(self, why: str, report: Any, **extra: Any) -> None:
         j = report.to_json()
-        self.events.emit("cleanup", why=why, killed=j["killed"], unlinked=len(j["unlinked"]),
-                         removed_files=len(j["removed_files"]), bytes_freed=j["bytes_freed"],
-                         remaining=j["remaining"], skipped=len(j["skipped"]), **extra)
+        self.events.emit(
+            "cleanup",
+            why=why,
+            killed=j["killed"],
+            unlinked=len(j["unlinked"]),
+            removed_files=len(j["removed_files"]),
+            bytes_freed=j["bytes_freed"],
+            remaining=j["remaining"],
+            skipped=len(j["skipped"]),
+            **extra,
+        )
         if self.metrics is not None:
             self.metrics.cleanup(len(j["killed"]), len(j["unlinked"]), j["bytes_freed"])
 
@@ -1013,8 +1158,12 @@ class Supervisor:
         phases: dict[str, float] = {}
         if self.notifier is not None:
             self.notifier.reloading()
-        self._set_state(State.RELOADING, reason=f"{it.reason}: {old.name} -> {new.name}", phase="drain",
-                        operation=cmd.name if cmd else None)
+        self._set_state(
+            State.RELOADING,
+            reason=f"{it.reason}: {old.name} -> {new.name}",
+            phase="drain",
+            operation=cmd.name if cmd else None,
+        )
 
         async def phase(name: str) -> None:
             phases[name] = time.monotonic()
@@ -1054,12 +1203,24 @@ class Supervisor:
         ok, detail, kind, obs = await self._start_tree(new, it.reason or "reload", in_reload=True)
         done("start")
         if ok:
-            self._set_state(State.READY, reason=f"{it.reason}: serving {new.name}", phase=None, operation=None,
-                            model=new.served_model_name or new.name, model_path=new.model)
+            self._set_state(
+                State.READY,
+                reason=f"{it.reason}: serving {new.name}",
+                phase=None,
+                operation=None,
+                model=new.served_model_name or new.name,
+                model_path=new.model,
+            )
             if self.notifier is not None:
                 self.notifier.ready(self.status_line())
-            self._reply(cmd, {"model": new.name, "seconds": round(time.monotonic() - t0, 3),
-                              "phases": {k: round(v - t0, 3) for k, v in phases.items()}})
+            self._reply(
+                cmd,
+                {
+                    "model": new.name,
+                    "seconds": round(time.monotonic() - t0, 3),
+                    "phases": {k: round(v - t0, 3) for k, v in phases.items()},
+                },
+            )
             self._failures.clear()
             return Intent("serve")
         # Roll back: clean what the new model left, start the previous model again.
@@ -1077,8 +1238,14 @@ class Supervisor:
         done("rollback")
         msg = f"reload to {new.name} failed: {detail}"
         if ok2:
-            self._set_state(State.READY, reason=f"rolled back to {old.name} after: {detail}", phase=None,
-                            operation=None, model=old.served_model_name or old.name, model_path=old.model)
+            self._set_state(
+                State.READY,
+                reason=f"rolled back to {old.name} after: {detail}",
+                phase=None,
+                operation=None,
+                model=old.served_model_name or old.name,
+                model_path=old.model,
+            )
             if self.notifier is not None:
                 self.notifier.ready(self.status_line())
             self._reply(cmd, error=OperationFailed(msg + f"; rolled back, {old.name} serves again"))
@@ -1086,7 +1253,9 @@ class Supervisor:
         self._reply(cmd, error=OperationFailed(msg + f"; rollback to {old.name} failed too: {detail2}"))
         if obs2 is not None:
             return self._intent_for(obs2)
-        self._set_state(State.STOPPING, reason=f"rollback failed: {detail2}", phase="teardown", operation=None)
+        self._set_state(
+            State.STOPPING, reason=f"rollback failed: {detail2}", phase="teardown", operation=None
+        )
         await self._teardown("rollback failed", grace=FAILED_STOP_GRACE_S)
         self._set_state(State.FAILED, reason=f"{msg}; rollback failed: {detail2}", phase=None)
         return Intent("idle")
@@ -1132,6 +1301,7 @@ class Supervisor:
     def _root_cause(self, fallback: str) -> str:
         try:
             from . import diagnose
+
             d = diagnose.analyze(self.lines_since_spawn())
             if d.root_cause and d.root_cause.strip() != fallback.strip():
                 return f"{fallback}; root cause: {d.root_cause}"
@@ -1146,6 +1316,7 @@ class Supervisor:
 
     async def _submit(self, req: Any, name: str, args: dict[str, Any]) -> Any:
         from .control import CommandError
+
         if self._op is not None:
             raise CommandError("busy", f"{self._op} is running; try again when it has finished")
         if self._exiting:
@@ -1172,6 +1343,7 @@ class Supervisor:
 
     async def _h_reload(self, req: Any) -> Any:
         from .control import CommandError
+
         args = req.args
         target = args.get("model")
         if args.get("current"):
@@ -1183,12 +1355,15 @@ class Supervisor:
         elif isinstance(target, str) and target.strip():
             spec = self.cfg.model_spec(target)
         else:
-            raise CommandError("bad_request", "reload needs args.model (a configured name or a model path) "
-                                              "or args.current=true")
+            raise CommandError(
+                "bad_request",
+                "reload needs args.model (a configured name or a model path) or args.current=true",
+            )
         return await self._submit(req, "reload", {"spec": spec})
 
     async def _h_cleanup(self, req: Any) -> Any:
         from .control import CommandError
+
         a = req.args
         for k in ("dry_run", "foreign", "all_users"):
             if k in a and not isinstance(a[k], bool):
@@ -1211,15 +1386,25 @@ class Supervisor:
         try:
             before = await asyncio.to_thread(self.gpus.snapshot) if self.gpus is not None else None
             report = await asyncio.to_thread(
-                cleanup_mod.cleanup, recs, live=live, foreign=bool(a.get("foreign")),
-                all_users=bool(a.get("all_users")), dry_run=bool(a.get("dry_run")),
-                grace_s=self.cfg.timeouts.cleanup_grace_s)
+                cleanup_mod.cleanup,
+                recs,
+                live=live,
+                foreign=bool(a.get("foreign")),
+                all_users=bool(a.get("all_users")),
+                dry_run=bool(a.get("dry_run")),
+                grace_s=self.cfg.timeouts.cleanup_grace_s,
+            )
             gpu_freed = None
             if self.gpus is not None and not a.get("dry_run"):
                 from . import gpu
-                gpu_freed = await asyncio.to_thread(gpu.cleanup_summary, self.gpus,
-                                                    {k["pid"] for k in report.killed}, before,
-                                                    timeout_s=self.cfg.timeouts.gpu_release_s)
+
+                gpu_freed = await asyncio.to_thread(
+                    gpu.cleanup_summary,
+                    self.gpus,
+                    {k["pid"] for k in report.killed},
+                    before,
+                    timeout_s=self.cfg.timeouts.gpu_release_s,
+                )
         except Exception as e:
             cmd.future.set_exception(e)
             return
@@ -1235,6 +1420,7 @@ class Supervisor:
         n = req.args.get("n", 50)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             from .control import CommandError
+
             raise CommandError("bad_request", "args.n must be a non-negative integer")
         recent = list(self.events.recent)[-n:] if n else []
         if not req.args.get("follow"):
@@ -1253,11 +1439,13 @@ class Supervisor:
 
     async def _h_diagnose(self, req: Any) -> Any:
         from . import diagnose
+
         lines = list(self._lines)
         return (await asyncio.to_thread(diagnose.analyze, lines)).to_json()
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
 
 def _only_canary(strikes: list[str]) -> bool:
     return all(s.startswith("canary:") for s in strikes)
@@ -1285,16 +1473,19 @@ def _as_dict(obj: Any) -> dict[str, Any]:
         return obj.to_json()
     if hasattr(obj, "__dataclass_fields__"):
         import dataclasses
+
         return dataclasses.asdict(obj)
     return {"result": repr(obj)}
 
 
 def _version() -> str:
     from . import __version__
+
     return __version__
 
 
 def main(cfg: Config, *, autostart: bool = True) -> int:
     from .sdnotify import Notifier
+
     sup = Supervisor(cfg, autostart=autostart, notifier=Notifier.from_env())
     return asyncio.run(sup.run())

@@ -68,8 +68,17 @@ from vsup.logparse import LogLine, exception_text, parse_line
 from vsup.redact import redact
 from vsup.signatures import FAILURE_KINDS, Catalog, Signature, default_catalog
 
-__all__ = ["Finding", "Diagnosis", "analyze", "diagnose_file", "render_text", "VERDICTS", "MAX_PER_SIGNATURE",
-           "ADVICE_DISABLE_CUSTOM_AR", "ADVICE_NCCL_P2P"]
+__all__ = [
+    "Finding",
+    "Diagnosis",
+    "analyze",
+    "diagnose_file",
+    "render_text",
+    "VERDICTS",
+    "MAX_PER_SIGNATURE",
+    "ADVICE_DISABLE_CUSTOM_AR",
+    "ADVICE_NCCL_P2P",
+]
 
 VERDICTS = ("startup_failed", "engine_dead", "stalled", "healthy", "unknown")
 MAX_PER_SIGNATURE = 20
@@ -93,9 +102,7 @@ ADVICE_DISABLE_CUSTOM_AR = (
     "TP>1 and the engine died or stalled at the first request: restart with --disable-custom-all-reduce "
     "(vLLM's custom all-reduce can hang on PCIe GPUs whose P2P is reported but broken; the seed incident's fix)."
 )
-ADVICE_NCCL_P2P = (
-    "If that does not help: also set NCCL_P2P_DISABLE=1 (or NCCL_P2P_LEVEL=NVL), and check IOMMU/ACS settings."
-)
+ADVICE_NCCL_P2P = "If that does not help: also set NCCL_P2P_DISABLE=1 (or NCCL_P2P_LEVEL=NVL), and check IOMMU/ACS settings."
 _TP_ADVICE = (ADVICE_DISABLE_CUSTOM_AR, ADVICE_NCCL_P2P)
 
 
@@ -109,8 +116,13 @@ class Finding:
     signature: str = ""  # catalog id; not part of the JSON output
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "line": self.line, "process": self.process, "pid": self.pid,
-                "message": self.message}
+        return {
+            "kind": self.kind,
+            "line": self.line,
+            "process": self.process,
+            "pid": self.pid,
+            "message": self.message,
+        }
 
 
 @dataclass(slots=True)
@@ -132,12 +144,15 @@ class Diagnosis:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Diagnosis:
         """Rebuild from `to_json()` output (e.g. a diagnosis the daemon sent over its socket)."""
-        findings = [Finding(f["kind"], f["line"], f.get("process"), f.get("pid"), f["message"])
-                    for f in obj.get("findings", [])]
+        findings = [
+            Finding(f["kind"], f["line"], f.get("process"), f.get("pid"), f["message"])
+            for f in obj.get("findings", [])
+        ]
         return cls(obj["verdict"], findings, obj.get("root_cause"), list(obj.get("advice", [])))
 
 
 # ---------------------------------------------------------------------------- internal state
+
 
 @dataclass(slots=True)
 class _Exc:
@@ -149,6 +164,7 @@ class _Exc:
 @dataclass(slots=True)
 class _Chain:
     """One traceback (with the chained ones after it) of one process."""
+
     key: tuple[str | None, int | None]
     start: int
     end: int
@@ -231,8 +247,9 @@ class _Analyzer:
         self.recognised = True
         self._on_match(n, ll, m.sig, m.groups)
 
-    def _track_traceback(self, n: int, key: tuple[str | None, int | None], msg: str, indented: bool,
-                         sig: Signature | None) -> None:
+    def _track_traceback(
+        self, n: int, key: tuple[str | None, int | None], msg: str, indented: bool, sig: Signature | None
+    ) -> None:
         chain = self.open_chains.get(key)
         if msg.endswith(_TB_START):
             if chain is None or not chain.expect_more:
@@ -270,8 +287,11 @@ class _Analyzer:
             elif run.pending_stall is not None and run.unresolved_stall is None:
                 run.unresolved_stall = run.pending_stall  # up without a ready: mid-run log
             run.up = run.up_any = True
-            if sig.id == "access_log" and 200 <= groups.get("status", 0) < 300 \
-                    and _INFERENCE_PATH.match(str(groups.get("path", ""))):
+            if (
+                sig.id == "access_log"
+                and 200 <= groups.get("status", 0) < 300
+                and _INFERENCE_PATH.match(str(groups.get("path", "")))
+            ):
                 run.ok_inference += 1
         elif kind in FAILURE_KINDS:
             if sig.generic and run.stop_requested and not run.failures:
@@ -317,9 +337,11 @@ class _Analyzer:
         verdict, run = "healthy", None
         for rank, name in ((0, "startup_failed"), (1, "engine_dead"), (2, "stalled")):
             for r in self.runs:
-                if (name == "startup_failed" and r.failures and not r.up_any) or \
-                   (name == "engine_dead" and r.failures and r.up_any) or \
-                   (name == "stalled" and r.stall_event() is not None):
+                if (
+                    (name == "startup_failed" and r.failures and not r.up_any)
+                    or (name == "engine_dead" and r.failures and r.up_any)
+                    or (name == "stalled" and r.stall_event() is not None)
+                ):
                     verdict, run = name, r
                     break
             if run is not None:
@@ -380,6 +402,7 @@ class _Analyzer:
 
 
 # ---------------------------------------------------------------------------- public API
+
 
 def analyze(lines: Iterable[str], catalog: Catalog | None = None) -> Diagnosis:
     """Diagnose a vLLM log given as lines (trailing newlines allowed). See the module docstring."""

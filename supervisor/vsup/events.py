@@ -56,7 +56,9 @@ class _Sink:
 class EventLog:
     """The daemon's event stream. ``emit`` is synchronous and cheap; call it from the loop thread."""
 
-    def __init__(self, state_dir: Path | None, *, stream: TextIO | None = sys.stderr, ring: int = 500) -> None:
+    def __init__(
+        self, state_dir: Path | None, *, stream: TextIO | None = sys.stderr, ring: int = 500
+    ) -> None:
         self._context: dict[str, Any] = {"state": None, "model": None, "pid": None}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=ring)
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []

@@ -275,8 +275,9 @@ class Gpus:
         self._err: type[BaseException] = getattr(nvml, "NVMLError", Exception)
         self._static: list[tuple[str, str, int | None]] = []
         for i, h in enumerate(self._handles):
-            self._static.append((_text(nvml.nvmlDeviceGetUUID(h)), _text(nvml.nvmlDeviceGetName(h)),
-                                 self._minor(i, h)))
+            self._static.append(
+                (_text(nvml.nvmlDeviceGetUUID(h)), _text(nvml.nvmlDeviceGetName(h)), self._minor(i, h))
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -289,8 +290,9 @@ class Gpus:
             try:
                 import pynvml as nvml  # type: ignore[import-not-found,no-redef]
             except ImportError:
-                return cls._unavailable("no-module", "nvidia-ml-py is not installed "
-                                        "(pip install 'vsup[gpu]')")
+                return cls._unavailable(
+                    "no-module", "nvidia-ml-py is not installed (pip install 'vsup[gpu]')"
+                )
         err = getattr(nvml, "NVMLError", Exception)
         try:
             nvml.nvmlInit()
@@ -348,8 +350,12 @@ class Gpus:
         try:
             raw = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except self._err as e:
-            _say_once(f"procs-{index}", "gpu: NVML cannot list processes on GPU %d (%s); "
-                      "only memory totals are checked there", index, e)
+            _say_once(
+                f"procs-{index}",
+                "gpu: NVML cannot list processes on GPU %d (%s); only memory totals are checked there",
+                index,
+                e,
+            )
             return [], False
         out: list[tuple[int, int | None]] = []
         seen: set[int] = set()
@@ -375,10 +381,23 @@ class Gpus:
         out = []
         for i, mem, raw, listed in rows:
             uuid, name, _minor = self._static[i]
-            procs = tuple(GpuProc(gpu=i, pid=resolved[(i, p)][0], used_bytes=u, nvml_pid=p,
-                                  pid_source=resolved[(i, p)][1]) for p, u in raw)
-            out.append(GpuInfo(index=i, uuid=uuid, name=name, total_bytes=int(mem.total),
-                               used_bytes=int(mem.used), procs=procs, procs_listed=listed))
+            procs = tuple(
+                GpuProc(
+                    gpu=i, pid=resolved[(i, p)][0], used_bytes=u, nvml_pid=p, pid_source=resolved[(i, p)][1]
+                )
+                for p, u in raw
+            )
+            out.append(
+                GpuInfo(
+                    index=i,
+                    uuid=uuid,
+                    name=name,
+                    total_bytes=int(mem.total),
+                    used_bytes=int(mem.used),
+                    procs=procs,
+                    procs_listed=listed,
+                )
+            )
         return out
 
     def _resolve(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[int | None, str]]:
@@ -410,8 +429,11 @@ class Gpus:
             local: list[int] = []
             if len(ps) == 1 and minor is not None:
                 dev = f"nvidia{minor}"
-                local = [q for q in self._procs.pids() if q not in claimed
-                         and dev in (self._procs.nvidia_devices(q) or ())]
+                local = [
+                    q
+                    for q in self._procs.pids()
+                    if q not in claimed and dev in (self._procs.nvidia_devices(q) or ())
+                ]
             if len(local) == 1:
                 out[(gpu, ps[0])] = (local[0], "devfd")
                 claimed.add(local[0])
@@ -424,8 +446,9 @@ class Gpus:
         """Used bytes per GPU now: take it before a model loads, pass it to ``wait_released``."""
         return {g.index: g.used_bytes for g in self.snapshot()}
 
-    def holders(self, pids: Collection[int] | None = None,
-                snapshot: Sequence[GpuInfo] | None = None) -> list[dict]:
+    def holders(
+        self, pids: Collection[int] | None = None, snapshot: Sequence[GpuInfo] | None = None
+    ) -> list[dict]:
         """Every compute process, named; ``in_tree`` when its local pid is in ``pids``."""
         tree = set(pids or ())
         snap = self.snapshot() if snapshot is None else snapshot
@@ -436,10 +459,18 @@ class Gpus:
                     user, cmdline = self._procs.describe(p.pid) or ("?", "?")
                 else:
                     user, cmdline = "?", "?"
-                out.append({"gpu": g.index, "pid": p.pid, "user": user, "cmdline": cmdline,
-                            "used_mib": None if p.used_bytes is None else _mib(p.used_bytes),
-                            "in_tree": p.pid is not None and p.pid in tree,
-                            "nvml_pid": p.nvml_pid, "pid_source": p.pid_source})
+                out.append(
+                    {
+                        "gpu": g.index,
+                        "pid": p.pid,
+                        "user": user,
+                        "cmdline": cmdline,
+                        "used_mib": None if p.used_bytes is None else _mib(p.used_bytes),
+                        "in_tree": p.pid is not None and p.pid in tree,
+                        "nvml_pid": p.nvml_pid,
+                        "pid_source": p.pid_source,
+                    }
+                )
         return out
 
     def holder_pids(self) -> set[int]:
@@ -448,13 +479,18 @@ class Gpus:
 
     # -- after a kill ------------------------------------------------------------------------
 
-    def wait_released(self, tree_pids: Collection[int], baseline_used: Mapping[int, int] | None,
-                      *, timeout_s: float = RELEASE_TIMEOUT_S,
-                      tolerance_bytes: int = RELEASE_TOLERANCE_BYTES,
-                      poll_s: float = RELEASE_POLL_S,
-                      before: Sequence[GpuInfo] | None = None,
-                      clock: Callable[[], float] = time.monotonic,
-                      sleep: Callable[[float], None] = time.sleep) -> ReleaseReport:
+    def wait_released(
+        self,
+        tree_pids: Collection[int],
+        baseline_used: Mapping[int, int] | None,
+        *,
+        timeout_s: float = RELEASE_TIMEOUT_S,
+        tolerance_bytes: int = RELEASE_TOLERANCE_BYTES,
+        poll_s: float = RELEASE_POLL_S,
+        before: Sequence[GpuInfo] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> ReleaseReport:
         """Wait until no tree pid holds GPU memory and used memory is back near the baseline.
 
         ``before`` is a snapshot taken before the kill, to count MiB freed from; without it
@@ -475,8 +511,9 @@ class Gpus:
                 if first is None:
                     first = snap
                 in_tree = [p for g in snap for p in g.procs if p.pid is not None and p.pid in tree]
-                stragglers = [p for p in sorted(tree)
-                              if self._procs.alive(p) and self._procs.nvidia_devices(p)]
+                stragglers = [
+                    p for p in sorted(tree) if self._procs.alive(p) and self._procs.nvidia_devices(p)
+                ]
                 over = self._over_baseline(snap, baseline_used, tolerance_bytes)
                 if not in_tree and not stragglers and not over:
                     return self._report(True, clock() - start, first, snap, baseline_used)
@@ -484,46 +521,74 @@ class Gpus:
                 break
             sleep(poll_s)
         if last is None:
-            return ReleaseReport(released=False, elapsed_s=clock() - start,
-                                 reason=f"GPU state unreadable: {last_err}")
+            return ReleaseReport(
+                released=False, elapsed_s=clock() - start, reason=f"GPU state unreadable: {last_err}"
+            )
         holders = self.holders(tree, snapshot=last)
         stragglers = [p for p in sorted(tree) if self._procs.alive(p) and self._procs.nvidia_devices(p)]
         over = self._over_baseline(last, baseline_used, tolerance_bytes)
         why = [_describe_holder(h) + " (old tree)" for h in holders if h["in_tree"]]
-        why += [f"tree pid {p} is alive with an NVIDIA device open" for p in stragglers
-                if not any(h["pid"] == p for h in holders)]
-        why += [f"GPU {i} uses {u} MiB, baseline {b} MiB + {tolerance_bytes // MIB} MiB tolerance"
-                for i, u, b in over]
+        why += [
+            f"tree pid {p} is alive with an NVIDIA device open"
+            for p in stragglers
+            if not any(h["pid"] == p for h in holders)
+        ]
+        why += [
+            f"GPU {i} uses {u} MiB, baseline {b} MiB + {tolerance_bytes // MIB} MiB tolerance"
+            for i, u, b in over
+        ]
         why += [_describe_holder(h) for h in holders if not h["in_tree"] and over]
-        return self._report(False, clock() - start, first or last, last, baseline_used,
-                            remaining=tuple(holders), stragglers=tuple(stragglers),
-                            reason=f"not released after {timeout_s:g} s: " + "; ".join(why))
+        return self._report(
+            False,
+            clock() - start,
+            first or last,
+            last,
+            baseline_used,
+            remaining=tuple(holders),
+            stragglers=tuple(stragglers),
+            reason=f"not released after {timeout_s:g} s: " + "; ".join(why),
+        )
 
     @staticmethod
-    def _over_baseline(snap: Sequence[GpuInfo], baseline: Mapping[int, int] | None,
-                       tolerance: int) -> list[tuple[int, int, int]]:
+    def _over_baseline(
+        snap: Sequence[GpuInfo], baseline: Mapping[int, int] | None, tolerance: int
+    ) -> list[tuple[int, int, int]]:
         if not baseline:
             return []
-        return [(g.index, _mib(g.used_bytes), _mib(baseline[g.index])) for g in snap
-                if g.index in baseline and g.used_bytes > baseline[g.index] + tolerance]
+        return [
+            (g.index, _mib(g.used_bytes), _mib(baseline[g.index]))
+            for g in snap
+            if g.index in baseline and g.used_bytes > baseline[g.index] + tolerance
+        ]
 
     @staticmethod
-    def _report(released: bool, elapsed: float, first: Sequence[GpuInfo], last: Sequence[GpuInfo],
-                baseline: Mapping[int, int] | None, **kw: Any) -> ReleaseReport:
+    def _report(
+        released: bool,
+        elapsed: float,
+        first: Sequence[GpuInfo],
+        last: Sequence[GpuInfo],
+        baseline: Mapping[int, int] | None,
+        **kw: Any,
+    ) -> ReleaseReport:
         used0 = {g.index: g.used_bytes for g in first}
         return ReleaseReport(
-            released=released, elapsed_s=elapsed,
-            freed_mib={g.index: max(0, _mib(used0.get(g.index, g.used_bytes) - g.used_bytes))
-                       for g in last},
+            released=released,
+            elapsed_s=elapsed,
+            freed_mib={g.index: max(0, _mib(used0.get(g.index, g.used_bytes) - g.used_bytes)) for g in last},
             used_mib={g.index: _mib(g.used_bytes) for g in last},
             baseline_mib=None if baseline is None else {i: _mib(b) for i, b in baseline.items()},
-            **kw)
+            **kw,
+        )
 
     # -- before a start ----------------------------------------------------------------------
 
-    def precheck(self, allowed_pids: Collection[int] = frozenset(), *,
-                 min_free_fraction: float | None = None,
-                 indices: Collection[int] | None = None) -> PrecheckResult:
+    def precheck(
+        self,
+        allowed_pids: Collection[int] = frozenset(),
+        *,
+        min_free_fraction: float | None = None,
+        indices: Collection[int] | None = None,
+    ) -> PrecheckResult:
         """May a model start on GPUs ``indices`` (default all)? Refuses on foreign holders.
 
         A holder is foreign unless its local pid is in ``allowed_pids``; one whose NVML pid we
@@ -543,11 +608,14 @@ class Gpus:
         if min_free_fraction is not None:
             for g in chosen:
                 if g.total_bytes and (g.total_bytes - g.used_bytes) / g.total_bytes < min_free_fraction:
-                    why.append(f"GPU {g.index} has {free[g.index]} of {_mib(g.total_bytes)} MiB free, "
-                               f"below the {min_free_fraction:.0%} required")
+                    why.append(
+                        f"GPU {g.index} has {free[g.index]} of {_mib(g.total_bytes)} MiB free, "
+                        f"below the {min_free_fraction:.0%} required"
+                    )
         if why:
-            return PrecheckResult(ok=False, reason="GPU not free: " + "; ".join(why),
-                                  foreign=foreign, free_mib=free)
+            return PrecheckResult(
+                ok=False, reason="GPU not free: " + "; ".join(why), foreign=foreign, free_mib=free
+            )
         return PrecheckResult(ok=True, free_mib=free)
 
 
@@ -559,16 +627,18 @@ def _text(v: Any) -> str:
 # The same call sites with or without NVML.
 
 
-def wait_released_or_skip(gpus: Gpus | None, tree_pids: Collection[int],
-                          baseline_used: Mapping[int, int] | None, **kw: Any) -> ReleaseReport:
+def wait_released_or_skip(
+    gpus: Gpus | None, tree_pids: Collection[int], baseline_used: Mapping[int, int] | None, **kw: Any
+) -> ReleaseReport:
     """``Gpus.wait_released``, or a skipped report saying why when there is no NVML."""
     if gpus is None:
         return ReleaseReport.skip(f"GPU check skipped: {unavailable_reason() or 'no NVML'}")
     return gpus.wait_released(tree_pids, baseline_used, **kw)
 
 
-def precheck_or_skip(gpus: Gpus | None, allowed_pids: Collection[int] = frozenset(),
-                     **kw: Any) -> PrecheckResult:
+def precheck_or_skip(
+    gpus: Gpus | None, allowed_pids: Collection[int] = frozenset(), **kw: Any
+) -> PrecheckResult:
     """``Gpus.precheck``, or ok with ``skipped`` when there is no NVML."""
     if gpus is None:
         return PrecheckResult.skip(f"GPU check skipped: {unavailable_reason() or 'no NVML'}")
@@ -585,20 +655,37 @@ def status_summary(gpus: Gpus | None, model_pids: Collection[int]) -> list[dict]
         _say_once("status-error", "gpu: status could not read NVML: %s", e)
         return None
     mine = set(model_pids)
-    return [{"index": g.index, "name": g.name, "uuid": g.uuid,
-             "used_mib": _mib(g.used_bytes), "total_mib": _mib(g.total_bytes),
-             "model_mib": sum(_mib(p.used_bytes) for p in g.procs if p.pid in mine),
-             "procs": len(g.procs)}
-            for g in snap]
+    return [
+        {
+            "index": g.index,
+            "name": g.name,
+            "uuid": g.uuid,
+            "used_mib": _mib(g.used_bytes),
+            "total_mib": _mib(g.total_bytes),
+            "model_mib": sum(_mib(p.used_bytes) for p in g.procs if p.pid in mine),
+            "procs": len(g.procs),
+        }
+        for g in snap
+    ]
 
 
-def cleanup_summary(gpus: Gpus | None, killed_pids: Collection[int], before: Sequence[GpuInfo] | None,
-                    *, timeout_s: float = 30.0) -> dict[str, Any] | None:
+def cleanup_summary(
+    gpus: Gpus | None,
+    killed_pids: Collection[int],
+    before: Sequence[GpuInfo] | None,
+    *,
+    timeout_s: float = 30.0,
+) -> dict[str, Any] | None:
     """After `vsup cleanup` killed `killed_pids`: wait for their GPU memory, say what was freed.
 
     None without NVML or when nothing was killed (the report then has no `gpu` entry)."""
     if gpus is None or not killed_pids:
         return None
     rel = gpus.wait_released(killed_pids, None, timeout_s=timeout_s, before=before)
-    return {"released": rel.released, "freed_mib": rel.freed_mib, "elapsed_s": round(rel.elapsed_s, 3),
-            "remaining": list(rel.remaining), "reason": rel.reason}
+    return {
+        "released": rel.released,
+        "freed_mib": rel.freed_mib,
+        "elapsed_s": round(rel.elapsed_s, 3),
+        "remaining": list(rel.remaining),
+        "reason": rel.reason,
+    }

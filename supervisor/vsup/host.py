@@ -381,6 +381,7 @@ class Host:
         """Remove a directory vsup created for one tree, with everything in it (no symlink is
         followed: shutil.rmtree refuses a symlinked top and unlinks links inside)."""
         import shutil
+
         shutil.rmtree(path)
 
     # ---- reaping -----------------------------------------------------------------------------

@@ -43,8 +43,17 @@ def _redact_lines(lines: list[str]) -> list[str]:
     return [redact(line) for line in lines]
 
 
-def write_bundle(cfg: Any, *, reason: str, kind: str, lines: list[str], tree: Any, events: list[dict],
-                 cleanup: dict | None, vllm_version: str | None) -> Path | None:
+def write_bundle(
+    cfg: Any,
+    *,
+    reason: str,
+    kind: str,
+    lines: list[str],
+    tree: Any,
+    events: list[dict],
+    cleanup: dict | None,
+    vllm_version: str | None,
+) -> Path | None:
     base = Path(cfg.state_dir) / "incidents"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     safe_kind = re.sub(r"[^A-Za-z0-9_.-]", "_", kind)[:40]
@@ -60,9 +69,17 @@ def write_bundle(cfg: Any, *, reason: str, kind: str, lines: list[str], tree: An
         findings: dict[str, Any] = {}
         with contextlib.suppress(Exception):
             from . import diagnose
+
             findings = diagnose.analyze(lines).to_json()
-        summary = {"reason": reason, "kind": kind, "time": stamp, "vllm_version": vllm_version,
-                   "config": str(cfg.path), "findings": findings, "cleanup": cleanup}
+        summary = {
+            "reason": reason,
+            "kind": kind,
+            "time": stamp,
+            "vllm_version": vllm_version,
+            "config": str(cfg.path),
+            "findings": findings,
+            "cleanup": cleanup,
+        }
         _dump(path / "incident.json", summary)
         _dump(path / "tree.json", tree.to_json() if tree is not None else None)
         _dump(path / "shm.json", _shm_listing())

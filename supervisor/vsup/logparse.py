@@ -55,12 +55,21 @@ class LogLine:
 _FIELD_NAMES = tuple(f.name for f in fields(LogLine))
 assert _FIELD_NAMES == ("raw", "level", "time", "process", "pid", "source", "message", "kind")
 (_s_raw, _s_level, _s_time, _s_process, _s_pid, _s_source, _s_message, _s_kind) = (
-    LogLine.__dict__[n].__set__ for n in _FIELD_NAMES)
+    LogLine.__dict__[n].__set__ for n in _FIELD_NAMES
+)
 _object_new = object.__new__
 
 
-def _new(raw: str, level: str | None, time: str | None, process: str | None, pid: int | None,
-         source: str | None, message: str, kind: str) -> LogLine:
+def _new(
+    raw: str,
+    level: str | None,
+    time: str | None,
+    process: str | None,
+    pid: int | None,
+    source: str | None,
+    message: str,
+    kind: str,
+) -> LogLine:
     o = _object_new(LogLine)
     _s_raw(o, raw)
     _s_level(o, level)
@@ -162,7 +171,7 @@ def _parse(raw: str) -> LogLine:
         if p is not None:
             process = p.group(1)
             pid = int(p.group(2))
-            line = line[p.end():]
+            line = line[p.end() :]
 
     m = _VLLM.match(line)
     if m is not None:
@@ -178,8 +187,16 @@ def _parse(raw: str) -> LogLine:
     if ".py:" in line:
         w = _PYWARN.match(line)
         if w is not None:
-            return _new(raw, "WARNING", None, process, pid, f"{w.group(1)}:{w.group(2)}",
-                           f"{w.group(3)}: {w.group(4)}", "warning")
+            return _new(
+                raw,
+                "WARNING",
+                None,
+                process,
+                pid,
+                f"{w.group(1)}:{w.group(2)}",
+                f"{w.group(3)}: {w.group(4)}",
+                "warning",
+            )
 
     if line.startswith(_TB_MARKERS) or _TB_FILE.match(line) or exception_text(line) is not None:
         return _new(raw, None, None, process, pid, None, line, "traceback")
@@ -190,7 +207,7 @@ def _parse(raw: str) -> LogLine:
         if h is not None:
             if h.group(1) is not None and process is None:
                 process, pid = h.group(1), int(h.group(2))
-            msg = line[h.end():].rstrip("\r")
+            msg = line[h.end() :].rstrip("\r")
             return _new(raw, h.group(3), h.group(4), process, pid, h.group(5), msg, "vllm")
 
     return _new(raw, None, None, process, pid, None, line, "other")
@@ -199,6 +216,11 @@ def _parse(raw: str) -> LogLine:
 def _might_have_header(line: str) -> bool:
     head = line[:_HEADER_SEARCH_CHARS]
     return "]" in head and (
-        "INFO " in head or "WARNING " in head or "ERROR " in head or "DEBUG " in head
-        or "CRITICAL " in head or "WARN " in head or "FATAL " in head
+        "INFO " in head
+        or "WARNING " in head
+        or "ERROR " in head
+        or "DEBUG " in head
+        or "CRITICAL " in head
+        or "WARN " in head
+        or "FATAL " in head
     )

@@ -75,7 +75,10 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory or event.event_type in _IGNORED_EVENTS:
             return
-        if os.fsdecode(event.src_path) == self._target or os.fsdecode(getattr(event, "dest_path", b"") or "") == self._target:
+        if (
+            os.fsdecode(event.src_path) == self._target
+            or os.fsdecode(getattr(event, "dest_path", b"") or "") == self._target
+        ):
             self._wake.set()
 
 
@@ -152,8 +155,9 @@ class LogTailer:
             self._observer = self._observer_factory() if self._observer_factory else _default_observer()
             self._try_watch()
             self._observer.start()
-            self._thread = threading.Thread(target=self._run, name=f"logtail:{os.path.basename(self._path)}",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"logtail:{os.path.basename(self._path)}", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> None:
@@ -169,7 +173,9 @@ class LogTailer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT_S)
             if thread.is_alive():
-                log.warning("log tailer thread for %s did not stop within %.0f s", self._path, _JOIN_TIMEOUT_S)
+                log.warning(
+                    "log tailer thread for %s did not stop within %.0f s", self._path, _JOIN_TIMEOUT_S
+                )
         if observer is not None:
             observer.join(_JOIN_TIMEOUT_S)
         if thread is None or not thread.is_alive():
@@ -203,7 +209,9 @@ class LogTailer:
             self._observer.schedule(_Handler(self._path, self._wake), self._dir, recursive=False)
             self._watching = True
         except OSError as e:  # the directory does not exist (yet): the periodic stat covers it
-            log.warning("log tailer: cannot watch %s (%s); polling every %.1f s", self._dir, e, self._poll_interval)
+            log.warning(
+                "log tailer: cannot watch %s (%s); polling every %.1f s", self._dir, e, self._poll_interval
+            )
 
     def _check(self) -> None:
         try:
@@ -265,7 +273,7 @@ class LogTailer:
                 nl = chunk.find(b"\n")
                 if nl < 0:
                     continue
-                chunk = chunk[nl + 1:]
+                chunk = chunk[nl + 1 :]
                 self._skip_to_newline = False
             lines = self._split(chunk)
             if lines:

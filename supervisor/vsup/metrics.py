@@ -45,31 +45,45 @@ class Metrics:
             return
         self.registry = _prom.CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._state = _prom.Gauge("vsup_state", "1 for the daemon's current state, 0 for the others",
-                                  ["state"], registry=r)
-        self._restarts = _prom.Counter("vsup_restarts", "automatic restarts of vLLM by reason",
-                                       ["reason"], registry=r)
-        self._detections = _prom.Counter("vsup_detections", "failures detected by kind",
-                                         ["kind"], registry=r)
-        self._latency = _prom.Gauge("vsup_last_detection_latency_seconds",
-                                    "time from the fault's first sign to its detection, last detection",
-                                    registry=r)
-        self._killed = _prom.Counter("vsup_cleanup_processes_killed",
-                                     "orphan or leftover processes killed by cleanup", registry=r)
-        self._unlinked = _prom.Counter("vsup_cleanup_objects_unlinked",
-                                       "/dev/shm and /tmp objects unlinked by cleanup", registry=r)
-        self._freed = _prom.Counter("vsup_cleanup_bytes_freed",
-                                    "bytes of /dev/shm and /tmp freed by cleanup", registry=r)
-        self._phase_s = _prom.Gauge("vsup_reload_phase_seconds", "duration of the last run of each reload phase",
-                                    ["phase"], registry=r)
-        self._phase = _prom.Gauge("vsup_reload_phase", "1 while a reload is in this phase",
-                                  ["phase"], registry=r)
-        self._gpu_used = _prom.Gauge("vsup_gpu_memory_used_bytes", "GPU memory used (all processes)",
-                                     ["gpu"], registry=r)
-        self._gpu_total = _prom.Gauge("vsup_gpu_memory_total_bytes", "GPU memory in total",
-                                      ["gpu"], registry=r)
-        self._gpu_model = _prom.Gauge("vsup_gpu_memory_model_bytes",
-                                      "GPU memory used by the supervised vLLM tree", ["gpu"], registry=r)
+        self._state = _prom.Gauge(
+            "vsup_state", "1 for the daemon's current state, 0 for the others", ["state"], registry=r
+        )
+        self._restarts = _prom.Counter(
+            "vsup_restarts", "automatic restarts of vLLM by reason", ["reason"], registry=r
+        )
+        self._detections = _prom.Counter("vsup_detections", "failures detected by kind", ["kind"], registry=r)
+        self._latency = _prom.Gauge(
+            "vsup_last_detection_latency_seconds",
+            "time from the fault's first sign to its detection, last detection",
+            registry=r,
+        )
+        self._killed = _prom.Counter(
+            "vsup_cleanup_processes_killed", "orphan or leftover processes killed by cleanup", registry=r
+        )
+        self._unlinked = _prom.Counter(
+            "vsup_cleanup_objects_unlinked", "/dev/shm and /tmp objects unlinked by cleanup", registry=r
+        )
+        self._freed = _prom.Counter(
+            "vsup_cleanup_bytes_freed", "bytes of /dev/shm and /tmp freed by cleanup", registry=r
+        )
+        self._phase_s = _prom.Gauge(
+            "vsup_reload_phase_seconds",
+            "duration of the last run of each reload phase",
+            ["phase"],
+            registry=r,
+        )
+        self._phase = _prom.Gauge(
+            "vsup_reload_phase", "1 while a reload is in this phase", ["phase"], registry=r
+        )
+        self._gpu_used = _prom.Gauge(
+            "vsup_gpu_memory_used_bytes", "GPU memory used (all processes)", ["gpu"], registry=r
+        )
+        self._gpu_total = _prom.Gauge(
+            "vsup_gpu_memory_total_bytes", "GPU memory in total", ["gpu"], registry=r
+        )
+        self._gpu_model = _prom.Gauge(
+            "vsup_gpu_memory_model_bytes", "GPU memory used by the supervised vLLM tree", ["gpu"], registry=r
+        )
         for s in self._states:
             self._state.labels(state=s).set(0)
 
@@ -78,8 +92,12 @@ class Metrics:
     def start(self, host: str, port: int) -> bool:
         """Serve /metrics on host:port in a background thread; False if not available."""
         if not self.available:
-            log.warning("metrics: prometheus_client is not installed (pip install 'vsup[metrics]'); "
-                        "no endpoint on %s:%d", host, port)
+            log.warning(
+                "metrics: prometheus_client is not installed (pip install 'vsup[metrics]'); "
+                "no endpoint on %s:%d",
+                host,
+                port,
+            )
             return False
         self._server, self._thread = _prom.start_http_server(port, addr=host, registry=self.registry)
         return True

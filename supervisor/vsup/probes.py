@@ -18,7 +18,7 @@ import httpx
 
 @dataclass(frozen=True)
 class ProbeResult:
-    probe: str            # "health" | "models" | "canary" | "metrics"
+    probe: str  # "health" | "models" | "canary" | "metrics"
     ok: bool
     detail: str = ""
     seconds: float = 0.0
@@ -51,8 +51,11 @@ def parse_metrics(text: str) -> Progress | None:
         sums[name] = sums.get(name, 0.0) + v
     if not sums:
         return None
-    return Progress(sums.get("vllm:num_requests_running", 0.0), sums.get("vllm:num_requests_waiting", 0.0),
-                    sums.get("vllm:generation_tokens_total", 0.0))
+    return Progress(
+        sums.get("vllm:num_requests_running", 0.0),
+        sums.get("vllm:num_requests_waiting", 0.0),
+        sums.get("vllm:generation_tokens_total", 0.0),
+    )
 
 
 class Prober:
@@ -73,10 +76,13 @@ class Prober:
         try:
             r = await self._client.get(path)
         except httpx.TimeoutException:
-            return ProbeResult(probe, False, f"GET {path} timed out after {self.timeout_s:g}s",
-                               time.monotonic() - t0), None
+            return ProbeResult(
+                probe, False, f"GET {path} timed out after {self.timeout_s:g}s", time.monotonic() - t0
+            ), None
         except httpx.HTTPError as e:
-            return ProbeResult(probe, False, f"GET {path}: {type(e).__name__}: {e}", time.monotonic() - t0), None
+            return ProbeResult(
+                probe, False, f"GET {path}: {type(e).__name__}: {e}", time.monotonic() - t0
+            ), None
         dt = time.monotonic() - t0
         if r.status_code != 200:
             return ProbeResult(probe, False, f"GET {path} -> HTTP {r.status_code}", dt), r
@@ -94,8 +100,9 @@ class Prober:
         except (ValueError, KeyError, TypeError, AttributeError):
             return ProbeResult("models", False, "GET /v1/models: malformed JSON", res.seconds)
         if expect not in ids:
-            return ProbeResult("models", False, f"model {expect!r} not listed (listed: {ids})", res.seconds,
-                               {"ids": ids})
+            return ProbeResult(
+                "models", False, f"model {expect!r} not listed (listed: {ids})", res.seconds, {"ids": ids}
+            )
         return ProbeResult("models", True, f"lists {expect!r}", res.seconds, {"ids": ids})
 
     async def metrics(self) -> ProbeResult:
@@ -105,13 +112,22 @@ class Prober:
         p = parse_metrics(r.text)
         if p is None:
             return ProbeResult("metrics", False, "no vllm:* request/token series in /metrics", res.seconds)
-        return ProbeResult("metrics", True, "", res.seconds,
-                           {"running": p.running, "waiting": p.waiting, "generation_tokens": p.generation_tokens})
+        return ProbeResult(
+            "metrics",
+            True,
+            "",
+            res.seconds,
+            {"running": p.running, "waiting": p.waiting, "generation_tokens": p.generation_tokens},
+        )
 
     async def canary(self, model: str, prompt: str, max_tokens: int, timeout_s: float) -> ProbeResult:
         """One real chat completion. Success needs HTTP 200 and at least one choice."""
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         t0 = time.monotonic()
         try:
             r = await self._client.post("/v1/chat/completions", json=body, timeout=timeout_s)

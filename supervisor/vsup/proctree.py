@@ -146,8 +146,9 @@ def looks_like_vllm(info: ProcInfo) -> bool:
 def procref(info: ProcInfo, host: Host) -> ProcRef:
     cmd = info.cmdline if info.cmdline is not None else host.cmdline(info.pid)
     if info.cmdline is None and cmd is not None:
-        info = ProcInfo(info.pid, info.ppid, info.pgid, info.sid, info.create_time, info.comm,
-                        info.state, info.uid, cmd)
+        info = ProcInfo(
+            info.pid, info.ppid, info.pgid, info.sid, info.create_time, info.comm, info.state, info.uid, cmd
+        )
     return ProcRef(info.pid, info.create_time, info.title, list(cmd or ()))
 
 
@@ -223,6 +224,7 @@ def _torch_user(env: dict[str, str]) -> str:
     if name is None:
         try:
             import pwd
+
             name = pwd.getpwuid(os.getuid()).pw_name
         except KeyError:
             name = f"uid_{os.getuid()}"
@@ -351,7 +353,7 @@ def refresh(rec: TreeRecord, host: Host | None = None) -> TreeRecord:
         if clean.startswith(shm_prefix):
             if key in recorded_ipc:
                 continue
-            name = clean[len(shm_prefix):]
+            name = clean[len(shm_prefix) :]
             st = host.stat(clean) if not path.endswith(" (deleted)") and "/" not in name else None
             if st is not None and (st.dev, st.ino) == key:
                 rec.ipc.append(IpcRef(name, ipc_kind(name), st.dev, st.ino, st.size))
@@ -359,7 +361,7 @@ def refresh(rec: TreeRecord, host: Host | None = None) -> TreeRecord:
             else:
                 unresolved.add(key)
         elif clean.startswith(tmp_prefix) and not path.endswith(" (deleted)"):
-            name = clean[len(tmp_prefix):]
+            name = clean[len(tmp_prefix) :]
             if DIST_FILE.match(name) and clean not in recorded_files:
                 rec.files.append(clean)
                 recorded_files.add(clean)
@@ -374,7 +376,7 @@ def refresh(rec: TreeRecord, host: Host | None = None) -> TreeRecord:
 
     if sockets:
         for ino, path in host.unix_sockets().items():
-            name = path[len(tmp_prefix):] if path.startswith(tmp_prefix) else ""
+            name = path[len(tmp_prefix) :] if path.startswith(tmp_prefix) else ""
             if ino in sockets and ZMQ_SOCKET.match(name) and path not in recorded_files:
                 rec.files.append(path)
                 recorded_files.add(path)

@@ -137,8 +137,11 @@ class Notifier:
                 # A kernel-side bound on the wait for queue room (the socket stays blocking,
                 # so no busy polling): the send returns EAGAIN after SEND_TIMEOUT_S.
                 sec = int(SEND_TIMEOUT_S)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                struct.pack("ll", sec, int((SEND_TIMEOUT_S - sec) * 1_000_000)))
+                sock.setsockopt(
+                    socket.SOL_SOCKET,
+                    socket.SO_SNDTIMEO,
+                    struct.pack("ll", sec, int((SEND_TIMEOUT_S - sec) * 1_000_000)),
+                )
                 self._sock = sock
             assert self._address is not None
             flags = socket.MSG_NOSIGNAL | (socket.MSG_DONTWAIT if self._stalled else 0)

@@ -38,11 +38,24 @@ __all__ = ["KINDS", "FAILURE_KINDS", "Signature", "Match", "Catalog", "CatalogEr
 #   custom_allreduce custom all-reduce / P2P set-up lines: context for TP>1 hang advice
 #   starting         start-up progress and the config dump (version, model, TP size)
 #   nccl_warning     NCCL WARN lines: context, fatal only if an error follows
-KINDS = frozenset({
-    "ready", "shm_stall", "engine_dead", "worker_died", "startup_failed", "oom", "nccl_error",
-    "leaked_resources", "shutdown",
-    "serving", "progress", "custom_allreduce", "starting", "nccl_warning",
-})
+KINDS = frozenset(
+    {
+        "ready",
+        "shm_stall",
+        "engine_dead",
+        "worker_died",
+        "startup_failed",
+        "oom",
+        "nccl_error",
+        "leaked_resources",
+        "shutdown",
+        "serving",
+        "progress",
+        "custom_allreduce",
+        "starting",
+        "nccl_warning",
+    }
+)
 # Kinds that mean the server failed (issue 5: startup_failed before it was up, else engine_dead).
 FAILURE_KINDS = frozenset({"startup_failed", "oom", "nccl_error", "engine_dead", "worker_died"})
 LINE_KINDS = frozenset({"vllm", "uvicorn", "traceback", "warning", "other"})
@@ -82,7 +95,9 @@ class Signature:
     levels: frozenset[str]
     examples: tuple[str, ...]
     regex: re.Pattern[str] = field(repr=False, compare=False)
-    fields: tuple[tuple[str, re.Pattern[str], type | None], ...] = field(default=(), repr=False, compare=False)
+    fields: tuple[tuple[str, re.Pattern[str], type | None], ...] = field(
+        default=(), repr=False, compare=False
+    )
     numeric: tuple[tuple[str, type], ...] = field(default=(), repr=False, compare=False)
     generic: bool = False  # a consequence reported after the real failure; never the root cause
     suspect_collectives: bool = False  # typical of a hung/broken TP collective (custom AR, NCCL P2P)
@@ -125,11 +140,14 @@ class Catalog:
         # Per (line kind, level): the distinct keys (the gate: one C-level substring search each,
         # and a non-matching line, the common case, stops there) and the (key, signature) pairs in
         # catalog order, so the first hit is the highest-priority signature.
-        self._buckets: dict[tuple[str, str | None], tuple[tuple[str, ...], tuple[tuple[str, Signature], ...]]] = {}
+        self._buckets: dict[
+            tuple[str, str | None], tuple[tuple[str, ...], tuple[tuple[str, Signature], ...]]
+        ] = {}
         for lk in LINE_KINDS:
             for lv in LEVELS:
-                pairs = tuple((k, s) for s in self.signatures
-                              if lk in s.line_kinds and lv in s.levels for k in s.keys)
+                pairs = tuple(
+                    (k, s) for s in self.signatures if lk in s.line_kinds and lv in s.levels for k in s.keys
+                )
                 gate = tuple(dict.fromkeys(k for k, _ in pairs))
                 bucket = (gate, pairs)
                 self._buckets[(lk, None if lv == "none" else lv)] = bucket
@@ -280,8 +298,11 @@ def _build(entry: Any, ctx: str) -> Signature:
             raise CatalogError(f"{ctx}: field {name!r} regex must have exactly one group")
         body = re.search(r"(?<!\\)\((?!\?)([^()]*)\)", pat)
         fields.append((name, frx, _numeric(body.group(1)) if body else None))
-    numeric = tuple((name, conv) for name, body in _NAMED_GROUP.findall(entry["pattern"])
-                    if (conv := _numeric(body)) is not None)
+    numeric = tuple(
+        (name, conv)
+        for name, body in _NAMED_GROUP.findall(entry["pattern"])
+        if (conv := _numeric(body)) is not None
+    )
     line_kinds = entry.get("line_kinds", sorted(_DEFAULT_LINE_KINDS))
     if not isinstance(line_kinds, list) or not set(line_kinds) <= LINE_KINDS or not line_kinds:
         raise CatalogError(f"{ctx}: line_kinds must be a non-empty subset of {sorted(LINE_KINDS)}")
@@ -293,10 +314,20 @@ def _build(entry: Any, ctx: str) -> Signature:
     if not isinstance(levels, list) or not set(levels) <= LEVELS or not levels:
         raise CatalogError(f"{ctx}: levels must be a non-empty subset of {sorted(LEVELS)}")
     return Signature(
-        id=entry["id"], kind=entry["kind"], pattern=entry["pattern"], keys=tuple(keys),
-        versions=entry["versions"], meaning=entry["meaning"], action=entry["action"],
-        line_kinds=frozenset(line_kinds), levels=frozenset(levels), examples=tuple(examples), regex=regex,
-        fields=tuple(fields), numeric=numeric, generic=entry.get("generic", False),
+        id=entry["id"],
+        kind=entry["kind"],
+        pattern=entry["pattern"],
+        keys=tuple(keys),
+        versions=entry["versions"],
+        meaning=entry["meaning"],
+        action=entry["action"],
+        line_kinds=frozenset(line_kinds),
+        levels=frozenset(levels),
+        examples=tuple(examples),
+        regex=regex,
+        fields=tuple(fields),
+        numeric=numeric,
+        generic=entry.get("generic", False),
         suspect_collectives=entry.get("suspect_collectives", False),
     )
 

@@ -20,13 +20,13 @@ from typing import Any
 
 
 class State(enum.StrEnum):
-    STARTING = "starting"      # pre-start cleanup, spawn, backoff wait, readiness checks
-    READY = "ready"            # health + model listed + canary proven; probes running
-    UNHEALTHY = "unhealthy"    # a bad signal seen, not yet confirmed
-    STOPPING = "stopping"      # bounded teardown and verified cleanup
-    STOPPED = "stopped"        # nothing running, by operator request (or before the first start)
-    FAILED = "failed"          # crash loop: automatic restarts given up until an operator acts
-    RELOADING = "reloading"    # an operator's model swap (or restart), phase in the snapshot
+    STARTING = "starting"  # pre-start cleanup, spawn, backoff wait, readiness checks
+    READY = "ready"  # health + model listed + canary proven; probes running
+    UNHEALTHY = "unhealthy"  # a bad signal seen, not yet confirmed
+    STOPPING = "stopping"  # bounded teardown and verified cleanup
+    STOPPED = "stopped"  # nothing running, by operator request (or before the first start)
+    FAILED = "failed"  # crash loop: automatic restarts given up until an operator acts
+    RELOADING = "reloading"  # an operator's model swap (or restart), phase in the snapshot
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -54,16 +54,16 @@ class Snapshot:
     """What `vsup status` shows: an immutable copy that only the state owner replaces."""
 
     state: State = State.STOPPED
-    phase: str | None = None          # sub-step: spawn, readiness, backoff, drain, cleanup, ...
-    model: str | None = None          # served model name
+    phase: str | None = None  # sub-step: spawn, readiness, backoff, drain, cleanup, ...
+    model: str | None = None  # served model name
     model_path: str | None = None
-    pid: int | None = None            # API server pid
-    restarts: int = 0                 # automatic restarts after failures (operator commands do not count)
+    pid: int | None = None  # API server pid
+    restarts: int = 0  # automatic restarts after failures (operator commands do not count)
     since: float = field(default_factory=time.time)
-    reason: str | None = None         # why we are in this state (root cause for failed)
-    operation: str | None = None      # operator operation in progress (start/stop/restart/reload)
-    remedies: tuple[str, ...] = ()    # remedies applied to the current model
-    deadline: float | None = None     # epoch seconds by which the current phase must end
+    reason: str | None = None  # why we are in this state (root cause for failed)
+    operation: str | None = None  # operator operation in progress (start/stop/restart/reload)
+    remedies: tuple[str, ...] = ()  # remedies applied to the current model
+    deadline: float | None = None  # epoch seconds by which the current phase must end
     last_detection: dict[str, Any] | None = None
     workers: int = 0
 
@@ -79,8 +79,11 @@ class Snapshot:
             "reason": self.reason,
             "operation": self.operation,
             "remedies": list(self.remedies),
-            "deadline": (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.deadline)) + "Z"
-                         if self.deadline else None),
+            "deadline": (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.deadline)) + "Z"
+                if self.deadline
+                else None
+            ),
             "last_detection": self.last_detection,
             "workers": self.workers,
         }

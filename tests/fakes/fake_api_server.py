@@ -54,20 +54,29 @@ def main() -> None:
     ignore = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if IGNORE_TERM else ""
     if IGNORE_TERM:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    children = [subprocess.Popen([sys.executable, "-c", ignore + "import time\nwhile True: time.sleep(60)"])
-                for _ in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")))]
+    children = [
+        subprocess.Popen([sys.executable, "-c", ignore + "import time\nwhile True: time.sleep(60)"])
+        for _ in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")))
+    ]
     delay = float(os.environ.get("FAKE_VLLM_DELAY_S", "0"))
     if os.environ.get("FAKE_VLLM_STALL_BEFORE_READY"):
-        log("INFO", "shm_broadcast.py:542", "No available shared memory broadcast block found in 60 seconds. "
+        log(
+            "INFO",
+            "shm_broadcast.py:542",
+            "No available shared memory broadcast block found in 60 seconds. "
             "This typically happens when some processes are hanging or doing some time-consuming work "
-            "(e.g. compilation, weight/kv cache quantization).", proc="EngineCore")
+            "(e.g. compilation, weight/kv cache quantization).",
+            proc="EngineCore",
+        )
     time.sleep(delay)
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, fmt, *args):  # uvicorn-style access log
-            print(f'INFO:     127.0.0.1:0 - "{self.requestline}" {args[1] if len(args) > 1 else ""}', flush=True)
+            print(
+                f'INFO:     127.0.0.1:0 - "{self.requestline}" {args[1] if len(args) > 1 else ""}', flush=True
+            )
 
         def send(self, code, obj, ctype="application/json"):
             body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
@@ -85,9 +94,11 @@ def main() -> None:
             if self.path == "/metrics":
                 with lock:
                     running = state["running"] + int(os.environ.get("FAKE_VLLM_RUNNING", "0"))
-                    txt = (f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}\n'
-                           f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} 0.0\n'
-                           f'vllm:generation_tokens_total{{engine="0",model_name="{name}"}} {state["tokens"]}\n')
+                    txt = (
+                        f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}\n'
+                        f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} 0.0\n'
+                        f'vllm:generation_tokens_total{{engine="0",model_name="{name}"}} {state["tokens"]}\n'
+                    )
                 return self.send(200, txt.encode(), "text/plain")
             self.send(404, {"error": "not found"})
 
@@ -103,14 +114,22 @@ def main() -> None:
             try:
                 if MODE == "die_on_request":
                     log("ERROR", "core.py:1", "EngineCore encountered a fatal error.", proc="EngineCore")
-                    log("ERROR", "core.py:1", "RuntimeError: Unsupported CPU attention configuration: head_dim=16",
-                        proc="EngineCore")
+                    log(
+                        "ERROR",
+                        "core.py:1",
+                        "RuntimeError: Unsupported CPU attention configuration: head_dim=16",
+                        proc="EngineCore",
+                    )
                     self.send(500, {"error": "EngineDeadError"})
                     os._exit(0)
                 if MODE == "worker_dies_after_ready" and k > 1:
                     # as vLLM 0.32 after a worker's SIGKILL: the API server lives on, errors
-                    log("ERROR", "multiproc_executor.py:316", "Worker proc VllmWorker-1 died unexpectedly "
-                        "(exit code: -9), shutting down executor.", proc="EngineCore")
+                    log(
+                        "ERROR",
+                        "multiproc_executor.py:316",
+                        "Worker proc VllmWorker-1 died unexpectedly (exit code: -9), shutting down executor.",
+                        proc="EngineCore",
+                    )
                     return self.send(500, {"error": "EngineDeadError"})
                 if MODE == "hang_after_ready" and k > int(os.environ.get("FAKE_VLLM_HANG_AFTER", "1")):
                     # as vLLM 0.32 with a stopped worker: the engine's stats freeze, so the hung
@@ -122,9 +141,21 @@ def main() -> None:
                 toks = int(body.get("max_tokens") or 4)
                 with lock:
                     state["tokens"] += toks
-                self.send(200, {"id": f"chatcmpl-{k}", "object": "chat.completion", "model": name,
-                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                             "finish_reason": "length"}]})
+                self.send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{k}",
+                        "object": "chat.completion",
+                        "model": name,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "ok"},
+                                "finish_reason": "length",
+                            }
+                        ],
+                    },
+                )
             finally:
                 with lock:
                     state["running"] -= 1
@@ -143,5 +174,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     import signal
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     main()

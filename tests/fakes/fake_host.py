@@ -85,19 +85,60 @@ class FakeHost:
         self._ino = 1000
 
     # ---- building the world ------------------------------------------------------------------
-    def add_proc(self, pid: int, ppid: int, sid: int, cmdline: tuple[str, ...] | list[str], *, ct: float | None = None, **kw) -> FakeProc:
-        p = FakeProc(pid=pid, ppid=ppid, sid=sid, create_time=self.t - 100 if ct is None else ct, cmdline=tuple(cmdline), **kw)
+    def add_proc(
+        self,
+        pid: int,
+        ppid: int,
+        sid: int,
+        cmdline: tuple[str, ...] | list[str],
+        *,
+        ct: float | None = None,
+        **kw,
+    ) -> FakeProc:
+        p = FakeProc(
+            pid=pid,
+            ppid=ppid,
+            sid=sid,
+            create_time=self.t - 100 if ct is None else ct,
+            cmdline=tuple(cmdline),
+            **kw,
+        )
         self.procs[pid] = p
         return p
 
-    def add_shm(self, name: str, *, size: int = 4096, alloc: int | None = None, uid: int = 0, born: float | None = None) -> tuple[int, int]:
+    def add_shm(
+        self,
+        name: str,
+        *,
+        size: int = 4096,
+        alloc: int | None = None,
+        uid: int = 0,
+        born: float | None = None,
+    ) -> tuple[int, int]:
         self._ino += 1
-        self.files[f"{self.shm_root}/{name}"] = FakeFile(SHM_DEV, self._ino, size, size if alloc is None else alloc, uid, self.t - 50 if born is None else born)
+        self.files[f"{self.shm_root}/{name}"] = FakeFile(
+            SHM_DEV,
+            self._ino,
+            size,
+            size if alloc is None else alloc,
+            uid,
+            self.t - 50 if born is None else born,
+        )
         return (SHM_DEV, self._ino)
 
-    def add_tmp(self, name: str, *, socket: bool = False, uid: int = 0, born: float | None = None) -> tuple[int, int]:
+    def add_tmp(
+        self, name: str, *, socket: bool = False, uid: int = 0, born: float | None = None
+    ) -> tuple[int, int]:
         self._ino += 1
-        self.files[f"{self.tmp_root}/{name}"] = FakeFile(TMP_DEV, self._ino, 0 if socket else 64, 0 if socket else 4096, uid, self.t - 50 if born is None else born, socket)
+        self.files[f"{self.tmp_root}/{name}"] = FakeFile(
+            TMP_DEV,
+            self._ino,
+            0 if socket else 64,
+            0 if socket else 4096,
+            uid,
+            self.t - 50 if born is None else born,
+            socket,
+        )
         return (TMP_DEV, self._ino)
 
     def hold(self, pid: int, name: str, *, deleted_as: str | None = None) -> None:
@@ -118,7 +159,7 @@ class FakeHost:
 
     def shm_names(self) -> set[str]:
         prefix = f"{self.shm_root}/"
-        return {p[len(prefix):] for p in self.files if p.startswith(prefix)}
+        return {p[len(prefix) :] for p in self.files if p.startswith(prefix)}
 
     # ---- clock -------------------------------------------------------------------------------
     def time(self) -> float:
@@ -212,11 +253,15 @@ class FakeHost:
         f = self.files.get(str(path))
         if f is None:
             return None
-        return FileStat(Path(str(path)).name, str(path), f.dev, f.ino, f.size, f.alloc, f.uid, f.born, f.is_socket)
+        return FileStat(
+            Path(str(path)).name, str(path), f.dev, f.ino, f.size, f.alloc, f.uid, f.born, f.is_socket
+        )
 
     def list_names(self, root) -> list[str]:
         prefix = f"{root}/"
-        return sorted(p[len(prefix):] for p in self.files if p.startswith(prefix) and "/" not in p[len(prefix):])
+        return sorted(
+            p[len(prefix) :] for p in self.files if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        )
 
     def unlink_ipc(self, name: str, kind: str) -> None:
         self.unlink_file(f"{self.shm_root}/{name}")
@@ -233,8 +278,17 @@ API_CMD = ("python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m",
 TRACKER_CMD = ("python", "-B", "-c", "from multiprocessing.resource_tracker import main;main(8)")
 
 
-def add_vllm_tree(host: FakeHost, sid: int, *, api_alive: bool = True, ppid: int = 1, segments: int = 4,
-                  model: str = "m", record: bool = True, started_at: float | None = None):
+def add_vllm_tree(
+    host: FakeHost,
+    sid: int,
+    *,
+    api_alive: bool = True,
+    ppid: int = 1,
+    segments: int = 4,
+    model: str = "m",
+    record: bool = True,
+    started_at: float | None = None,
+):
     """A 0.32-shaped tree (API server, tracker, engine core, 2 workers) with 4 psm_*, 2 sem.mp-*,
     a dist store and 3 ZMQ sockets. Returns (pids dict, TreeRecord of what vsup would have recorded)."""
     from vsup.proctree import IpcRef, ProcRef, TreeRecord
@@ -263,9 +317,20 @@ def add_vllm_tree(host: FakeHost, sid: int, *, api_alive: bool = True, ppid: int
         host.add_tmp(s, socket=True, born=start + 2)
         host.listen(pids[w], s)
     leader = ProcRef(sid, start + 0.1, "python", list(API_CMD))
-    procs = [leader] + [ProcRef(pids[k], host.procs[pids[k]].create_time, k, list(host.procs[pids[k]].cmdline))
-                        for k in ("tracker", "engine", "w0", "w1")]
-    rec = TreeRecord(id=f"t{sid}", model=model, port=8200, started_at=start, leader=leader, sid=sid, pgid=sid,
-                     procs=procs if record else [leader], ipc=ipc if record else [],
-                     files=[f"{host.tmp_root}/{dist}"] + [f"{host.tmp_root}/{s}" for s in socks] if record else [])
+    procs = [leader] + [
+        ProcRef(pids[k], host.procs[pids[k]].create_time, k, list(host.procs[pids[k]].cmdline))
+        for k in ("tracker", "engine", "w0", "w1")
+    ]
+    rec = TreeRecord(
+        id=f"t{sid}",
+        model=model,
+        port=8200,
+        started_at=start,
+        leader=leader,
+        sid=sid,
+        pgid=sid,
+        procs=procs if record else [leader],
+        ipc=ipc if record else [],
+        files=[f"{host.tmp_root}/{dist}"] + [f"{host.tmp_root}/{s}" for s in socks] if record else [],
+    )
     return pids, rec

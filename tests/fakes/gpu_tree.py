@@ -75,7 +75,7 @@ def allocate(mib: int, device: str) -> object:
     """Hold ``mib`` MiB on ``device``, touched so the memory is really committed."""
     if device == "cpu":
         buf = bytearray(mib * MIB)
-        buf[:: 4096] = b"\1" * len(buf[:: 4096])
+        buf[::4096] = b"\1" * len(buf[::4096])
         return buf
     import torch
 
@@ -110,10 +110,23 @@ def run_tree(args: argparse.Namespace) -> None:
         pass  # already a process-group (and, under vsup's spawn, session) leader
     workers = []
     for rank in range(args.workers):
-        workers.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "worker", "--rank", str(rank),
-             "--mib", str(args.mib), "--device", args.device],
-            stdout=subprocess.PIPE, text=True))
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "worker",
+                    "--rank",
+                    str(rank),
+                    "--mib",
+                    str(args.mib),
+                    "--device",
+                    args.device,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
     methods = []
     for w in workers:
@@ -123,9 +136,16 @@ def run_tree(args: argparse.Namespace) -> None:
                 v.kill()
             sys.exit(f"gpu_tree: worker {w.pid} did not get ready: {line!r}")
         methods.append(line.split()[2])
-    write_ready(args.ready, {"parent": os.getpid(), "sid": os.getsid(0),
-                             "workers": [w.pid for w in workers], "mib": args.mib,
-                             "title_method": methods[0]})
+    write_ready(
+        args.ready,
+        {
+            "parent": os.getpid(),
+            "sid": os.getsid(0),
+            "workers": [w.pid for w in workers],
+            "mib": args.mib,
+            "title_method": methods[0],
+        },
+    )
     wait_forever()
 
 

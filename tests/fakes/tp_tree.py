@@ -85,8 +85,12 @@ class Progress:
 
 
 PHASE_STARTING, PHASE_IN_COLLECTIVE, PHASE_BETWEEN, PHASE_FAILED = 0, 1, 2, 3
-PHASES = {PHASE_STARTING: "starting", PHASE_IN_COLLECTIVE: "in-collective", PHASE_BETWEEN: "between",
-          PHASE_FAILED: "failed"}
+PHASES = {
+    PHASE_STARTING: "starting",
+    PHASE_IN_COLLECTIVE: "in-collective",
+    PHASE_BETWEEN: "between",
+    PHASE_FAILED: "failed",
+}
 SHM_SIZE = 4096
 
 
@@ -116,8 +120,17 @@ def set_title(title: str) -> str:
     return "setproctitle"
 
 
-def worker_main(rank: int, world: int, device: str, store: str, mib: int, interval_s: float,
-                conn: Any, log_lock: Any, ready: Any) -> None:
+def worker_main(
+    rank: int,
+    world: int,
+    device: str,
+    store: str,
+    mib: int,
+    interval_s: float,
+    conn: Any,
+    log_lock: Any,
+    ready: Any,
+) -> None:
     """One TP rank: title, psm segment, group, device memory, then all-reduce forever."""
     from multiprocessing import shared_memory
 
@@ -137,10 +150,20 @@ def worker_main(rank: int, world: int, device: str, store: str, mib: int, interv
 
     torch.set_num_threads(1)
     backend = "nccl" if device == "cuda" else "gloo"
-    log(me, "INFO", f"world_size={world} rank={rank} local_rank={rank} "
-        f"distributed_init_method=file://{store} backend={backend}", log_lock)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    log(
+        me,
+        "INFO",
+        f"world_size={world} rank={rank} local_rank={rank} "
+        f"distributed_init_method=file://{store} backend={backend}",
+        log_lock,
+    )
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
     held = None
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -148,7 +171,12 @@ def worker_main(rank: int, world: int, device: str, store: str, mib: int, interv
         held = torch.empty(mib * MIB, dtype=torch.uint8, device=dev)
         held.fill_(1)
         v = torch.cuda.nccl.version()
-        log(me, "INFO", f"vLLM is using nccl=={'.'.join(map(str, v)) if isinstance(v, tuple) else v}", log_lock)
+        log(
+            me,
+            "INFO",
+            f"vLLM is using nccl=={'.'.join(map(str, v)) if isinstance(v, tuple) else v}",
+            log_lock,
+        )
     else:
         dev = torch.device("cpu")
     ones = torch.ones(256, dtype=torch.float32, device=dev)
@@ -165,12 +193,24 @@ def worker_main(rank: int, world: int, device: str, store: str, mib: int, interv
     all_reduce_once()  # the group is really formed (NCCL initialises lazily, here)
     rounds += 1
     mark(rounds, PHASE_BETWEEN)
-    conn.send({"rank": rank, "pid": os.getpid(), "psm": shm.name, "title_method": method,
-               "device": str(dev), "env": {k: os.environ.get(k) for k in NVLS_OFF}})
+    conn.send(
+        {
+            "rank": rank,
+            "pid": os.getpid(),
+            "psm": shm.name,
+            "title_method": method,
+            "device": str(dev),
+            "env": {k: os.environ.get(k) for k in NVLS_OFF},
+        }
+    )
     conn.close()
     ready.release()
-    log(me, "INFO", f"rank {rank} in world size {world} is assigned as TP rank {rank}; "
-        f"all_reduce loop started", log_lock)
+    log(
+        me,
+        "INFO",
+        f"rank {rank} in world size {world} is assigned as TP rank {rank}; all_reduce loop started",
+        log_lock,
+    )
     last_log = time.monotonic()
     try:
         while True:
@@ -184,8 +224,13 @@ def worker_main(rank: int, world: int, device: str, store: str, mib: int, interv
             time.sleep(interval_s)  # pacing, so idle trees leave the 2 shared cores alone
     except Exception as e:  # noqa: BLE001 - a vLLM worker logs the failure and waits for RPCs
         mark(rounds, PHASE_FAILED)
-        log(me, "ERROR", f"all_reduce failed after {rounds} rounds: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}", log_lock)
+        log(
+            me,
+            "ERROR",
+            f"all_reduce failed after {rounds} rounds: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            log_lock,
+        )
         del held
         while True:
             signal.pause()
@@ -204,14 +249,21 @@ def run_tree(args: argparse.Namespace) -> None:
     ready = ctx.Semaphore(0)
     store = args.store or os.path.join(tempfile.gettempdir(), f"vllm_dist_{uuid.uuid4().hex}")
     me = "EngineCore"
-    log(me, "INFO", f"starting {args.world} workers (backend {'nccl' if args.device == 'cuda' else 'gloo'})",
-        log_lock)
+    log(
+        me,
+        "INFO",
+        f"starting {args.world} workers (backend {'nccl' if args.device == 'cuda' else 'gloo'})",
+        log_lock,
+    )
     procs, conns = [], []
     for rank in range(args.world):
         parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=worker_main, name=f"VllmWorker-{rank}", daemon=True,
-                        args=(rank, args.world, args.device, store, args.mib, args.interval,
-                              child_end, log_lock, ready))
+        p = ctx.Process(
+            target=worker_main,
+            name=f"VllmWorker-{rank}",
+            daemon=True,
+            args=(rank, args.world, args.device, store, args.mib, args.interval, child_end, log_lock, ready),
+        )
         p.start()
         child_end.close()
         procs.append(p)
@@ -220,8 +272,12 @@ def run_tree(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
     for p, c in zip(procs, conns):
         if not c.poll(max(0.0, deadline - time.monotonic())):
-            log(me, "ERROR", f"worker {p.name} did not join the group in {WORKER_READY_TIMEOUT_S:g} s",
-                log_lock)
+            log(
+                me,
+                "ERROR",
+                f"worker {p.name} did not join the group in {WORKER_READY_TIMEOUT_S:g} s",
+                log_lock,
+            )
             for q in procs:
                 q.kill()
             sys.exit(1)
@@ -236,12 +292,18 @@ def run_tree(args: argparse.Namespace) -> None:
         ready.acquire()
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
     doc = {
-        "parent": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
-        "workers": [i["pid"] for i in infos], "tracker": tracker,
+        "parent": os.getpid(),
+        "sid": os.getsid(0),
+        "pgid": os.getpgid(0),
+        "workers": [i["pid"] for i in infos],
+        "tracker": tracker,
         "psm": [i["psm"] for i in infos],
         "sem": ["sem." + s._semlock.name.lstrip("/") for s in (log_lock, ready)],
-        "dist": store, "backend": "nccl" if args.device == "cuda" else "gloo", "world": args.world,
-        "devices": [i["device"] for i in infos], "title_method": infos[0]["title_method"],
+        "dist": store,
+        "backend": "nccl" if args.device == "cuda" else "gloo",
+        "world": args.world,
+        "devices": [i["device"] for i in infos],
+        "title_method": infos[0]["title_method"],
         "worker_env": [i["env"] for i in infos],
     }
     tmp = f"{args.ready}.tmp.{os.getpid()}"
@@ -254,8 +316,12 @@ def run_tree(args: argparse.Namespace) -> None:
         for s in multiprocessing.connection.wait(list(live)):
             p = live.pop(s)
             p.join()
-            log(me, "ERROR", f"Worker proc {p.name} died unexpectedly (exit code: {p.exitcode}), "
-                "shutting down executor.", log_lock)
+            log(
+                me,
+                "ERROR",
+                f"Worker proc {p.name} died unexpectedly (exit code: {p.exitcode}), shutting down executor.",
+                log_lock,
+            )
     while True:
         signal.pause()
 
@@ -271,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", default="", help="FileStore path (default /tmp/vllm_dist_<uuid hex>)")
     args = ap.parse_args(argv)
     run_tree(args)
-
 
 
 # ---- driver side (imported by the tests; no torch) -----------------------------------------
@@ -417,9 +482,18 @@ class TpJob:
                 pass
 
 
-def start_job(python: str, tmp: Path, *, device: str = "cpu", world: int = 2, mib: int = 256,
-              env: dict[str, str] | None = None, spawn: Callable[..., Any] | None = None,
-              ready_timeout_s: float = WORKER_READY_TIMEOUT_S, name: str = "tp") -> TpJob:
+def start_job(
+    python: str,
+    tmp: Path,
+    *,
+    device: str = "cpu",
+    world: int = 2,
+    mib: int = 256,
+    env: dict[str, str] | None = None,
+    spawn: Callable[..., Any] | None = None,
+    ready_timeout_s: float = WORKER_READY_TIMEOUT_S,
+    name: str = "tp",
+) -> TpJob:
     """Start a tree and wait for its ready file.
 
     ``spawn`` is ``vsup.proctree.spawn`` for a tree vsup supervises (the record is kept); None
@@ -430,23 +504,45 @@ def start_job(python: str, tmp: Path, *, device: str = "cpu", world: int = 2, mi
     tmp.mkdir(parents=True, exist_ok=True)
     ready_path = tmp / f"{name}-{uuid.uuid4().hex[:8]}.json"
     log_path = tmp / f"{ready_path.stem}.log"
-    argv = [python, str(FAKE), "tree", "--device", device, "--world", str(world), "--mib", str(mib),
-            "--ready", str(ready_path)]
+    argv = [
+        python,
+        str(FAKE),
+        "tree",
+        "--device",
+        device,
+        "--world",
+        str(world),
+        "--mib",
+        str(mib),
+        "--ready",
+        str(ready_path),
+    ]
     full_env = {**(env if env is not None else os.environ), **NVLS_OFF}
     record = None
     if spawn is not None:
         popen, record = spawn(argv, full_env, log_path, model=f"fake-{name}", port=0)
     else:
         with open(log_path, "ab") as out:
-            popen = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-    job = TpJob(popen=popen, ready={"sid": popen.pid, "workers": [], "psm": [], "sem": [], "dist": ""},
-                log_path=log_path, record=record)
+            popen = subprocess.Popen(
+                argv,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    job = TpJob(
+        popen=popen,
+        ready={"sid": popen.pid, "workers": [], "psm": [], "sem": [], "dist": ""},
+        log_path=log_path,
+        record=record,
+    )
 
     def ready_doc() -> dict | None:
         if popen.poll() is not None:
-            raise AssertionError(f"{name} tree exited ({popen.returncode}) before it was ready:\n"
-                                 f"{job.log_text()[-3000:]}")
+            raise AssertionError(
+                f"{name} tree exited ({popen.returncode}) before it was ready:\n{job.log_text()[-3000:]}"
+            )
         try:
             return json.loads(ready_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):

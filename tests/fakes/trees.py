@@ -91,7 +91,15 @@ class FakeTree:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ready_path = self.dir / "ready.json"
         self.log = self.dir / "tree.log"
-        argv = [sys.executable, FAKE, "--work", str(self.dir / "work"), "--ready", str(self.ready_path), *args]
+        argv = [
+            sys.executable,
+            FAKE,
+            "--work",
+            str(self.dir / "work"),
+            "--ready",
+            str(self.ready_path),
+            *args,
+        ]
         if port:
             argv += ["--port", str(port)]
         self.rec: TreeRecord | None = None
@@ -99,14 +107,22 @@ class FakeTree:
             self.popen, self.rec = spawn(argv, dict(os.environ), self.log, model="fake", port=port)
         else:
             with open(self.log, "ab") as log:
-                self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                self.popen = subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         self.sid = self.popen.pid
         self.info: dict = {}
 
     def wait_ready(self) -> dict:
         def ready():
             if self.popen.poll() is not None:
-                raise AssertionError(f"fake tree exited {self.popen.returncode}: {self.log.read_text()[-2000:]}")
+                raise AssertionError(
+                    f"fake tree exited {self.popen.returncode}: {self.log.read_text()[-2000:]}"
+                )
             return read_json(self.ready_path)
 
         self.info = wait_for(ready, READY_TIMEOUT_S, f"fake tree {self.sid} ready")
@@ -153,7 +169,9 @@ class Decoy:
         argv = [sys.executable, FAKE, mode, "--ready", str(self.ready_path), *args]
         if shm:
             argv += ["--shm", shm]
-        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         self.info = wait_for(lambda: read_json(self.ready_path), READY_TIMEOUT_S, f"decoy {mode}")
         self.pid = self.info["pid"]
         self.sid = self.pid if "--orphan" in args else self.popen.pid
@@ -230,7 +248,9 @@ def other_user_fixture():
         try:
             pwd.getpwnam(OTHER_USER)
         except KeyError:
-            subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+            subprocess.run(
+                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True
+            )
             created = True
         try:
             yield OTHER_USER
@@ -251,8 +271,20 @@ class OtherUserOrphan:
             f"head -c 8192 /dev/zero > /dev/shm/{self.shm}"
         )
         out = subprocess.run(
-            ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "setsid", "bash", "-c", script],
-            check=True, capture_output=True, text=True, timeout=30,
+            [
+                "setpriv",
+                f"--reuid={user}",
+                f"--regid={user}",
+                "--clear-groups",
+                "setsid",
+                "bash",
+                "-c",
+                script,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         self.pid = int(out.stdout.strip())
         wait_for(lambda: os.path.exists(f"/dev/shm/{self.shm}"), 30, "other-user segment")
@@ -264,5 +296,3 @@ class OtherUserOrphan:
         except ProcessLookupError:
             pass
         unlink_quiet(f"/dev/shm/{self.shm}")
-
-

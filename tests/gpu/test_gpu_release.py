@@ -132,9 +132,11 @@ def kill_orphans(tree: Tree, *, foreign_mode: bool = False) -> dict:
             kill_quietly(pid)
         return {"killed_by": "test SIGKILL of the recorded worker pids", "killed": tree.workers}
     rep = cleanup.cleanup([] if foreign_mode else [rec], foreign=foreign_mode)
-    return {"killed_by": f"vsup.cleanup.cleanup({'foreign=True' if foreign_mode else '[record]'})",
-            "killed": [k["pid"] for k in rep.killed if k["how"] != "exited"],
-            "cleanup_report": {"killed": rep.killed, "remaining": rep.remaining, "clean": rep.clean}}
+    return {
+        "killed_by": f"vsup.cleanup.cleanup({'foreign=True' if foreign_mode else '[record]'})",
+        "killed": [k["pid"] for k in rep.killed if k["how"] != "exited"],
+        "cleanup_report": {"killed": rep.killed, "remaining": rep.remaining, "clean": rep.clean},
+    }
 
 
 def tree_pids(tree: Tree) -> set[int]:
@@ -166,8 +168,11 @@ def tree_factory(tmp_path: Path) -> Iterator[Callable[[int], Tree]]:
 def foreign(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, dict]]:
     """A GPU job that is not ours: its own session, its plain command line, 1 GiB held."""
     ready = tmp_path / "foreign.json"
-    proc = subprocess.Popen([sys.executable, str(FAKE), "holder", "--mib", str(FOREIGN_MIB),
-                             "--ready", str(ready)], env=child_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(FAKE), "holder", "--mib", str(FOREIGN_MIB), "--ready", str(ready)],
+        env=child_env(),
+        start_new_session=True,
+    )
     try:
         doc = wait_for(lambda: read_json(ready), READY_TIMEOUT_S, "the foreign holder")
         yield proc, doc
@@ -209,8 +214,11 @@ def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_fac
     tree.parent.send_signal(signal.SIGKILL)
     tree.parent.wait()
     for pid in tree.workers:
-        wait_for(lambda p=pid: ppid_of(p) not in (None, tree.parent.pid), REPARENT_TIMEOUT_S,
-                 f"worker {pid} to be reparented")
+        wait_for(
+            lambda p=pid: ppid_of(p) not in (None, tree.parent.pid),
+            REPARENT_TIMEOUT_S,
+            f"worker {pid} to be reparented",
+        )
     orphans = holders_by_pid(gpus, pids)
     assert all(pid in orphans and PROCS.alive(pid) for pid in tree.workers), "orphans should hold on"
 
@@ -226,17 +234,23 @@ def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_fac
     assert report.freed_mib[gpu0] >= 2 * WORKER_MIB, report
     assert not any(PROCS.alive(p) for p in tree.workers)
     assert not any(h["in_tree"] for h in gpus.holders(pids))
-    record.setdefault("orphan_release", []).append({
-        "spawned_by": tree.extra["spawned_by"], **done,
-        "device": before[0].name, "tree_ready_s": round(ready_s, 2),
-        "pid_sources": sorted({held[p]["pid_source"] for p in tree.workers}),
-        "title_method": tree.ready.get("title_method"),
-        "worker_holdings_mib": [held[p]["used_mib"] for p in tree.workers],
-        "baseline_mib": report.baseline_mib, "used_after_mib": report.used_mib,
-        "freed_mib": report.freed_mib,
-        "kill_call_s": round(t_killed - t0, 4), "wait_released_s": round(report.elapsed_s, 4),
-        "kill_to_free_s": round(t_free - t0, 4),
-    })
+    record.setdefault("orphan_release", []).append(
+        {
+            "spawned_by": tree.extra["spawned_by"],
+            **done,
+            "device": before[0].name,
+            "tree_ready_s": round(ready_s, 2),
+            "pid_sources": sorted({held[p]["pid_source"] for p in tree.workers}),
+            "title_method": tree.ready.get("title_method"),
+            "worker_holdings_mib": [held[p]["used_mib"] for p in tree.workers],
+            "baseline_mib": report.baseline_mib,
+            "used_after_mib": report.used_mib,
+            "freed_mib": report.freed_mib,
+            "kill_call_s": round(t_killed - t0, 4),
+            "wait_released_s": round(report.elapsed_s, 4),
+            "kill_to_free_s": round(t_free - t0, 4),
+        }
+    )
 
 
 def test_nvml_pids_are_this_namespaces_pids(gpus: Gpus, tree_factory, record):
@@ -285,13 +299,20 @@ def test_foreign_holder_is_named_left_alone_and_blocks_start(gpus: Gpus, tree_fa
     assert fpid in after and not after[fpid]["in_tree"]
     refused = gpus.precheck(pids)
     assert not refused.ok and f"pid {fpid} " in refused.reason
-    record["foreign"] = {"reason": pre.reason, "foreign_mib": fh["used_mib"], **done,
-                         "kill_to_free_s": round(t_free - t0, 4), "freed_mib": report.freed_mib}
+    record["foreign"] = {
+        "reason": pre.reason,
+        "foreign_mib": fh["used_mib"],
+        **done,
+        "kill_to_free_s": round(t_free - t0, 4),
+        "freed_mib": report.freed_mib,
+    }
 
 
-@pytest.mark.skipif(os.environ.get("VSUP_GPU_ALLOW_FOREIGN_CLEANUP") != "1",
-                    reason="cleanup --foreign kills any orphaned VLLM:: process on this host; set "
-                           "VSUP_GPU_ALLOW_FOREIGN_CLEANUP=1 on a throwaway machine")
+@pytest.mark.skipif(
+    os.environ.get("VSUP_GPU_ALLOW_FOREIGN_CLEANUP") != "1",
+    reason="cleanup --foreign kills any orphaned VLLM:: process on this host; set "
+    "VSUP_GPU_ALLOW_FOREIGN_CLEANUP=1 on a throwaway machine",
+)
 def test_foreign_cleanup_finds_unrecorded_gpu_orphans(gpus: Gpus, tree_factory, foreign, record):
     """With no record, cleanup --foreign finds the titled orphans by name and frees their memory."""
     fproc, fdoc = foreign
@@ -308,8 +329,11 @@ def test_foreign_cleanup_finds_unrecorded_gpu_orphans(gpus: Gpus, tree_factory, 
     assert set(tree.workers) <= set(done["killed"]), done
     assert report.released, report.reason
     assert fproc.poll() is None and fdoc["pid"] not in done["killed"]
-    record["foreign_mode_cleanup"] = {**done, "kill_to_free_s": round(t_free - t0, 4),
-                                      "freed_mib": report.freed_mib}
+    record["foreign_mode_cleanup"] = {
+        **done,
+        "kill_to_free_s": round(t_free - t0, 4),
+        "freed_mib": report.freed_mib,
+    }
 
 
 def test_status_summary_counts_the_models_memory(gpus: Gpus, tree_factory, record):

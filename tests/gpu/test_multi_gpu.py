@@ -61,16 +61,25 @@ def child_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_gpus(gpus: Gpus) -> Gpus:
     if gpus.count < 2:
-        pytest.skip(f"needs 2 GPUs for a TP=2 NCCL group; NVML sees {gpus.count} "
-                    "(run on a 2-GPU kind: docs/multi-gpu.md)")
+        pytest.skip(
+            f"needs 2 GPUs for a TP=2 NCCL group; NVML sees {gpus.count} "
+            "(run on a 2-GPU kind: docs/multi-gpu.md)"
+        )
     return gpus
 
 
 @pytest.fixture(scope="module")
 def foreign(two_gpus: Gpus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpJob]:
     """A TP=2 NCCL job on the same 2 GPUs that vsup did not start (own session, no ledger)."""
-    job = start_job(sys.executable, tmp_path_factory.mktemp("foreign"), device="cuda", mib=FOREIGN_MIB,
-                    env=child_env(), ready_timeout_s=READY_TIMEOUT_S, name="foreign")
+    job = start_job(
+        sys.executable,
+        tmp_path_factory.mktemp("foreign"),
+        device="cuda",
+        mib=FOREIGN_MIB,
+        env=child_env(),
+        ready_timeout_s=READY_TIMEOUT_S,
+        name="foreign",
+    )
     try:
         yield job
     finally:
@@ -83,8 +92,17 @@ def tree(tmp_path: Path) -> Iterator[Callable[..., TpJob]]:
     jobs: list[TpJob] = []
 
     def make(world: int = 2, mib: int = WORKER_MIB) -> TpJob:
-        job = start_job(sys.executable, tmp_path, device="cuda", world=world, mib=mib, env=child_env(),
-                        spawn=proctree.spawn, ready_timeout_s=READY_TIMEOUT_S, name="tree")
+        job = start_job(
+            sys.executable,
+            tmp_path,
+            device="cuda",
+            world=world,
+            mib=mib,
+            env=child_env(),
+            spawn=proctree.spawn,
+            ready_timeout_s=READY_TIMEOUT_S,
+            name="tree",
+        )
         jobs.append(job)
         return job
 
@@ -145,9 +163,18 @@ def assert_blocked(job: TpJob, rank: int, witness: TpJob, phase: int) -> None:
     assert alive(job.workers[rank])
 
 
-def clean_and_prove(job: TpJob, rec: proctree.TreeRecord, tree_shm: set[str], tree_gpus: set[int],
-                    gpus: Gpus, baseline: dict[int, int], before: list, foreign: TpJob | None,
-                    record: dict, fault: str) -> cleanup.Report:
+def clean_and_prove(
+    job: TpJob,
+    rec: proctree.TreeRecord,
+    tree_shm: set[str],
+    tree_gpus: set[int],
+    gpus: Gpus,
+    baseline: dict[int, int],
+    before: list,
+    foreign: TpJob | None,
+    record: dict,
+    fault: str,
+) -> cleanup.Report:
     """vsup cleanup on the record, then: no tree process, GPUs back to the baseline, no tree object."""
     pids = {p.pid for p in rec.procs}
     t0 = time.monotonic()
@@ -170,13 +197,21 @@ def clean_and_prove(job: TpJob, rec: proctree.TreeRecord, tree_shm: set[str], tr
         foreign.wait_progress([0, 1], 3, FAULT_TIMEOUT_S, "the foreign job to keep all-reducing")
         fheld = {h["pid"] for h in gpus.holders() if h["used_mib"] and h["used_mib"] >= FOREIGN_MIB}
         assert set(foreign.workers) <= fheld, "the foreign job lost its GPU memory"
-    record.setdefault("multi_gpu", []).append({
-        "fault": fault, "cleanup_s": round(t_cleaned - t0, 4), "wait_released_s": round(released.elapsed_s, 4),
-        "kill_to_free_s": round(t_free - t0, 4), "freed_mib": released.freed_mib,
-        "used_after_mib": released.used_mib, "baseline_mib": released.baseline_mib,
-        "killed": rep.killed, "unlinked": rep.unlinked, "tree_shm": sorted(tree_shm),
-        "nccl_now": sorted(nccl_names()),
-    })
+    record.setdefault("multi_gpu", []).append(
+        {
+            "fault": fault,
+            "cleanup_s": round(t_cleaned - t0, 4),
+            "wait_released_s": round(released.elapsed_s, 4),
+            "kill_to_free_s": round(t_free - t0, 4),
+            "freed_mib": released.freed_mib,
+            "used_after_mib": released.used_mib,
+            "baseline_mib": released.baseline_mib,
+            "killed": rep.killed,
+            "unlinked": rep.unlinked,
+            "tree_shm": sorted(tree_shm),
+            "nccl_now": sorted(nccl_names()),
+        }
+    )
     return rep
 
 
@@ -196,8 +231,18 @@ def test_nccl_world_of_one_forms_and_is_cleaned(gpus: Gpus, tree, record):
     job.popen.wait(timeout=10)
     wait_until(lambda: proc_ppid(job.workers[0]) not in (None, job.popen.pid), FAULT_TIMEOUT_S, "reparenting")
     job.wait_progress([0], 5, FAULT_TIMEOUT_S, "the orphan to keep all-reducing")
-    clean_and_prove(job, rec, tree_shm | (nccl_names() - nccl_before), tree_gpus, gpus, baseline, before, None,
-                    record, "world1-sigkill-parent")
+    clean_and_prove(
+        job,
+        rec,
+        tree_shm | (nccl_names() - nccl_before),
+        tree_gpus,
+        gpus,
+        baseline,
+        before,
+        None,
+        record,
+        "world1-sigkill-parent",
+    )
 
 
 def test_sigkill_parent_orphans_release_both_gpus(two_gpus: Gpus, foreign, tree, record):
@@ -213,7 +258,9 @@ def test_sigkill_parent_orphans_release_both_gpus(two_gpus: Gpus, foreign, tree,
         wait_until(lambda p=pid: proc_ppid(p) not in (None, job.popen.pid), FAULT_TIMEOUT_S, "reparenting")
     job.wait_progress([0, 1], 5, FAULT_TIMEOUT_S, "the orphaned ranks to keep all-reducing")
     tree_shm |= nccl_names() - nccl_before - held_shm(all_pids(foreign))
-    clean_and_prove(job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigkill-parent")
+    clean_and_prove(
+        job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigkill-parent"
+    )
 
 
 def test_sigkill_rank_hangs_peer_in_nccl_and_both_gpus_are_freed(two_gpus: Gpus, foreign, tree, record):
@@ -224,15 +271,25 @@ def test_sigkill_rank_hangs_peer_in_nccl_and_both_gpus_are_freed(two_gpus: Gpus,
     rec, tree_shm, tree_gpus = check_started(job, two_gpus)
     before = two_gpus.snapshot()
     os.kill(job.workers[1], signal.SIGKILL)
-    wait_until(lambda: "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)" in job.log_text(),
-               FAULT_TIMEOUT_S, "the parent to log the rank's death")
-    wait_until(lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase != PHASE_BETWEEN,
-               FAULT_TIMEOUT_S, "rank 0 to enter the next all-reduce")
+    wait_until(
+        lambda: "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)" in job.log_text(),
+        FAULT_TIMEOUT_S,
+        "the parent to log the rank's death",
+    )
+    wait_until(
+        lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase != PHASE_BETWEEN,
+        FAULT_TIMEOUT_S,
+        "rank 0 to enter the next all-reduce",
+    )
     p0 = read_progress(job.ready["psm"][0])
-    assert p0 is not None and p0.phase != PHASE_FAILED, f"NCCL reported the dead peer instead of hanging: {p0}"
+    assert p0 is not None and p0.phase != PHASE_FAILED, (
+        f"NCCL reported the dead peer instead of hanging: {p0}"
+    )
     assert_blocked(job, 0, foreign, PHASE_IN_COLLECTIVE)
     tree_shm |= nccl_names() - nccl_before - held_shm(all_pids(foreign))
-    rep = clean_and_prove(job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigkill-rank")
+    rep = clean_and_prove(
+        job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigkill-rank"
+    )
     assert job.workers[0] in {k["pid"] for k in rep.killed}
 
 
@@ -246,11 +303,16 @@ def test_sigstop_rank_hangs_peer_and_both_gpus_are_freed(two_gpus: Gpus, foreign
     victim = job.workers[1]
     os.kill(victim, signal.SIGSTOP)
     wait_until(lambda: proc_state(victim) == "T", FAULT_TIMEOUT_S, "the rank to stop")
-    wait_until(lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_IN_COLLECTIVE,
-               FAULT_TIMEOUT_S, "rank 0 to enter the next all-reduce")
+    wait_until(
+        lambda: (p := read_progress(job.ready["psm"][0])) is not None and p.phase == PHASE_IN_COLLECTIVE,
+        FAULT_TIMEOUT_S,
+        "rank 0 to enter the next all-reduce",
+    )
     assert_blocked(job, 0, foreign, PHASE_IN_COLLECTIVE)
     tree_shm |= nccl_names() - nccl_before - held_shm(all_pids(foreign))
-    rep = clean_and_prove(job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigstop-rank")
+    rep = clean_and_prove(
+        job, rec, tree_shm, tree_gpus, two_gpus, baseline, before, foreign, record, "sigstop-rank"
+    )
     how = {k["pid"]: k["how"] for k in rep.killed}
     assert how.get(victim) == "SIGKILL", rep.killed
 

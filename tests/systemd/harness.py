@@ -39,11 +39,23 @@ REPO = HERE.parents[1]
 HOST_UNIT_DIR = Path("/lib/systemd/system")
 # The host units the harness needs; everything else does not exist for its systemd.
 HOST_UNITS = (
-    "sysinit.target", "basic.target", "sockets.target", "paths.target", "timers.target",
-    "slices.target", "local-fs.target", "local-fs-pre.target", "swap.target",
-    "network.target", "network-pre.target", "network-online.target", "multi-user.target",
+    "sysinit.target",
+    "basic.target",
+    "sockets.target",
+    "paths.target",
+    "timers.target",
+    "slices.target",
+    "local-fs.target",
+    "local-fs-pre.target",
+    "swap.target",
+    "network.target",
+    "network-pre.target",
+    "network-online.target",
+    "multi-user.target",
     "shutdown.target",
-    "systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket",
+    "systemd-journald.service",
+    "systemd-journald.socket",
+    "systemd-journald-dev-log.socket",
 )
 # Hierarchies systemd writes to for our units (name=systemd and the v2 tree for tracking,
 # devices for DeviceAllow=, pids for TasksMax=). Other controllers stay as the harness found
@@ -70,13 +82,32 @@ class HarnessError(RuntimeError):
 class Systemd:
     """A booted systemd; ``run`` executes a command inside its namespaces."""
 
-    init_pid: int          # PID 1 of the namespace, as seen from the host
-    staging: Path          # seen as /run/harness inside
+    init_pid: int  # PID 1 of the namespace, as seen from the host
+    staging: Path  # seen as /run/harness inside
 
-    def run(self, command: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, command: str, timeout: float = 60.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            ["nsenter", "-t", str(self.init_pid), "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", command],
-            capture_output=True, text=True, timeout=timeout, cwd="/", env=_clean_env(),
+            [
+                "nsenter",
+                "-t",
+                str(self.init_pid),
+                "-m",
+                "-u",
+                "-i",
+                "-n",
+                "-p",
+                "--",
+                "/bin/sh",
+                "-c",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
+            env=_clean_env(),
         )
         if check and proc.returncode != 0:
             raise HarnessError(f"`{command}` exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -102,7 +133,12 @@ class Systemd:
 def _clean_env() -> dict[str, str]:
     # Nothing of the test's environment (NOTIFY_SOCKET of an outer manager, VSUP_CONFIG...)
     # may leak into commands run inside.
-    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "SYSTEMD_PAGER": "",
+        "SYSTEMD_COLORS": "0",
+    }
 
 
 def preflight() -> None:
@@ -116,7 +152,9 @@ def preflight() -> None:
         raise HarnessError("/lib/systemd/systemd missing: apt-get install -y systemd")
     for h in CGROUP_HIERARCHIES:
         if not (CGROUP_ROOT / h / "cgroup.procs").exists():
-            raise HarnessError(f"cgroup hierarchy {CGROUP_ROOT / h} not mounted (layout: {os.listdir(CGROUP_ROOT)})")
+            raise HarnessError(
+                f"cgroup hierarchy {CGROUP_ROOT / h} not mounted (layout: {os.listdir(CGROUP_ROOT)})"
+            )
 
 
 def _system_python() -> Path:
@@ -156,7 +194,8 @@ def _stage(staging: Path, units: dict[str, str], etc: dict[str, str]) -> None:
         "DefaultIOAccounting=no\nDefaultBlockIOAccounting=no\nDefaultIPAccounting=no\n"
     )
     (staging / "passwd.add").write_text(
-        f"vsup:x:{SERVICE_UID}:{SERVICE_UID}:vsup service:/var/lib/vsup:/usr/sbin/nologin\n")
+        f"vsup:x:{SERVICE_UID}:{SERVICE_UID}:vsup service:/var/lib/vsup:/usr/sbin/nologin\n"
+    )
     (staging / "group.add").write_text(f"vsup:x:{SERVICE_UID}:\n")
 
     # /opt/vsup: a venv of the system Python that sees the repo's code and the test venv's
@@ -166,7 +205,8 @@ def _stage(staging: Path, units: dict[str, str], etc: dict[str, str]) -> None:
     subprocess.run([str(_system_python()), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site / "vsup-harness.pth").write_text(
-        f"{REPO_IN_NS}/supervisor\nimport site; site.addsitedir({DEPS_IN_NS!r})\n")
+        f"{REPO_IN_NS}/supervisor\nimport site; site.addsitedir({DEPS_IN_NS!r})\n"
+    )
     script = venv / "bin" / "vsup"
     script.write_text("#!/opt/vsup/bin/python\nimport sys\nfrom vsup.cli import main\nsys.exit(main())\n")
     script.chmod(0o755)
@@ -188,8 +228,11 @@ def host_fingerprint() -> dict[str, object]:
         "mounts": mounts,
         "cgroup_root": cg,
         "v2_controllers": (CGROUP_ROOT / "unified" / "cgroup.controllers").read_text()
-        if (CGROUP_ROOT / "unified").exists() else "",
-        "sysctl": {k: Path("/proc/sys", k).read_text() for k in ("fs/nr_open", "fs/file-max", "kernel/hostname")},
+        if (CGROUP_ROOT / "unified").exists()
+        else "",
+        "sysctl": {
+            k: Path("/proc/sys", k).read_text() for k in ("fs/nr_open", "fs/file-max", "kernel/hostname")
+        },
     }
 
 
@@ -257,11 +300,30 @@ def booted(units: dict[str, str] | None = None, etc: dict[str, str] | None = Non
         for h in CGROUP_HIERARCHIES:
             (CGROUP_ROOT / h / cgroup).mkdir()
         unshare = subprocess.Popen(
-            ["unshare", "--pid", "--mount", "--uts", "--ipc", "--net", "--mount-proc",
-             "--propagation", "private", "--kill-child=SIGKILL", "--",
-             "/bin/sh", str(HERE / "ns-init.sh"), str(staging), cgroup, " ".join(CGROUP_HIERARCHIES),
-             str(REPO), sysconfig.get_paths()["purelib"]],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_clean_env(),
+            [
+                "unshare",
+                "--pid",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "--kill-child=SIGKILL",
+                "--",
+                "/bin/sh",
+                str(HERE / "ns-init.sh"),
+                str(staging),
+                cgroup,
+                " ".join(CGROUP_HIERARCHIES),
+                str(REPO),
+                sysconfig.get_paths()["purelib"],
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_clean_env(),
         )
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while not (kids := _children(unshare.pid)):
@@ -274,7 +336,9 @@ def booted(units: dict[str, str] | None = None, etc: dict[str, str] | None = Non
             if unshare.poll() is not None:
                 raise HarnessError(f"systemd exited during boot\n{sd.logs()}")
             if time.monotonic() > deadline:
-                raise HarnessError(f"systemd not running after {BOOT_TIMEOUT_S} s (state {state!r})\n{sd.logs()}")
+                raise HarnessError(
+                    f"systemd not running after {BOOT_TIMEOUT_S} s (state {state!r})\n{sd.logs()}"
+                )
             state = sd.run("systemctl is-system-running", check=False, timeout=10).stdout.strip()
             if state in ("running", "degraded"):
                 break
@@ -295,4 +359,3 @@ def booted(units: dict[str, str] | None = None, etc: dict[str, str] | None = Non
         changed = host_changes(before, host_fingerprint())
         if changed:
             raise HarnessError(f"the harness changed the host: {changed}")
-

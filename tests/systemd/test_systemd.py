@@ -17,7 +17,9 @@ SMOKE_WATCHDOG_S = 2.0
 SMOKE_PING_S = 6.0
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float, sd: Systemd, step: float = 0.2) -> None:
+def wait_for(
+    what: str, predicate: Callable[[], bool], timeout: float, sd: Systemd, step: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -67,7 +69,7 @@ def test_notify_unit_is_active_with_its_status(sd: Systemd) -> None:
     try:
         assert sd.show("notify-test.service", "ActiveState") == "active"
         assert sd.show("notify-test.service", "StatusText") == "smoke: up, watchdog every 1.0 s"
-        assert "Status: \"smoke: up" in sd.run("systemctl status --no-pager notify-test.service").stdout
+        assert 'Status: "smoke: up' in sd.run("systemctl status --no-pager notify-test.service").stdout
     finally:
         sd.run("systemctl stop notify-test.service; systemctl reset-failed notify-test.service", check=False)
 
@@ -76,8 +78,12 @@ def test_watchdog_pings_keep_unit_alive_and_silence_kills_it(sd: Systemd) -> Non
     """Pings at half of WatchdogSec keep the unit alive for 6 s; 2 s after they stop systemd aborts it."""
     sd.run("systemctl start notify-test.service")
     try:
-        wait_for("watchdog kill", lambda: sd.show("notify-test.service", "ActiveState") == "failed",
-                 SMOKE_PING_S + 4 * SMOKE_WATCHDOG_S + 5, sd)
+        wait_for(
+            "watchdog kill",
+            lambda: sd.show("notify-test.service", "ActiveState") == "failed",
+            SMOKE_PING_S + 4 * SMOKE_WATCHDOG_S + 5,
+            sd,
+        )
         assert sd.show("notify-test.service", "Result") == "watchdog"
         assert sd.show("notify-test.service", "StatusText") == "smoke: wedged, no more pings"
         start = int(sd.show("notify-test.service", "ExecMainStartTimestampMonotonic"))

@@ -64,8 +64,8 @@ backoff_max_s = 1.0
 interval_s = 0.5
 canary_interval_s = 2.0
 """
-READY_S = 30.0      # systemctl start to vsup "ready" (about 1 s here)
-RESTART_S = 30.0    # SIGKILL to the restarted vsup "ready" (RestartSec=5s + start)
+READY_S = 30.0  # systemctl start to vsup "ready" (about 1 s here)
+RESTART_S = 30.0  # SIGKILL to the restarted vsup "ready" (RestartSec=5s + start)
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, sd: Systemd, step: float = 0.2) -> Any:
@@ -102,9 +102,11 @@ def ledger_tree(sd: Systemd) -> dict[str, Any] | None:
 
 def alive(sd: Systemd, pids: list[int]) -> list[int]:
     """Those of `pids` still running (zombies count as gone)."""
-    out = sd.run("for p in " + " ".join(map(str, pids)) + "; do "
-                 "s=$(awk '{print $3}' /proc/$p/stat 2>/dev/null); "
-                 "[ -n \"$s\" ] && [ \"$s\" != Z ] && echo $p; done; true").stdout
+    out = sd.run(
+        "for p in " + " ".join(map(str, pids)) + "; do "
+        "s=$(awk '{print $3}' /proc/$p/stat 2>/dev/null); "
+        '[ -n "$s" ] && [ "$s" != Z ] && echo $p; done; true'
+    ).stdout
     return [int(x) for x in out.split()]
 
 
@@ -120,8 +122,10 @@ def private_tmp(sd: Systemd) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sd() -> Iterator[Systemd]:
-    units = {"vsup.service": (REPO / "deploy" / "vsup.service").read_text(),
-             "vsup.service.d/harness.conf": HARNESS_DROPIN}
+    units = {
+        "vsup.service": (REPO / "deploy" / "vsup.service").read_text(),
+        "vsup.service.d/harness.conf": HARNESS_DROPIN,
+    }
     with harness.booted(units, {"vsup/vsup.toml": CONFIG_TOML}) as booted:
         yield booted
 
@@ -139,13 +143,22 @@ def running(sd: Systemd) -> Iterator[dict[str, Any]]:
 def test_start_is_active_with_status_as_user_vsup(sd: Systemd, running: dict[str, Any]) -> None:
     """`systemctl start` gives an active unit showing vsup's STATUS=, running as vsup, events in the journal."""
     assert sd.show("vsup.service", "ActiveState") == "active"
-    wait_for("STATUS= of ready", lambda: sd.show("vsup.service", "StatusText") == "ready: fake-model, 0 restarts",
-             10, sd)
-    assert 'Status: "ready: fake-model, 0 restarts"' in sd.run("systemctl status --no-pager vsup.service").stdout
+    wait_for(
+        "STATUS= of ready",
+        lambda: sd.show("vsup.service", "StatusText") == "ready: fake-model, 0 restarts",
+        10,
+        sd,
+    )
+    assert (
+        'Status: "ready: fake-model, 0 restarts"' in sd.run("systemctl status --no-pager vsup.service").stdout
+    )
     main = sd.show("vsup.service", "MainPID")
     assert sd.run(f"stat -c %U /proc/{main} /proc/{running['pid']}").stdout.split() == ["vsup", "vsup"]
-    events = [json.loads(l) for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-              if l.startswith("{")]
+    events = [
+        json.loads(l)
+        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if l.startswith("{")
+    ]
     assert any(e["event"] == "ready" and e["model"] == "fake-model" for e in events)
 
 
@@ -158,7 +171,9 @@ def test_pings_keep_the_unit_alive_past_its_watchdog(sd: Systemd, running: dict[
     assert sd.show("vsup.service", "NRestarts") == "0"
 
 
-def test_sigkill_of_vsup_restarts_it_and_leaves_nothing_of_the_old_tree(sd: Systemd, running: dict[str, Any]) -> None:
+def test_sigkill_of_vsup_restarts_it_and_leaves_nothing_of_the_old_tree(
+    sd: Systemd, running: dict[str, Any]
+) -> None:
     """SIGKILL vsup: systemd kills the orphaned tree, ExecStopPost cleans its debris, a new vsup serves."""
     old = wait_for("the tree recorded in the ledger", lambda: ledger_tree(sd), 15, sd)
     old_pids = [p["pid"] for p in old["procs"]]
@@ -168,8 +183,12 @@ def test_sigkill_of_vsup_restarts_it_and_leaves_nothing_of_the_old_tree(sd: Syst
     old_main = sd.show("vsup.service", "MainPID")
 
     sd.run(f"kill -KILL {old_main}")
-    new = wait_for("a restarted, ready vsup",
-                   lambda: sd.show("vsup.service", "NRestarts") == "1" and ready(sd), RESTART_S, sd)
+    new = wait_for(
+        "a restarted, ready vsup",
+        lambda: sd.show("vsup.service", "NRestarts") == "1" and ready(sd),
+        RESTART_S,
+        sd,
+    )
 
     assert sd.show("vsup.service", "MainPID") != old_main
     assert new["pid"] not in old_pids
@@ -199,8 +218,11 @@ def test_stop_is_a_clean_success_done_by_vsup_itself(sd: Systemd, running: dict[
     wait_for("the tree recorded in the ledger", lambda: ledger_tree(sd), 15, sd)
     sd.run("systemctl stop vsup.service", timeout=180)
     assert sd.show("vsup.service", "Result") == "success"
-    events = [json.loads(l) for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-              if l.startswith("{")]
+    events = [
+        json.loads(l)
+        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if l.startswith("{")
+    ]
     teardown = [e for e in events if e["event"] == "cleanup" and e.get("why") == "teardown"][-1]
     assert teardown["unlinked"] >= 1 and teardown["remaining"] == []
 
@@ -212,6 +234,9 @@ def test_systemctl_reload_reloads_the_current_model(sd: Systemd, running: dict[s
     assert after["pid"] != running["pid"]
     assert sd.show("vsup.service", "ActiveState") == "active"
     assert sd.show("vsup.service", "NRestarts") == "0"
-    phases = [json.loads(l)["phase"] for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-              if l.startswith("{") and '"reload_phase"' in l]
+    phases = [
+        json.loads(l)["phase"]
+        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if l.startswith("{") and '"reload_phase"' in l
+    ]
     assert phases[:4] == ["drain", "stop", "cleanup", "start"]
