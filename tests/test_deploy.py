@@ -181,3 +181,89 @@ def test_check_config_accepts_example_except_what_install_creates(tmp_path: Path
         [str(VENV_VSUP), "check-config", str(copy)], capture_output=True, text=True, timeout=60
     )
     assert here.returncode == 0, here.stderr
+
+
+# ---- the template unit for several instances on one host (issue 18) ---------------------------
+
+TEMPLATE = REPO / "deploy" / "vsup@.service"
+INSTANCE_CONFIG = "/etc/vsup/%i.toml"
+# The lines that differ between vsup@.service and vsup.service, and how.
+PER_INSTANCE = {
+    "Description": "vsup supervisor for a vLLM OpenAI server (instance %i)",
+    "ExecStart": f"{INSTALLED_VSUP} run --config {INSTANCE_CONFIG}",
+    "ExecReload": f"{INSTALLED_VSUP} reload --current --config {INSTANCE_CONFIG}",
+    "ExecStopPost": f"{INSTALLED_VSUP} cleanup --config {INSTANCE_CONFIG}",
+    "StateDirectory": "vsup/%i",
+    "RuntimeDirectory": "vsup/%i",
+    "LogsDirectory": "vsup/%i",
+}
+
+
+def verify_instance(tmp_path: Path, text: str, instance: str = "a") -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify on instance `instance` of a copy of the template in `tmp_path`."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: apt-get install -y systemd (Debian package 'systemd')"
+    (tmp_path / "vsup@.service").write_text(text.replace(INSTALLED_VSUP, str(VENV_VSUP)))
+    return subprocess.run(
+        [analyze, "verify", str(tmp_path / f"vsup@{instance}.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_template_unit_verifies_for_an_instance(tmp_path: Path) -> None:
+    """systemd-analyze verify reports nothing about instance vsup@a of the template unit."""
+    proc = verify_instance(tmp_path, TEMPLATE.read_text())
+    about_us = [l for l in (proc.stdout + proc.stderr).splitlines() if "vsup" in l]
+    assert proc.returncode == 0 and not about_us, proc.stdout + proc.stderr
+
+
+def test_template_verify_would_catch_a_bad_key(tmp_path: Path) -> None:
+    """Verifying an instance does load the template: a misspelt value in it is reported."""
+    proc = verify_instance(tmp_path, TEMPLATE.read_text().replace("KillMode=mixed", "KillMode=mixd"))
+    assert "mixd" in proc.stderr
+
+
+def test_template_differs_from_the_single_unit_only_per_instance() -> None:
+    """Every setting of vsup@.service equals vsup.service's except config, directories and name,
+    so the hardening and timing explained in vsup.service hold for every instance."""
+    single = unit_entries(UNIT.read_text())
+    template = unit_entries(TEMPLATE.read_text())
+    assert single.keys() == template.keys()
+    for section, entries in single.items():
+        expected = [(k, PER_INSTANCE.get(k, v)) for k, v in entries]
+        assert template[section] == expected, section
+
+
+def test_template_directories_are_per_instance_and_shared_parents_survive() -> None:
+    """Runtime, state and logs directories are vsup/%i: systemd removes only the innermost
+    directory of a stopping instance, never /run/vsup with another instance's socket in it."""
+    svc = unit_entries(TEMPLATE.read_text())["Service"]
+    for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory"):
+        assert one(svc, key) == "vsup/%i"
+    assert "RuntimeDirectoryPreserve" not in {k for k, _ in svc}
+
+
+def test_instance_config_paths_live_in_the_instance_directories(tmp_path: Path) -> None:
+    """An instance config written as deploy/README.md says (state, socket and log under the
+    instance's directories, its own port and GPUs) loads, and its paths are the unit's for %i."""
+    svc = unit_entries(TEMPLATE.read_text())["Service"]
+    for name, port, gpus in (("a", 8001, "0"), ("b", 8002, "1")):
+        text = localized_example(tmp_path / f"{name}.toml").read_text()
+        text = text.replace('state_dir = "/var/lib/vsup"', f'state_dir = "/var/lib/vsup/{name}"')
+        text = text.replace('socket = "/run/vsup/vsup.sock"', f'socket = "/run/vsup/{name}/vsup.sock"')
+        text = text.replace('log_file = "/var/log/vsup/vllm.log"', f'log_file = "/var/log/vsup/{name}/vllm.log"')
+        text = text.replace("port = 8000", f"port = {port}")
+        text = text.replace('CUDA_VISIBLE_DEVICES = "0,1"', f'CUDA_VISIBLE_DEVICES = "{gpus}"')
+        text = text.replace("metrics_port = 9464", f"metrics_port = {9464 + port - 8000}")
+        (tmp_path / f"{name}.toml").write_text(text)
+        cfg = config.load(tmp_path / f"{name}.toml")
+
+        def unit_dir(key: str, root: str) -> Path:
+            return Path(root) / one(svc, key).replace("%i", name)
+
+        assert Path(cfg.daemon.state_dir) == unit_dir("StateDirectory", "/var/lib")
+        assert Path(cfg.daemon.socket).parent == unit_dir("RuntimeDirectory", "/run")
+        assert Path(cfg.vllm.log_file).parent == unit_dir("LogsDirectory", "/var/log")
+        assert cfg.vllm.port == port and cfg.vllm.env["CUDA_VISIBLE_DEVICES"] == gpus
