@@ -132,7 +132,7 @@ def test_example_config_paths_live_in_unit_directories(
 def test_stop_timeout_outlasts_vsups_own_stop(service: list[tuple[str, str]], example: config.Config) -> None:
     """TimeoutStopSec exceeds vsup's worst-case stop, so systemd never SIGKILLs a stop in progress."""
     t = example.timeouts
-    vsup_stop = t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s
+    vsup_stop = t.shutdown_drain_s + t.stop_grace_s + t.kill_wait_s + t.cleanup_grace_s + t.gpu_release_s
     assert seconds(one(service, "TimeoutStopSec")) > vsup_stop
 
 
@@ -253,7 +253,9 @@ def test_instance_config_paths_live_in_the_instance_directories(tmp_path: Path) 
         text = localized_example(tmp_path / f"{name}.toml").read_text()
         text = text.replace('state_dir = "/var/lib/vsup"', f'state_dir = "/var/lib/vsup/{name}"')
         text = text.replace('socket = "/run/vsup/vsup.sock"', f'socket = "/run/vsup/{name}/vsup.sock"')
-        text = text.replace('log_file = "/var/log/vsup/vllm.log"', f'log_file = "/var/log/vsup/{name}/vllm.log"')
+        text = text.replace(
+            'log_file = "/var/log/vsup/vllm.log"', f'log_file = "/var/log/vsup/{name}/vllm.log"'
+        )
         text = text.replace("port = 8000", f"port = {port}")
         text = text.replace('CUDA_VISIBLE_DEVICES = "0,1"', f'CUDA_VISIBLE_DEVICES = "{gpus}"')
         text = text.replace("metrics_port = 9464", f"metrics_port = {9464 + port - 8000}")

@@ -63,6 +63,26 @@ class DaemonConfig:
     read_groups: list[str] = _f([], "groups allowed status/events/diagnose only")
     metrics_host: str = _f("127.0.0.1", "address of the Prometheus endpoint")
     metrics_port: int | None = _f(None, "Prometheus endpoint port; unset = no endpoint", min=1, max=65535)
+    # Under systemd vsup stays up in `failed` (the unit relies on it: status, operator commands).
+    # In a pod nobody runs `vsup start`: exiting makes the kubelet restart the container.
+    exit_on_failed: bool = _f(
+        False, "exit non-zero when the server ends `failed` (Kubernetes restarts the pod); off: stay up"
+    )
+    termination_log: str = _f(
+        "/dev/termination-log",
+        "on a non-zero exit, the reason is written here if the file exists (Kubernetes terminationMessagePath)",
+    )
+    readiness: str = _f(
+        "serving",
+        "/readyz: 'serving' = 200 only while a proven-ready server is routed (several replicas); "
+        "'hold' = also while a server is coming and requests are held (one replica)",
+        choices=("serving", "hold"),
+    )
+    shm_private: bool = _f(
+        False,
+        "/dev/shm is this container's own (an emptyDir mounted in no other container): at start, "
+        "unlink what no live process holds; vsup also proves it is a tmpfs of its own in a container",
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,12 @@ class TimeoutsConfig:
         120.0, "the readiness canary (the first completion after a start) must finish within this", min=0.1
     )
     drain_s: float = _f(60.0, "reload: wait this long for running requests to finish before stopping", min=0)
+    shutdown_drain_s: float = _f(
+        20.0,
+        "SIGTERM to vsup: requests in flight get this long to finish before the teardown "
+        "(terminationGracePeriodSeconds and TimeoutStopSec must cover it plus the teardown)",
+        min=0,
+    )
     cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
     probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
     gpu_release_s: float = _f(30.0, "after teardown, wait this long for GPU memory to be released", min=0)
@@ -296,6 +322,9 @@ def _check_type(value: Any, f: dataclasses.Field, key: str, path: Path) -> Any:
         raise ConfigError(path, key, f"{value} is out of range (must be {rng})")
     if want == "string" and not value.strip():
         raise ConfigError(path, key, "must not be empty")
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(path, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
     return value
 
 
