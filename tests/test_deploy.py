@@ -215,7 +215,7 @@ def verify_instance(tmp_path: Path, text: str, instance: str = "a") -> subproces
 def test_template_unit_verifies_for_an_instance(tmp_path: Path) -> None:
     """systemd-analyze verify reports nothing about instance vsup@a of the template unit."""
     proc = verify_instance(tmp_path, TEMPLATE.read_text())
-    about_us = [l for l in (proc.stdout + proc.stderr).splitlines() if "vsup" in l]
+    about_us = [line for line in (proc.stdout + proc.stderr).splitlines() if "vsup" in line]
     assert proc.returncode == 0 and not about_us, proc.stdout + proc.stderr
 
 
@@ -261,11 +261,8 @@ def test_instance_config_paths_live_in_the_instance_directories(tmp_path: Path) 
         text = text.replace("metrics_port = 9464", f"metrics_port = {9464 + port - 8000}")
         (tmp_path / f"{name}.toml").write_text(text)
         cfg = config.load(tmp_path / f"{name}.toml")
-
-        def unit_dir(key: str, root: str) -> Path:
-            return Path(root) / one(svc, key).replace("%i", name)
-
-        assert Path(cfg.daemon.state_dir) == unit_dir("StateDirectory", "/var/lib")
-        assert Path(cfg.daemon.socket).parent == unit_dir("RuntimeDirectory", "/run")
-        assert Path(cfg.vllm.log_file).parent == unit_dir("LogsDirectory", "/var/log")
+        dirs = {k: one(svc, f"{k}Directory").replace("%i", name) for k in ("State", "Runtime", "Logs")}
+        assert Path(cfg.daemon.state_dir) == Path("/var/lib") / dirs["State"]
+        assert Path(cfg.daemon.socket).parent == Path("/run") / dirs["Runtime"]
+        assert Path(cfg.vllm.log_file).parent == Path("/var/log") / dirs["Logs"]
         assert cfg.vllm.port == port and cfg.vllm.env["CUDA_VISIBLE_DEVICES"] == gpus

@@ -70,7 +70,7 @@ class DaemonConfig:
     )
     termination_log: str = _f(
         "/dev/termination-log",
-        "on a non-zero exit, the reason is written here if the file exists (Kubernetes terminationMessagePath)",
+        "on a non-zero exit the reason is written here if it exists (Kubernetes' terminationMessagePath)",
     )
     readiness: str = _f(
         "serving",
@@ -80,7 +80,7 @@ class DaemonConfig:
     )
     shm_private: bool = _f(
         False,
-        "/dev/shm is this container's own (an emptyDir mounted in no other container): at start, "
+        "the shm root is this container's own (an emptyDir mounted in no other container): at start, "
         "unlink what no live process holds; vsup also proves it is a tmpfs of its own in a container",
     )
 
