@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         build_model(tmp, spec, tokenizer)
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - a model dir other users' servers read
         for f in tmp.iterdir():  # safetensors writes 0600; other users' servers read these
             os.chmod(f, 0o644)
         if outdir.exists():
