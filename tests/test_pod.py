@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support import write_config
 
+from support import write_config
 from vsup import config, pod
 from vsup.config import ConfigError
 from vsup.pod import View
