@@ -124,19 +124,19 @@ class Daemon:
         self.stderr_path = tmp / "daemon.stderr"
 
     # process
-    def start(self, *extra: str) -> "Daemon":
+    def start(self, *extra: str) -> Daemon:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
         env.pop("NOTIFY_SOCKET", None)
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(
+        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the daemon's for its lifetime; close() closes it
+        self.proc = proc = subprocess.Popen(
             [*VSUP, "run", "--config", str(self.config), *extra],
             stdout=self._stderr,
             stderr=self._stderr,
             env=env,
             start_new_session=True,
         )
-        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
-        assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
+        wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
+        assert proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
 
     def _answers(self) -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -515,3 +516,95 @@ def test_cleanup_summary_reports_freed_mib_or_nothing() -> None:
         "reason": None,
     }
     assert stub.calls == [{11, 12}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several instances on one host: the holder is named by its vsup instance (issue 18)
+
+
+def _instance(etc: Path, lib: Path, name: str, pids: dict[int, float]) -> Path:
+    """/etc/vsup/NAME.toml with state_dir /var/lib/vsup/NAME, whose ledger records `pids`
+    (pid -> create time) as one tree."""
+    from vsup import proctree
+
+    state = lib / name
+    cfg = etc / f"{name}.toml"
+    cfg.write_text(f'[vllm]\npython = "/x"\nmodel = "m"\n[daemon]\nstate_dir = "{state}"\n')
+    procs = [proctree.ProcRef(pid, ct, "VLLM::Worker", ["python"]) for pid, ct in pids.items()]
+    rec = proctree.TreeRecord(
+        id=f"t-{name}", model="m", port=8000, started_at=0.0, leader=procs[0], sid=1, pgid=1, procs=procs
+    )
+    proctree.Ledger(state).save([rec])
+    return cfg
+
+
+@pytest.fixture
+def two_instances(tmp_path: Path) -> tuple[Path, Path, dict[int, float]]:
+    """Instances a (ours, nothing running) and b (pids 700 and 701 on GPU 1) as the template unit
+    lays them out; `live` maps the pids alive now to their create times."""
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    etc.mkdir()
+    own = _instance(etc, lib, "a", {500: 1.0})
+    _instance(etc, lib, "b", {700: 7.0, 701: 7.1})
+    live = {700: 7.0, 701: 7.1, 500: 99.0}  # 500 was a's, and has been reused since
+    return own, lib / "a", live
+
+
+def test_instances_found_through_configs_and_ledgers(two_instances) -> None:
+    """From a's config and state dir: instance b, named by its config, with its live pids; a's
+    own ledger and a reused pid are not counted."""
+    own, state, live = two_instances
+    found = gpu.find_instances(own, state, create_time=live.get)
+    assert [(i.name, i.pids) for i in found] == [("b", frozenset({700, 701}))]
+    assert found[0].config.endswith("etc/b.toml") and found[0].state_dir.endswith("lib/b")
+
+
+def test_instance_without_config_found_beside_our_state_dir(two_instances) -> None:
+    """A ledger in a sibling of our state dir is an instance too, named by its directory."""
+    own, state, live = two_instances
+    (own.parent / "b.toml").unlink()
+    found = gpu.find_instances(own, state, create_time=live.get)
+    assert [(i.name, i.config, i.pids) for i in found] == [("b", None, frozenset({700, 701}))]
+
+
+def test_precheck_names_the_instance_holding_a_wanted_gpu(two_instances) -> None:
+    """Instance a wants GPU 1, where b's worker holds memory: refused, and the reason names b
+    and its config, not just a pid; GPU 0 alone would be free."""
+    own, state, live = two_instances
+    devices = [
+        FakeDevice(uuid="GPU-aaa", minor=0),
+        FakeDevice(uuid="GPU-bbb", minor=1, procs=[(700, 30 * GIB)]),
+    ]
+    g, _, _ = open_fake(devices, {700: FakeProc(cmdline="VLLM::Worker_TP0", devices=frozenset({"nvidia1"}))})
+    instances = gpu.find_instances(own, state, create_time=live.get)
+    pre = g.precheck(set(), indices=gpu.visible_indices(g, "GPU-bbb"), instances=instances)
+    assert not pre.ok
+    assert f"vsup instance 'b' ({own.parent / 'b.toml'}): pid 700" in pre.reason
+    assert pre.foreign[0]["instance"] == "b"
+    assert g.precheck(set(), indices=gpu.visible_indices(g, "0"), instances=instances).ok
+
+
+def test_status_says_which_instance_holds_each_gpu(two_instances) -> None:
+    """`vsup status` GPUs: held_by names b with its MiB on GPU 1; wanted marks our GPUs."""
+    own, state, live = two_instances
+    devices = [
+        FakeDevice(minor=0, procs=[(900, GIB)]),
+        FakeDevice(minor=1, procs=[(700, 2 * GIB), (701, GIB)]),
+    ]
+    g, _, _ = open_fake(devices, {900: FakeProc(), 700: FakeProc(), 701: FakeProc()})
+    instances = gpu.find_instances(own, state, create_time=live.get)
+    rows = gpu.status_summary(g, {900}, instances=instances, wanted={0})
+    assert [(r["index"], r["held_by"], r["wanted"]) for r in rows] == [
+        (0, [], True),
+        (1, [{"instance": "b", "used_mib": 3072}], False),
+    ]
+
+
+def test_visible_indices_from_cuda_visible_devices() -> None:
+    """Indices and UUIDs name GPUs; unset means all; an unknown entry means all (never miss one)."""
+    g, _, _ = open_fake([FakeDevice(uuid="GPU-aaa"), FakeDevice(uuid="GPU-bbb", minor=1)], {})
+    assert gpu.visible_indices(g, None) is None
+    assert gpu.visible_indices(g, "1, 0") == {0, 1}
+    assert gpu.visible_indices(g, "GPU-bbb") == {1}
+    assert gpu.visible_indices(g, "") == set()
+    assert gpu.visible_indices(g, "MIG-123") is None

@@ -174,7 +174,7 @@ def test_exception_text_recognises_repr_and_plain_forms():
     assert exception_text("Loading weights took 0.00 seconds") is None
 
 
-def test_parsed_line_is_a_normal_frozen_logline():
+def test_parsed_line_is_a_normal_frozen_logline() -> None:
     """parse_line's fast constructor yields an equal, immutable LogLine."""
     import dataclasses
 

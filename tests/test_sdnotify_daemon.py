@@ -7,8 +7,8 @@ with the daemon's process, so MONOTONIC_USEC can be checked against the test's o
 
 from __future__ import annotations
 
+import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -78,7 +78,7 @@ class NotifiedDaemon(Daemon):
         self.notify = notify
         self.driver = driver
 
-    def start(self, *extra: str) -> "NotifiedDaemon":
+    def start(self, *extra: str) -> NotifiedDaemon:
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT / "supervisor"),
@@ -87,16 +87,16 @@ class NotifiedDaemon(Daemon):
         }
         env.pop("WATCHDOG_PID", None)  # the watchdog is meant for the pid we start
         head = [sys.executable, str(self.driver)] if self.driver else [sys.executable, "-m", "vsup"]
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(
+        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the daemon's for its lifetime; close() closes it
+        self.proc = proc = subprocess.Popen(
             [*head, "run", "--config", str(self.config), *extra],
             stdout=self._stderr,
             stderr=self._stderr,
             env=env,
             start_new_session=True,
         )
-        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
-        assert self.proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
+        wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
+        assert proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
 
 
@@ -199,7 +199,7 @@ def test_watchdog_pings_at_half_the_deadline_while_healthy(notified) -> None:
     ready_at = rx.first(lambda m: m.startswith("READY=1"))
     pings = rx.pings()
     assert pings[0] >= ready_at
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert max(gaps) < WATCHDOG_USEC / 1e6, gaps
     assert sorted(gaps)[len(gaps) // 2] == pytest.approx(PING_S, abs=0.15), gaps
 
@@ -276,5 +276,5 @@ def test_pings_continue_through_a_slow_teardown(notified) -> None:
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - start >= grace  # the slow teardown really happened
     pings = [t for t in rx.pings() if t >= start - PING_S]
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert gaps and max(gaps) < WATCHDOG_USEC / 1e6, gaps

@@ -40,6 +40,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,10 @@ def _mib(n: int | None) -> int:
 def _describe_holder(h: Mapping[str, Any]) -> str:
     pid = h["pid"] if h["pid"] is not None else f"{h['nvml_pid']} (NVML pid, not visible here)"
     mib = "?" if h["used_mib"] is None else h["used_mib"]
-    return f"pid {pid} user {h['user']} cmdline {h['cmdline']!r} holds {mib} MiB on GPU {h['gpu']}"
+    who = f"pid {pid} user {h['user']} cmdline {h['cmdline']!r}"
+    if h.get("instance"):
+        who = f"vsup instance {h['instance']!r} ({h['instance_config'] or h['instance_state_dir']}): {who}"
+    return f"{who} holds {mib} MiB on GPU {h['gpu']}"
 
 
 class Gpus:
@@ -447,11 +451,16 @@ class Gpus:
         return {g.index: g.used_bytes for g in self.snapshot()}
 
     def holders(
-        self, pids: Collection[int] | None = None, snapshot: Sequence[GpuInfo] | None = None
+        self,
+        pids: Collection[int] | None = None,
+        snapshot: Sequence[GpuInfo] | None = None,
+        instances: Sequence[Instance] = (),
     ) -> list[dict]:
-        """Every compute process, named; ``in_tree`` when its local pid is in ``pids``."""
+        """Every compute process, named; ``in_tree`` when its local pid is in ``pids``; with
+        ``instance`` (and its config and state dir) when it belongs to another vsup instance's tree."""
         tree = set(pids or ())
         snap = self.snapshot() if snapshot is None else snapshot
+        owner = {pid: inst for inst in instances for pid in inst.pids}
         out = []
         for g in snap:
             for p in g.procs:
@@ -469,6 +478,7 @@ class Gpus:
                         "in_tree": p.pid is not None and p.pid in tree,
                         "nvml_pid": p.nvml_pid,
                         "pid_source": p.pid_source,
+                        **_instance_fields(owner.get(p.pid) if p.pid is not None else None),
                     }
                 )
         return out
@@ -588,12 +598,15 @@ class Gpus:
         *,
         min_free_fraction: float | None = None,
         indices: Collection[int] | None = None,
+        instances: Sequence[Instance] = (),
     ) -> PrecheckResult:
         """May a model start on GPUs ``indices`` (default all)? Refuses on foreign holders.
 
         A holder is foreign unless its local pid is in ``allowed_pids``; one whose NVML pid we
         could not map is foreign too (we cannot prove it is ours). ``min_free_fraction`` also
         refuses when free/total is below it on a GPU (memory held outside any listed process).
+        A holder in another vsup instance's tree (``instances``, see ``find_instances``) is
+        named by that instance, so the operator knows which service to stop or move.
         """
         try:
             snap = self.snapshot()
@@ -601,7 +614,7 @@ class Gpus:
             return PrecheckResult(ok=False, reason=f"GPU state unreadable: {e}")
         chosen = [g for g in snap if indices is None or g.index in indices]
         allowed = set(allowed_pids)
-        holders = self.holders(allowed, snapshot=chosen)
+        holders = self.holders(allowed, snapshot=chosen, instances=instances)
         foreign = tuple(h for h in holders if not h["in_tree"])
         free = {g.index: _mib(g.total_bytes - g.used_bytes) for g in chosen}
         why = [_describe_holder(h) for h in foreign]
@@ -621,6 +634,106 @@ class Gpus:
 
 def _text(v: Any) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several vsup instances on one host (vsup@.service): who holds the GPU this one wants.
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Another vsup instance, found through its ledger. ``pids``: the processes of its recorded
+    trees that are still the same processes (pid and create time)."""
+
+    name: str
+    state_dir: str
+    config: str | None
+    pids: frozenset[int]
+
+
+def _instance_fields(inst: Instance | None) -> dict[str, Any]:
+    if inst is None:
+        return {}
+    return {"instance": inst.name, "instance_config": inst.config, "instance_state_dir": inst.state_dir}
+
+
+def _create_time(pid: int) -> float | None:
+    from .host import Host
+
+    info = Host().process(pid, cmdline=False)
+    return None if info is None or info.zombie else info.create_time
+
+
+def find_instances(
+    own_config: str | os.PathLike[str],
+    own_state_dir: str | os.PathLike[str],
+    *,
+    create_time: Callable[[int], float | None] = _create_time,
+) -> list[Instance]:
+    """The other vsup instances of this host, through their ledgers. Two places are looked at,
+    both read-only: every ``*.toml`` beside our own config (``/etc/vsup/%i.toml`` of the template
+    unit; the instance is named by the file's stem, its ledger is in its ``[daemon].state_dir``),
+    and every directory beside our own state dir that holds a ``ledger.json`` (named by the
+    directory). A pid counts only while its create time is the recorded one (pids are reused)."""
+    import tomllib
+
+    from . import proctree
+    from .host import same_process
+
+    own_state = os.path.realpath(own_state_dir)
+    found: dict[str, tuple[str, str | None]] = {}  # real state dir -> (name, config)
+    cfg_dir = Path(own_config).parent
+    own_cfg = os.path.realpath(own_config)
+    for path in sorted(cfg_dir.glob("*.toml")) if cfg_dir.is_dir() else []:
+        if os.path.realpath(path) == own_cfg:
+            continue
+        try:
+            data = tomllib.loads(path.read_text())
+            state = data.get("daemon", {}).get("state_dir", "/var/lib/vsup")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a vsup config, or unreadable: not an instance we can name
+        if isinstance(state, str):
+            found.setdefault(os.path.realpath(state), (path.stem, str(path)))
+    parent = Path(own_state).parent
+    try:
+        siblings = sorted(d for d in parent.iterdir() if (d / "ledger.json").is_file())
+    except OSError:
+        siblings = []
+    for d in siblings:
+        found.setdefault(os.path.realpath(d), (d.name, None))
+    out = []
+    for state, (name, cfg) in sorted(found.items(), key=lambda kv: kv[1][0]):
+        if state == own_state:
+            continue
+        pids = set()
+        for rec in proctree.Ledger(Path(state)).load():
+            for p in rec.procs:
+                ct = create_time(p.pid)
+                if ct is not None and same_process(ct, p.create_time):
+                    pids.add(p.pid)
+        out.append(Instance(name=name, state_dir=state, config=cfg, pids=frozenset(pids)))
+    return out
+
+
+def visible_indices(gpus: Gpus | None, visible: str | None) -> set[int] | None:
+    """The GPU indices a CUDA_VISIBLE_DEVICES value names (None: all, when unset). Entries are
+    NVML indices or GPU UUIDs; NVML numbers GPUs in PCI bus order, which is CUDA's only with
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so UUIDs are the unambiguous choice. An entry that names no
+    GPU here (a MIG UUID, a typo) makes the answer "all": a check must not miss a holder."""
+    if visible is None:
+        return None
+    out: set[int] = set()
+    uuids = {uuid: i for i, (uuid, _n, _m) in enumerate(gpus._static)} if gpus is not None else {}
+    for item in (x.strip() for x in visible.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            out.add(int(item))
+        elif item in uuids:
+            out.add(uuids[item])
+        else:
+            return None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,8 +758,17 @@ def precheck_or_skip(
     return gpus.precheck(allowed_pids, **kw)
 
 
-def status_summary(gpus: Gpus | None, model_pids: Collection[int]) -> list[dict] | None:
-    """Per GPU: used/total MiB and the MiB the served model's pids hold; None without NVML."""
+def status_summary(
+    gpus: Gpus | None,
+    model_pids: Collection[int],
+    *,
+    instances: Sequence[Instance] = (),
+    wanted: Collection[int] | None = None,
+) -> list[dict] | None:
+    """Per GPU: used/total MiB and the MiB the served model's pids hold; None without NVML.
+
+    With ``instances``, ``held_by`` lists the other vsup instances holding memory there; with
+    ``wanted`` (this instance's GPUs, ``visible_indices``), ``wanted`` says whether it is one."""
     if gpus is None:
         return None
     try:
@@ -655,8 +777,10 @@ def status_summary(gpus: Gpus | None, model_pids: Collection[int]) -> list[dict]
         _say_once("status-error", "gpu: status could not read NVML: %s", e)
         return None
     mine = set(model_pids)
-    return [
-        {
+    owner = {pid: inst for inst in instances for pid in inst.pids}
+    out = []
+    for g in snap:
+        row: dict[str, Any] = {
             "index": g.index,
             "name": g.name,
             "uuid": g.uuid,
@@ -665,8 +789,17 @@ def status_summary(gpus: Gpus | None, model_pids: Collection[int]) -> list[dict]
             "model_mib": sum(_mib(p.used_bytes) for p in g.procs if p.pid in mine),
             "procs": len(g.procs),
         }
-        for g in snap
-    ]
+        if instances:
+            held: dict[str, int] = {}
+            for p in g.procs:
+                inst = owner.get(p.pid) if p.pid is not None and p.pid not in mine else None
+                if inst is not None:
+                    held[inst.name] = held.get(inst.name, 0) + _mib(p.used_bytes)
+            row["held_by"] = [{"instance": n, "used_mib": m} for n, m in sorted(held.items())]
+        if wanted is not None:
+            row["wanted"] = g.index in wanted
+        out.append(row)
+    return out
 
 
 def cleanup_summary(
