@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from vsup.host import Host, ProcInfo, SignalResult, same_process
 from vsup.proctree import (
     DIST_FILE,
+    RECORD_CLOCK_SLACK_S,
     TREE_TMPDIR,
     ZMQ_SOCKET,
     TreeRecord,
@@ -37,6 +38,7 @@ from vsup.proctree import (
     is_tracker,
     is_vllm_titled,
     looks_like_vllm,
+    same_boot,
     tree_members,
 )
 
@@ -119,6 +121,23 @@ def _ancestors(pid: int, snap: dict[int, ProcInfo]) -> set[int]:
 
 def _label(p: ProcInfo) -> str:
     return f"pid {p.pid} ({p.title})"
+
+
+def refusal(rec: TreeRecord, now: float, may_touch: Callable[[int], bool]) -> str | None:
+    """Why a ledger record must not be acted on at all, or None. vsup writes none of these; a
+    record that says them was damaged, forged or is not ours, and a SIGKILL on its word could
+    hit anything (a record naming pid 1 once meant every process of the machine)."""
+    refs = [rec.leader, *rec.procs]
+    if min(rec.sid, rec.pgid, *(r.pid for r in refs)) <= 1:
+        return "it names pid, session or group 0 or 1"
+    if rec.started_at > now + RECORD_CLOCK_SLACK_S:
+        return "the tree starts in the future"
+    older = [r.pid for r in refs if r.create_time < rec.started_at - RECORD_CLOCK_SLACK_S]
+    if older:
+        return f"pid(s) {older[:5]} started before the tree did"
+    if rec.uid is not None and not may_touch(rec.uid):
+        return f"the tree was started by uid {rec.uid}; only that user (or root with all_users) cleans it"
+    return None
 
 
 # ---- kill ------------------------------------------------------------------------------------
@@ -215,14 +234,28 @@ def cleanup(
     def owner(uid: int) -> str:
         return f"owned by {host.username(uid)} (uid {uid}); only root with all_users touches it"
 
+    # 0. records that must not be acted on ------------------------------------------------
+    sane: list[TreeRecord] = []
+    for rec in dead:
+        why = refusal(rec, host.time(), may_touch)
+        if why is None:
+            sane.append(rec)
+        else:
+            rep.skipped.append({"name": f"ledger record of tree {rec.id}", "reason": f"refused: {why}"})
+            say(f"refused the ledger record of tree {rec.id}: {why}")
+    dead = sane
+    # A record of another boot matches no process, and what it recorded by inode is not proof
+    # (inode numbers are reused); its paths are judged below like anyone's.
+    this_boot = [r for r in dead if same_boot(r)]
+
     # 1. find processes -------------------------------------------------------------------
     snap = host.processes(cmdline=True)
     protected = _ancestors(host.self_pid(), snap) | {0, 1}
     for rec in live:
-        protected |= {p.pid for p in tree_members(rec, snap)}
+        protected |= {p.pid for p in tree_members(rec, snap, protected)}
     candidates: dict[int, ProcInfo] = {}
     for rec in dead:
-        for p in tree_members(rec, snap):
+        for p in tree_members(rec, snap, protected):
             candidates.setdefault(p.pid, p)
     tree_pids = set(candidates)
     if foreign:
@@ -251,11 +284,12 @@ def cleanup(
     owned: dict[tuple[int, int], str] = {}  # (dev, ino) -> name, objects of the dead trees
     owned_names: set[str] = set()
     files: list[str] = []
-    for rec in dead:
+    for rec in this_boot:
         for i in rec.ipc:
             owned[(i.dev, i.ino)] = i.name
             owned_names.add(i.name)
         files.extend(rec.files)
+    judged = [f for r in dead if not same_boot(r) for f in r.files]
     shm_prefix = str(host.shm_root).rstrip("/") + "/"
     tmp_prefix = str(host.tmp_root).rstrip("/") + "/"
     sockets: set[int] = set()
@@ -275,6 +309,7 @@ def cleanup(
     if sockets:
         files.extend(path for ino, path in host.unix_sockets().items() if ino in sockets)
     ours_files = set(files)
+    files.extend(judged)
     # Objects of the dead trees present before the kill, to account for what the
     # resource_tracker (or any exiting holder) frees by itself.
     before = {}
@@ -386,14 +421,27 @@ def cleanup(
     bound = {path for ino, path in host.unix_sockets().items() if not (dry_run and ino in sockets)}
     done: set[str] = set()
     for path in files:
-        if path in done or not path.startswith(tmp_prefix):
+        if path in done:
             continue
         done.add(path)
+        if not path.startswith(tmp_prefix) or "/" in path[len(tmp_prefix) :]:
+            if TREE_TMPDIR.match(path.rstrip("/").rsplit("/", 1)[-1]):
+                # A tree dir made under vsup's own $TMPDIR by an older vsup: not judged here
+                # (only tmp-root paths are), but said, not silently dropped as clean.
+                rep.skipped.append({"name": path, "reason": f"outside {host.tmp_root}: not removed"})
+            continue
         name = path[len(tmp_prefix) :]
         if TREE_TMPDIR.match(name):
             # The tree's own TMPDIR (vsup made it for this tree alone): everything in it is the
-            # tree's, once nothing alive holds or listens on anything inside it.
-            if path not in ours_files or not host.is_dir(path):
+            # tree's, once nothing alive holds or listens on anything inside it. Of another
+            # boot only when it is still a real directory of a user we may clean up after.
+            if not host.is_dir(path):
+                continue
+            dst = host.stat(path)
+            if dst is None or (path not in ours_files and path not in judged):
+                continue
+            if not may_touch(dst.uid):
+                rep.skipped.append({"name": path, "reason": owner(dst.uid)})
                 continue
             inside = path + "/"
             users = [_label(p) for hp, p in held_paths.items() if hp.startswith(inside)]

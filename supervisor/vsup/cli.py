@@ -38,6 +38,8 @@ examples:
   vsup reload tiny-b                      swap models (drain, stop, cleanup, start, ready)
   vsup cleanup --foreign --dry-run        show orphaned vLLM debris on this machine
   vsup diagnose /var/log/vsup/vllm.log    explain a vLLM log offline
+  vsup diagnose /var/lib/vsup/incidents/X  name the stuck rank of a hang from its incident bundle
+  vsup stacks                             where every process of the live server is, right now
 """
 
 
@@ -98,8 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-n", type=int, default=20, help="how many recent events (default 20)")
     e.add_argument("--follow", "-f", action="store_true", help="keep streaming")
     d = add("diagnose", "explain a vLLM log: verdict, findings, root cause, advice (prompts redacted)")
-    d.add_argument("logfile", nargs="?", help="a vLLM log file (default: ask the daemon about its log)")
+    d.add_argument(
+        "logfile",
+        nargs="?",
+        help="a vLLM log file, or an incident bundle directory (names the stuck rank from its stacks); "
+        "default: ask the daemon about its log",
+    )
     d.add_argument("--json", action="store_true", help="one JSON object")
+    st = add("stacks", "Python stacks and process facts of every process of the live server (read-only)")
+    st.add_argument("--json", action="store_true", help="one JSON object")
     return p
 
 
@@ -432,6 +441,14 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from . import diagnose
 
+    if args.logfile and os.path.isdir(args.logfile):
+        try:
+            b = diagnose.diagnose_bundle(args.logfile)
+        except (OSError, ValueError) as e:
+            print(f"vsup: cannot read {args.logfile}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(b, ensure_ascii=False) if args.json else diagnose.render_bundle(b))
+        return EXIT_OK
     if args.logfile:
         try:
             d = diagnose.diagnose_file(args.logfile)
@@ -452,6 +469,24 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_stacks(args: argparse.Namespace) -> int:
+    """Ask the daemon (it knows the tree, and reaps the dumper): `vsup stacks` never signals."""
+    from . import diagnose, stacks
+
+    cfg = _load(args, check_python=False)
+    reply = _call(cfg, "stacks", timeout_s=cfg.timeouts.stacks_s + 30.0)
+    if not reply.get("ok"):
+        return _finish(reply, args.json, str)
+    result = reply["result"]
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(stacks.render_text(result))
+        print()
+        print(diagnose.render_stacks(diagnose.analyze_stacks(result).to_json()))
+    return EXIT_OK if result.get("mechanism") else EXIT_FAILED
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
@@ -463,6 +498,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cleanup": cmd_cleanup,
     "events": cmd_events,
     "diagnose": cmd_diagnose,
+    "stacks": cmd_stacks,
 }
 
 if __name__ == "__main__":  # pragma: no cover

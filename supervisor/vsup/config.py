@@ -177,6 +177,41 @@ class RemediesConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """[proxy]: the HTTP proxy in front of vLLM (proxy.py). Absent = no proxy, nothing changes."""
+
+    listen: str = _f(
+        None, "HOST:PORT clients connect to (IPv4, [IPv6] or a name); vLLM stays on [vllm]", required=True
+    )
+    # A held request waits while a server loads: the default matches timeouts.start_s, the time
+    # vsup itself gives a start before calling it failed (a 70B model in bf16 reads ~140 GB and
+    # then captures graphs: minutes), and the openai client's own default timeout (600 s).
+    hold_timeout_s: float = _f(
+        600.0, "a held request waits at most this long for a ready server, then 503 + Retry-After", min=0.1
+    )
+    # Ollama's OLLAMA_MAX_QUEUE is 512; each held request keeps its body in memory.
+    max_held: int = _f(512, "requests waiting for a server at most; one more gets 503 at once", min=1)
+    replay: bool = _f(True, "re-send once a request whose client got nothing when its server died or hung")
+    max_body_bytes: int = _f(
+        32 << 20, "largest request body (kept in memory for replay); larger gets 413", min=1024
+    )
+    # vsup acts on an engine death from its log line or SIGCHLD within milliseconds; the window
+    # covers a loaded 2-core machine. A 5xx from a healthy server reaches its client this late.
+    replay_window_s: float = _f(
+        3.0, "a 5xx counts as nothing sent if vsup withdraws its server within this", min=0
+    )
+    retry_after_s: float = _f(5.0, "Retry-After of the proxy's own 503s (hold timeout, too many held)", min=1)
+    connect_timeout_s: float = _f(5.0, "connecting to vLLM (loopback) must succeed within this", min=0.1)
+    idle_timeout_s: float = _f(
+        60.0, "a client connection's request headers, and its idle keep-alive, end after this", min=1
+    )
+    body_timeout_s: float = _f(60.0, "a request body must be received within this, else 408", min=1)
+    max_connections: int = _f(
+        4096, "client connections at most (also capped at half the fd limit, minus a reserve)", min=1
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     model: str
@@ -195,6 +230,7 @@ class Config:
     probes: ProbesConfig
     remedies: RemediesConfig
     models: dict[str, ModelConfig]
+    proxy: ProxyConfig | None = None  # [proxy] present
 
     @property
     def state_dir(self) -> Path:
@@ -254,8 +290,10 @@ def load(path: str | os.PathLike[str] | None = None, *, check_python: bool = Tru
 
 def parse(data: Mapping[str, Any], path: Path, *, check_python: bool = True) -> Config:
     for key in data:
-        if key not in _SECTIONS and key != "models":
-            raise ConfigError(path, key, f"unknown section (known: {', '.join([*_SECTIONS, 'models'])})")
+        if key not in _SECTIONS and key not in ("models", "proxy"):
+            raise ConfigError(
+                path, key, f"unknown section (known: {', '.join([*_SECTIONS, 'models', 'proxy'])})"
+            )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         table = data.get(name, {})
@@ -263,8 +301,14 @@ def parse(data: Mapping[str, Any], path: Path, *, check_python: bool = True) -> 
             raise ConfigError(path, name, "must be a table")
         sections[name] = _build(cls, table, name, path)
     models = _models(data.get("models", {}), path)
-    cfg = Config(path=path, models=models, **sections)
+    proxy = None
+    if "proxy" in data:
+        if not isinstance(data["proxy"], dict):
+            raise ConfigError(path, "proxy", "must be a table")
+        proxy = _build(ProxyConfig, data["proxy"], "proxy", path)
+    cfg = Config(path=path, models=models, proxy=proxy, **sections)
     _semantic_checks(cfg, check_python)
+    _proxy_checks(cfg)
     return cfg
 
 
@@ -437,6 +481,55 @@ def _semantic_checks(cfg: Config, check_python: bool) -> None:
         raise ConfigError(p, "daemon.metrics_port", "must differ from vllm.port")
 
 
+def parse_listen(value: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``name:PORT`` -> (host, port). ValueError says why."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT (IPv4 literal, [IPv6] or a host name)")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError("an IPv6 address must be written [ADDR]:PORT")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address must be written [ADDR]:PORT")
+    if not port_s.isdigit() or not (0 if allow_zero else 1) <= int(port_s) <= 65535:
+        raise ValueError(f"port {port_s!r} is not between 1 and 65535")
+    return host, int(port_s)
+
+
+def _proxy_checks(cfg: Config) -> None:
+    if cfg.proxy is None:
+        return
+    try:
+        _host, port = parse_listen(cfg.proxy.listen)
+    except ValueError as e:
+        raise ConfigError(cfg.path, "proxy.listen", f"{cfg.proxy.listen!r}: {e}") from None
+    # vsup checks a port as free on every address, so a port is taken whatever the hosts.
+    if port == cfg.vllm.port:
+        raise ConfigError(cfg.path, "proxy.listen", f"port {port} is vllm.port (vLLM listens there)")
+    if port == cfg.daemon.metrics_port:
+        raise ConfigError(cfg.path, "proxy.listen", f"port {port} is daemon.metrics_port")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Valid but probably unintended settings, one line each (check-config prints them)."""
+    out = []
+    if cfg.proxy is not None:
+        import ipaddress
+
+        host = cfg.vllm.host
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            out.append(
+                f"{cfg.path}: vllm.host: {host!r} is not loopback: with [proxy], clients could bypass "
+                "the proxy (and its hold, replay and truthful /health); use 127.0.0.1"
+            )
+    return out
+
+
 def tensor_parallel_size(args: list[str]) -> int:
     """The -tp/--tensor-parallel-size value in vLLM args (last one wins), 1 if absent."""
     tp = 1
@@ -466,4 +559,8 @@ def explain() -> str:
                 dflt = repr(f.default_factory())  # type: ignore[misc]
             lines.append(f"  {f.name} = {dflt}    # {f.metadata.get('doc', '')}")
     lines.append("[models.NAME]  model (required), args, env, served_model_name")
+    lines.append("[proxy]  (optional: without it vsup runs no proxy)")
+    for f in dataclasses.fields(ProxyConfig):
+        dflt = "(required)" if f.metadata.get("required") else repr(f.default)
+        lines.append(f"  {f.name} = {dflt}    # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ DEFAULT_MAX_WRITE_BUFFER = 1024 * 1024
 # close() lets running handlers finish for this long before it cancels them.
 DEFAULT_HANDLER_GRACE_S = 2.0
 DEFAULT_MAX_CLIENTS = 64
-DEFAULT_READ_ONLY_COMMANDS = frozenset({"status", "events", "diagnose"})
+DEFAULT_READ_ONLY_COMMANDS = frozenset({"status", "events", "diagnose", "stacks"})
 # Bad lines of one connection reported as single events; the rest are summed up at its end.
 BAD_LINE_EVENTS = 3
 # Kernel accept queue. Connections beyond max_clients are accepted and refused with `busy`,

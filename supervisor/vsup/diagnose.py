@@ -78,6 +78,10 @@ __all__ = [
     "MAX_PER_SIGNATURE",
     "ADVICE_DISABLE_CUSTOM_AR",
     "ADVICE_NCCL_P2P",
+    "StackVerdict",
+    "analyze_stacks",
+    "diagnose_bundle",
+    "render_stacks",
 ]
 
 VERDICTS = ("startup_failed", "engine_dead", "stalled", "healthy", "unknown")
@@ -91,7 +95,9 @@ _FIRST_PER_RUN_KINDS = frozenset({"serving", "progress", "starting", "shutdown"}
 _RUN_START_SIGS = frozenset({"engine_config"})
 # Shutdown lines that mean someone asked for the stop (not "[shutdown] Executor: ..." which 0.32
 # also logs on its way to reporting a start-up failure).
-_REQUESTED_STOP_SIGS = frozenset({"shutdown_requested", "uvicorn_shutdown"})
+# vsup's own marker before a faulthandler stack dump counts too: the SIGABRT exits that follow
+# are the forensics of a hang, not a second failure.
+_REQUESTED_STOP_SIGS = frozenset({"shutdown_requested", "uvicorn_shutdown", "vsup_stack_dump"})
 _WORKER_PROC = re.compile(r"Worker")
 _TP_ARG = re.compile(r"(?:^|\s)(?:-tp|--tensor-parallel-size|--tensor_parallel_size)[ =](\d+)")
 _INFERENCE_PATH = re.compile(r"^/(?:v1/(?:chat/)?completions|v1/responses|v1/messages|generate|inference/)")
@@ -456,4 +462,258 @@ def render_text(d: Diagnosis | dict[str, Any], *, max_findings: int = 25, width:
             out.append(f"  ... {len(d.findings) - max_findings} more (use --json for all)")
     elif d.verdict == "unknown":
         out.append("no vLLM log line was recognised")
+    return "\n".join(out)
+
+
+# ---- stacks: naming the stuck rank (issue 17) ------------------------------------------------------
+#
+# Input: the StacksReport vsup records before a hung tree's teardown (incident bundle stacks.json),
+# or a live `vsup stacks --json`. Each process's threads are classified with the catalog's [[stack]]
+# signatures (the main thread first; a thread in a collective anywhere in the process wins, as a
+# worker's collective can run on a helper thread). Then, in this order:
+#   1. a process in state T (stopped) or t (traced) is stuck: it runs no code at all;
+#   2. a process in state D (uninterruptible sleep) is stuck in the kernel (its wchan names where);
+#   3. workers in a collective wait for the ranks that are not in it: if some are and others are
+#      not (and none is stopped), the others are the stuck ranks, at their innermost frame;
+#   4. if every worker is inside the collective and none is stopped, the collective itself hangs
+#      (the seed: custom all-reduce on PCIe GPUs): every rank is named, with the collective's frame.
+# Everything else is listed as waiting, with the meaning of its signature (the engine core waiting
+# for the workers' reply, an idle API server event loop), so the report reads as a chain.
+_STOPPED_STATES = frozenset({"T", "t"})
+
+
+@dataclass
+class StackVerdict:
+    stuck: list[dict[str, Any]] = field(default_factory=list)
+    waiting: list[dict[str, Any]] = field(default_factory=list)
+    summary: str = ""
+    mechanism: str | None = None
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "stuck": self.stuck,
+            "waiting": self.waiting,
+            "mechanism": self.mechanism,
+            "complete": self.complete,
+        }
+
+
+def _frame_text(f: Any) -> str:
+    """A stored frame [func, file, line] as the signatures see it: `func (file:line)`."""
+    func, file, line = f[0], f[1], f[2]
+    return f"{func} ({file}:{line if line is not None else '?'})"
+
+
+def _short_frame(f: Any) -> str:
+    func, file, line = f[0], f[1], f[2]
+    base = str(file).rsplit("/", 1)[-1]
+    return f"{func} ({base}:{line if line is not None else '?'})"
+
+
+_STDLIB_WAITS = frozenset({"threading.py", "queue.py", "selectors.py", "contextlib.py", "connection.py", "poll.py"})
+
+
+def _own_frame(frames: list[Any]) -> str | None:
+    """The innermost frame that is not a generic wait helper (Condition.wait, Queue.get, select):
+    where the program itself decided to wait."""
+    for f in frames:
+        if str(f[1]).rsplit("/", 1)[-1] not in _STDLIB_WAITS:
+            return _short_frame(f)
+    return _short_frame(frames[0]) if frames else None
+
+
+def _classify(proc: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """The process's signature: the main thread's, unless another thread is in a collective."""
+    threads = proc.get("threads") or []
+    main = next((t for t in threads if t.get("main")), threads[0] if threads else None)
+    ordered = ([main] if main else []) + [t for t in threads if t is not main]
+    best: dict[str, Any] | None = None
+    for t in ordered:
+        frames = t.get("frames") or []
+        hit = catalog.match_stack([_frame_text(f) for f in frames])
+        if hit is None:
+            continue
+        sig, i = hit
+        found = {
+            "signature": sig.id,
+            "category": sig.category,
+            "meaning": sig.meaning,
+            "frame": _short_frame(frames[i]),
+            "innermost": _own_frame(frames),
+            "thread": t.get("name") or t.get("ident"),
+        }
+        if best is None:
+            best = found
+        if sig.category == "collective":
+            return found
+    if best is not None:
+        return best
+    frames = (main or {}).get("frames") or []
+    return {
+        "signature": None,
+        "category": None,
+        "meaning": "no stack signature matches",
+        "frame": _own_frame(frames),
+        "innermost": _own_frame(frames),
+        "thread": (main or {}).get("name") or (main or {}).get("ident"),
+    }
+
+
+def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> StackVerdict:
+    """Name the stuck rank(s) of a stacks report and what every other process waits for."""
+    catalog = catalog if catalog is not None else default_catalog()
+    procs = [p for p in report.get("processes") or [] if p.get("role") != "resource_tracker"]
+    rows: list[dict[str, Any]] = []
+    for p in procs:
+        c = _classify(p, catalog)
+        rows.append(
+            {
+                "label": p.get("label") or p.get("title"),
+                "pid": p.get("pid"),
+                "role": p.get("role"),
+                "rank": p.get("rank"),
+                "state": p.get("state"),
+                "wchan": p.get("wchan"),
+                "cpu_pct": p.get("cpu_pct"),
+                "error": p.get("error"),
+                **c,
+            }
+        )
+    stuck: dict[int, str] = {}
+    for r in rows:
+        if r["state"] in _STOPPED_STATES:
+            stuck[r["pid"]] = "stopped (state T): it runs no code until it gets SIGCONT"
+        elif r["state"] == "D":
+            stuck[r["pid"]] = f"in uninterruptible sleep in the kernel (wchan {r['wchan'] or '?'})"
+    workers = [r for r in rows if r["role"] == "worker"]
+    in_coll = [r for r in workers if r["category"] == "collective"]
+    collective = in_coll[0]["frame"] if in_coll else None
+    if in_coll and not any(r["role"] == "worker" for r in rows if r["pid"] in stuck):
+        others = [r for r in workers if r["category"] != "collective" and r["pid"] not in stuck]
+        if others:
+            for r in others:
+                stuck[r["pid"]] = (
+                    f"not in the collective its peers wait in ({collective}): blocked at "
+                    f"{r['innermost'] or 'an unknown frame'} (state {r['state'] or '?'}, wchan {r['wchan'] or '-'})"
+                )
+        elif len(in_coll) == len(workers) and len(workers) > 1:
+            for r in in_coll:
+                stuck[r["pid"]] = (
+                    f"every rank is inside the collective ({r['frame']}) and none is missing: the collective "
+                    "itself hangs (on GPUs: custom all-reduce or NCCL P2P; try --disable-custom-all-reduce, "
+                    "then NCCL_P2P_DISABLE=1)"
+                )
+    v = StackVerdict(mechanism=report.get("mechanism"), complete=bool(report.get("complete")))
+    for r in rows:
+        entry = {
+            k: r[k]
+            for k in (
+                "label",
+                "pid",
+                "role",
+                "rank",
+                "state",
+                "wchan",
+                "cpu_pct",
+                "frame",
+                "signature",
+                "meaning",
+            )
+        }
+        if r["pid"] in stuck:
+            # Where it stopped (innermost frame), and the recognised frame around it, if another.
+            entry["frame"] = r["innermost"] if r["category"] != "collective" else r["frame"]
+            if r["signature"] and r["frame"] != entry["frame"]:
+                entry["within"] = r["frame"]
+            entry["why"] = stuck[r["pid"]]
+            v.stuck.append(entry)
+        else:
+            if r["error"] and not r["frame"]:
+                entry["meaning"] = f"no stacks: {r['error']}"
+            v.waiting.append(entry)
+    if v.stuck:
+        names = ", ".join(
+            f"{s['label']} (pid {s['pid']}, state {s['state'] or '?'}, at {s['frame'] or '?'})"
+            for s in v.stuck
+        )
+        v.summary = f"stuck: {names}"
+    elif not rows:
+        v.summary = "no process stacks recorded" + (
+            f" ({report.get('reason')})" if report.get("reason") else ""
+        )
+    else:
+        v.summary = "no rank stands out: no process is stopped or in D state, and no collective is waiting on a missing rank"
+    return v
+
+
+def diagnose_bundle(path: str | PathLike[str], catalog: Catalog | None = None) -> dict[str, Any]:
+    """`vsup diagnose <incident bundle dir>`: the incident's reason and findings, and the stack
+    verdict from its stacks.json. Raises OSError if the directory cannot be read."""
+    import json
+    from pathlib import Path
+
+    d = Path(path)
+    out: dict[str, Any] = {"bundle": str(d)}
+    inc = d / "incident.json"
+    if inc.exists():
+        summary = json.loads(inc.read_text())
+        out["reason"] = summary.get("reason")
+        out["kind"] = summary.get("kind")
+        out["diagnosis"] = summary.get("findings") or None
+    elif (d / "log_tail.txt").exists():
+        out["diagnosis"] = diagnose_file(d / "log_tail.txt", catalog).to_json()
+    st = d / "stacks.json"
+    if st.exists():
+        report = json.loads(st.read_text())
+        out["stacks"] = analyze_stacks(report or {}, catalog).to_json()
+    else:
+        out["stacks"] = None
+    if not inc.exists() and not st.exists() and not (d / "log_tail.txt").exists():
+        raise FileNotFoundError(
+            2, "not an incident bundle (no incident.json, stacks.json or log_tail.txt)", str(d)
+        )
+    return out
+
+
+def render_stacks(v: dict[str, Any], *, width: int = 160) -> str:
+    """The stack verdict for a human: who is stuck and where, then what everyone else waits for."""
+
+    def cut(s: str) -> str:
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    out = [cut(f"stacks: {v.get('summary')}")]
+    for s in v.get("stuck") or []:
+        out.append(
+            cut(
+                f"  STUCK   {s['label']:<12} pid {s['pid']:<7} state {s.get('state') or '?'}  at {s.get('frame')}"
+            )
+        )
+        if s.get("within"):
+            out.append(cut(f"          within {s['within']}: {s.get('meaning')}"))
+        out.append(cut(f"          {s['why']}"))
+    for w in v.get("waiting") or []:
+        cpu = w.get("cpu_pct")
+        out.append(
+            cut(
+                f"  waiting {w['label']:<12} pid {w['pid']:<7} state {w.get('state') or '?'}"
+                f"{'' if cpu is None else f' cpu {cpu:.0f}%'}  at {w.get('frame') or '?'}: {w.get('meaning')}"
+            )
+        )
+    if v.get("mechanism") is None:
+        out.append("  (no stacks were recorded: see the report's reason)")
+    return "\n".join(out)
+
+
+def render_bundle(b: dict[str, Any]) -> str:
+    out = [f"incident: {b.get('bundle')}"]
+    if b.get("reason"):
+        out.append(f"reason: {b['reason']} ({b.get('kind')})")
+    if b.get("diagnosis"):
+        out.append(render_text(b["diagnosis"]))
+    if b.get("stacks"):
+        out.append(render_stacks(b["stacks"]))
+    else:
+        out.append("stacks: none recorded in this bundle")
     return "\n".join(out)

@@ -12,8 +12,10 @@ Callers pass only facts; anything that quotes vLLM's log must go through ``redac
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -23,47 +25,118 @@ import structlog
 FIXED_KEYS = ("ts", "event", "state", "model", "pid", "reason")
 
 
-class _Sink:
-    """structlog "logger": writes the rendered line to stderr and the events file."""
+# events.jsonl is rotated to events.jsonl.1 (one generation kept) when a line would take it
+# past this size, so the file is bounded at twice this whatever floods it (15,000 refused
+# requests once grew it 2.7 MB in 3.5 s, and nothing ever shrank it). ~8 MiB holds tens of
+# thousands of ordinary events: weeks of a busy daemon.
+MAX_BYTES = 8 * 1024 * 1024
 
-    def __init__(self, stream: TextIO | None, path: Path | None) -> None:
+
+class _Sink:
+    """structlog "logger": writes the rendered line to stderr and the events file.
+
+    The file holds argv (an `--api-key` included) and whatever events carry: 0600 like the
+    ledger, whatever the umask, never opened through a symlink, only a regular file of ours.
+    """
+
+    def __init__(self, stream: TextIO | None, path: Path | None, max_bytes: int = MAX_BYTES) -> None:
         self._stream = stream
-        self._file = None
+        self._path = path
+        self._max_bytes = max_bytes
+        self._fd: int | None = None
+        self._size = 0
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Line-buffered append: each event is durable as soon as the OS has it, and a
-            # second writer (a restarted daemon) never interleaves within a line.
-            self._file = open(path, "a", buffering=1, encoding="utf-8")
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._open()
+
+    def _open(self) -> None:
+        path = self._path
+        if path is None:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise PermissionError(errno.ELOOP, f"{path} is a symbolic link; not following it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
+                raise PermissionError(
+                    errno.EPERM, f"{path} is not a regular file of vsup's user or root; not writing to it"
+                )
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)  # an events.jsonl from before it was private
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, st.st_size
+
+    def _write(self, data: bytes) -> None:
+        path = self._path
+        if (
+            self._fd is not None
+            and path is not None
+            and self._size
+            and self._size + len(data) > self._max_bytes
+        ):
+            os.close(self._fd)
+            self._fd = None
+            os.replace(path, path.with_name(path.name + ".1"))
+            self._open()
+        if self._fd is not None:
+            # One write() of the whole line in O_APPEND: a second writer (a restarted daemon)
+            # never interleaves within a line.
+            self._size += os.write(self._fd, data)
 
     def msg(self, line: str) -> None:
-        for out in (self._stream, self._file):
-            if out is None:
-                continue
+        if self._stream is not None:
             try:
-                out.write(line + "\n")
-                out.flush()
+                self._stream.write(line + "\n")
+                self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed stderr (daemonised, journald gone) must never stop the daemon
+        try:
+            self._write((line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass  # a full disk must not stop the daemon; the stream still has the event
 
     info = msg  # structlog's BoundLogger proxies msg() to the logger's info()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._path = None
 
 
 class EventLog:
     """The daemon's event stream. ``emit`` is synchronous and cheap; call it from the loop thread."""
 
     def __init__(
-        self, state_dir: Path | None, *, stream: TextIO | None = sys.stderr, ring: int = 500
+        self,
+        state_dir: Path | None,
+        *,
+        stream: TextIO | None = sys.stderr,
+        ring: int = 500,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self._context: dict[str, Any] = {"state": None, "model": None, "pid": None}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=ring)
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         path = state_dir / "events.jsonl" if state_dir is not None else None
-        self._sink = _Sink(stream, path)
+        if state_dir is not None:
+            # The daemon's first write into state_dir: if it had to create it, or someone else
+            # did between the config check and now, the directory is judged again here.
+            from .proctree import untrusted_dir
+
+            Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+            why = untrusted_dir(state_dir)
+            if why is not None:
+                raise PermissionError(errno.EPERM, f"daemon.state_dir {state_dir} is not safe to use: {why}")
+        self._sink = _Sink(stream, path, max_bytes)
         self._log = structlog.wrap_logger(
             self._sink,
             processors=[
@@ -112,16 +185,23 @@ def _default(o: Any) -> Any:
 
 
 def read_events(state_dir: Path, limit: int = 100) -> list[dict[str, Any]]:
-    """The last ``limit`` events from disk (for `vsup events` when the daemon is down)."""
-    path = state_dir / "events.jsonl"
-    try:
-        with open(path, "rb") as f:
+    """The last ``limit`` events from disk (for `vsup events` when the daemon is down), from
+    events.jsonl and, when it holds too few since a rotation, events.jsonl.1 before it."""
+    data: list[str] = []
+    for name in ("events.jsonl", "events.jsonl.1"):
+        try:
+            fd = os.open(state_dir / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            break
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                break
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - 512 * 1024))
-            data = f.read().decode("utf-8", "replace").splitlines()
-    except FileNotFoundError:
-        return []
+            data = f.read().decode("utf-8", "replace").splitlines() + data
+        if len(data) >= limit:
+            break
     out = []
     for line in data[-limit:]:
         try:

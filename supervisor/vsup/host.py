@@ -8,12 +8,15 @@ re-checking identity (pid + create time) right before a signal.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
+import resource
 import signal as _signal
 import stat as _stat
+import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,6 +32,7 @@ import psutil
 CREATE_TIME_TOLERANCE_S = 1.0
 
 PR_SET_CHILD_SUBREAPER = 36
+CAP_SYS_PTRACE = 19
 
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 _DELETED = " (deleted)"
@@ -93,6 +97,56 @@ class SignalResult(Enum):
     GONE = "gone"  # no such process (or already a zombie, which counts as gone)
     REUSED = "reused"  # the pid now belongs to a different process
     DENIED = "denied"  # EPERM
+
+
+@dataclass(frozen=True)
+class ThreadFacts:
+    tid: int
+    comm: str
+    state: str
+    wchan: str
+    cpu_s: float  # utime + stime since the thread started
+
+
+@dataclass(frozen=True)
+class ProcFacts:
+    """What the kernel says one process is doing, for the stack forensics."""
+
+    pid: int
+    create_time: float
+    state: str  # the main thread's: R S D T t Z ...
+    wchan: str
+    cpu_s: float  # all threads, utime + stime
+    threads: tuple[ThreadFacts, ...]
+
+
+# A helper whose status a foreign waitpid(-1) took (a reaper that does not call deliver_child).
+HELPER_STATUS_LOST = -1000
+
+
+@dataclass
+class Helper:
+    """A short-lived subprocess of vsup's own (py-spy): pid, pidfd and the read ends of its pipes."""
+
+    pid: int
+    pidfd: int
+    stdout: int
+    stderr: int
+    returncode: int | None = None
+
+
+_HELPERS: dict[int, Helper] = {}
+_HELPERS_LOCK = threading.Lock()
+
+
+def deliver_child(pid: int, status: int) -> bool:
+    """See Host.deliver_child. Process-wide, as waitpid(-1) is."""
+    with _HELPERS_LOCK:
+        h = _HELPERS.pop(pid, None)
+        if h is None:
+            return False
+        h.returncode = os.waitstatus_to_exitcode(status)
+        return True
 
 
 class Host:
@@ -321,6 +375,202 @@ class Host:
             if pidfd >= 0:
                 os.close(pidfd)
 
+    # ---- process facts (stack forensics) ------------------------------------------------------
+    def proc_facts(self, pid: int) -> ProcFacts | None:
+        """State, wchan, CPU time and every thread's state of `pid`, from /proc; None when gone.
+
+        wchan is the kernel function a sleeping task waits in ("futex_wait_queue", "do_select",
+        "do_signal_stop"); "" where the kernel hides it (kptr_restrict) or the task runs.
+        """
+        info = self._stat_pid(pid)
+        if info is None:
+            return None
+        base = f"{self._proc}/{pid}"
+        threads: list[ThreadFacts] = []
+        try:
+            tids = sorted(int(t) for t in os.listdir(f"{base}/task") if t.isdigit())
+        except OSError:
+            tids = [pid]
+        cpu = 0.0
+        for tid in tids:
+            t = self._thread_stat(f"{base}/task/{tid}")
+            if t is None:
+                continue
+            comm, state, ticks = t
+            cpu += ticks
+            threads.append(
+                ThreadFacts(tid, comm, state, _read_wchan(f"{base}/task/{tid}/wchan"), ticks / self._clk_tck)
+            )
+        main = next((t for t in threads if t.tid == pid), None)
+        return ProcFacts(
+            pid=pid,
+            create_time=info.create_time,
+            state=info.state,
+            wchan=main.wchan if main else _read_wchan(f"{base}/wchan"),
+            cpu_s=cpu / self._clk_tck,
+            threads=tuple(threads),
+        )
+
+    def _thread_stat(self, path: str) -> tuple[str, str, int] | None:
+        try:
+            with open(f"{path}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        lp, rp = data.find(b"("), data.rfind(b")")
+        if lp < 0 or rp < 0:
+            return None
+        f = data[rp + 2 :].split()
+        return data[lp + 1 : rp].decode("utf-8", "replace"), f[0].decode(), int(f[11]) + int(f[12])
+
+    def ptrace_scope(self) -> int | None:
+        """Yama's kernel.yama.ptrace_scope (0-3), or None where Yama is not in the kernel."""
+        try:
+            with open(f"{self._proc}/sys/kernel/yama/ptrace_scope") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def has_cap_sys_ptrace(self) -> bool:
+        """Is CAP_SYS_PTRACE in this process's effective set? (The shipped unit drops them all.)"""
+        try:
+            with open(f"{self._proc}/self/status") as f:
+                for line in f:
+                    if line.startswith("CapEff:"):
+                        return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def disable_core(self, pid: int, create_time: float) -> SignalResult:
+        """RLIMIT_CORE=0 on `pid` (prlimit) if it is still the process born at `create_time`.
+
+        Before vsup's own SIGABRT: a dump of a 10 GB worker's core would fill the disk or keep
+        systemd-coredump busy for minutes. Not PR_SET_DUMPABLE=0: that also forbids same-user
+        ptrace (py-spy) and cannot be set from outside anyway. Lowering a limit of a same-user
+        process needs no capability.
+        """
+        info = self._stat_pid(pid)
+        if info is None or info.zombie:
+            return SignalResult.GONE
+        if abs(info.create_time - create_time) > CREATE_TIME_TOLERANCE_S:
+            return SignalResult.REUSED
+        try:
+            resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        except ProcessLookupError:
+            return SignalResult.GONE
+        except PermissionError:
+            return SignalResult.DENIED
+        return SignalResult.SENT
+
+    def append_line(self, path: str | Path, line: str) -> None:
+        """Append one line to a log file vLLM also appends to (one write: O_APPEND keeps it whole)."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, line.rstrip("\n").encode("utf-8", "replace") + b"\n")
+        finally:
+            os.close(fd)
+
+    def file_size(self, path: str | Path) -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+
+    def read_from(self, path: str | Path, offset: int, limit: int = 4 << 20) -> bytes:
+        """Up to `limit` bytes of `path` from `offset` (b"" when it cannot be read)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except OSError:
+            return b""
+
+    # ---- helper subprocesses (the stack dumper) ------------------------------------------------
+    # The daemon reaps with waitpid(-1) (it is the tree's subreaper), so a helper's exit status
+    # would be taken by whichever wait comes first: subprocess.Popen.wait() then sees ECHILD and
+    # reports 0, a lie. Helpers therefore run only through here: spawned under a process-wide
+    # registry lock, waited for through a pidfd (waitid P_PIDFD), and any reaper of this process
+    # hands statuses it collects to `deliver_child()`, which files a helper's status with it.
+    def spawn_helper(self, argv: list[str], env: dict[str, str] | None = None) -> Helper:
+        """Start `argv` with stdout and stderr to pipes and stdin from /dev/null; never a shell."""
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+        ]
+        try:
+            with _HELPERS_LOCK:  # a reaper on another thread waits until the pid is registered
+                pid = os.posix_spawn(
+                    argv[0], argv, env if env is not None else os.environ, file_actions=actions
+                )
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pidfd = -1
+                h = Helper(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r)
+                _HELPERS[pid] = h
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return h
+
+    def poll_helper(self, h: Helper) -> int | None:
+        """The helper's exit code (negative: killed by that signal) once it exited, else None."""
+        if h.returncode is not None:
+            return h.returncode
+        with _HELPERS_LOCK:
+            if h.returncode is not None:
+                return h.returncode
+            try:
+                if h.pidfd >= 0:
+                    r = os.waitid(os.P_PIDFD, h.pidfd, os.WEXITED | os.WNOHANG)
+                else:
+                    r = os.waitid(os.P_PID, h.pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                # Reaped by a waitpid(-1) that did not hand it to deliver_child: say so, never 0.
+                h.returncode = HELPER_STATUS_LOST
+                _HELPERS.pop(h.pid, None)
+                return h.returncode
+            if r is None:
+                return None
+            code = r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
+            h.returncode = code
+            _HELPERS.pop(h.pid, None)
+            return code
+
+    def kill_helper(self, h: Helper) -> None:
+        """SIGKILL a helper that overran its budget (through its pidfd: never a reused pid)."""
+        if h.returncode is not None:
+            return
+        try:
+            if h.pidfd >= 0:
+                _signal.pidfd_send_signal(h.pidfd, _signal.SIGKILL)
+            else:
+                os.kill(h.pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close_helper(self, h: Helper) -> None:
+        """Close the helper's descriptors. A helper still running stays registered, so the
+        reaper files its status whenever it ends (the caller stopped waiting for it)."""
+        for fd in (h.stdout, h.stderr, h.pidfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        h.stdout = h.stderr = h.pidfd = -1
+
+    def deliver_child(self, pid: int, status: int) -> bool:
+        """A reaper (waitpid(-1)) reaped `pid` with raw `status`: True if it was a helper, whose
+        exit code is then kept for poll_helper(); False for every other child."""
+        return deliver_child(pid, status)
+
     # ---- files -------------------------------------------------------------------------------
     def stat(self, path: str | Path) -> FileStat | None:
         """lstat a path. `born` is min(atime, mtime, ctime): tmpfs keeps no birth time that
@@ -403,7 +653,8 @@ class Host:
                 return reaped
             if pid == 0:
                 return reaped
-            reaped.append((pid, status))
+            if not deliver_child(pid, status):
+                reaped.append((pid, status))
 
 
 def _with_cmdline(info: ProcInfo, cmdline: tuple[str, ...] | None) -> ProcInfo:
@@ -418,6 +669,15 @@ def _with_cmdline(info: ProcInfo, cmdline: tuple[str, ...] | None) -> ProcInfo:
         info.uid,
         cmdline if cmdline is not None else (),
     )
+
+
+def _read_wchan(path: str) -> str:
+    try:
+        with open(path) as f:
+            w = f.read().strip()
+    except OSError:
+        return ""
+    return "" if w == "0" else w
 
 
 def same_process(a_create_time: float, b_create_time: float) -> bool:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,17 @@ def write_bundle(
     base = Path(cfg.state_dir) / "incidents"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     safe_kind = re.sub(r"[^A-Za-z0-9_.-]", "_", kind)[:40]
+    if not _own_dir(base):
+        return None
     path = base / f"{stamp}-{safe_kind}"
     n = 1
-    while path.exists():
+    while os.path.lexists(path):
         n += 1
         path = base / f"{stamp}-{safe_kind}-{n}"
     try:
-        path.mkdir(parents=True, mode=0o750)
+        path.mkdir(mode=0o750)  # fails on anything planted there since: never reused
         tail = _redact_lines(lines[-LOG_TAIL:])
-        (path / "log_tail.txt").write_text("\n".join(tail) + "\n", errors="replace")
+        _write(path / "log_tail.txt", "\n".join(tail) + "\n")
         findings: dict[str, Any] = {}
         with contextlib.suppress(Exception):
             from . import diagnose
@@ -83,19 +86,36 @@ def write_bundle(
         _dump(path / "incident.json", summary)
         _dump(path / "tree.json", tree.to_json() if tree is not None else None)
         _dump(path / "shm.json", _shm_listing())
-        with open(path / "events.jsonl", "w") as f:
-            for ev in events[-200:]:
-                f.write(json.dumps(ev, default=str) + "\n")
+        _write(path / "events.jsonl", "".join(json.dumps(ev, default=str) + "\n" for ev in events[-200:]))
         with contextlib.suppress(OSError):
-            shutil.copyfile(cfg.path, path / "config.toml")
+            _write(path / "config.toml", Path(cfg.path).read_text(errors="replace"))
         _prune(base)
         return path
     except OSError:
         return None
 
 
+def _own_dir(base: Path) -> bool:
+    """`state_dir/incidents` as a real directory of ours (made if missing), never through a
+    symlink: a link planted there once made the pruning below delete root's directories
+    elsewhere. Anything else there: no bundle (best effort, as documented), nothing touched."""
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o750)
+        st = os.lstat(base)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
 def _dump(p: Path, obj: Any) -> None:
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    _write(p, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _write(p: Path, text: str) -> None:
+    # A fresh file in the fresh bundle directory: O_EXCL|O_NOFOLLOW, so nothing is followed.
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    with os.fdopen(fd, "w", errors="replace") as f:
+        f.write(text)
 
 
 def _shm_listing(root: str = "/dev/shm") -> list[dict[str, Any]]:
@@ -108,7 +128,14 @@ def _shm_listing(root: str = "/dev/shm") -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: d["name"])
 
 
+# What write_bundle names a bundle; nothing else under incidents/ is ever removed.
+_BUNDLE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9_.-]{1,40}(-\d+)?$")
+
+
 def _prune(base: Path) -> None:
-    bundles = sorted(p for p in base.iterdir() if p.is_dir())
+    """Keep the newest KEEP bundles. Only real directories with a bundle's name are removed
+    (a symlink is never followed, at the top or inside: shutil.rmtree's fd-based walk)."""
+    with os.scandir(base) as it:
+        bundles = sorted(e.name for e in it if _BUNDLE.match(e.name) and e.is_dir(follow_symlinks=False))
     for old in bundles[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(base / old, ignore_errors=True)

@@ -30,7 +30,17 @@ from typing import Any
 
 from vsup.logparse import LogLine, parse_line
 
-__all__ = ["KINDS", "FAILURE_KINDS", "Signature", "Match", "Catalog", "CatalogError", "default_catalog"]
+__all__ = [
+    "KINDS",
+    "FAILURE_KINDS",
+    "STACK_CATEGORIES",
+    "Signature",
+    "StackSignature",
+    "Match",
+    "Catalog",
+    "CatalogError",
+    "default_catalog",
+]
 
 # Kinds the daemon and `vsup diagnose` understand. The first nine are the issue's; the rest:
 #   serving          the server answered/accepted requests (access log, "Received request"): it was up
@@ -73,6 +83,15 @@ _OPTIONAL = ("fields", "line_kinds", "levels", "generic", "suspect_collectives")
 # converted (int or float) in Match.groups; every other group stays a string (request ids that
 # happen to be digits included). Decided once per signature at load time, so a match costs one
 # int()/float() per numeric group instead of a type guess per value.
+# Stack signatures ([[stack]] entries) classify where one thread of a tree's process waits, from
+# its frames (`func (file:line)`, innermost first; py-spy prints `Class.method`, faulthandler only
+# `method`, so patterns allow both). Categories, which `vsup diagnose` reasons with:
+#   collective     inside a TP collective: it waits for every peer rank to join
+#   waits_workers  the engine core waits for the workers' replies (an RPC over the shm queue)
+#   idle           waits for work (an idle engine core, worker or resource tracker)
+#   event_loop     an asyncio/uvloop event loop (the API server's main thread)
+STACK_CATEGORIES = frozenset({"collective", "waits_workers", "idle", "event_loop"})
+_STACK_REQUIRED = ("id", "category", "pattern", "versions", "meaning", "examples")
 _INT_BODIES = frozenset({r"\d+", r"-?\d+", r"\d{3}", r"\d{1,10}"})
 _FLOAT_BODIES = frozenset({r"[\d.]+", r"-?[\d.]+", r"\d+\.\d+"})
 _NAMED_GROUP = re.compile(r"\(\?P<(\w+)>([^()]*)\)")
@@ -101,6 +120,19 @@ class Signature:
     numeric: tuple[tuple[str, type], ...] = field(default=(), repr=False, compare=False)
     generic: bool = False  # a consequence reported after the real failure; never the root cause
     suspect_collectives: bool = False  # typical of a hung/broken TP collective (custom AR, NCCL P2P)
+
+
+@dataclass(frozen=True, slots=True)
+class StackSignature:
+    """Where a thread waits, recognised from its frames (see STACK_CATEGORIES)."""
+
+    id: str
+    category: str
+    pattern: str
+    versions: str
+    meaning: str
+    examples: tuple[str, ...]
+    regex: re.Pattern[str] = field(repr=False, compare=False)
 
 
 @dataclass(slots=True)  # not frozen: one is built per matching line and frozen init costs 0.4 us
@@ -132,10 +164,15 @@ def _to_number(conv: type, value: str) -> Any:
 class Catalog:
     """An ordered, validated set of signatures. Build with `Catalog.load()`."""
 
-    __slots__ = ("signatures", "_by_id", "_buckets")
+    __slots__ = ("signatures", "stacks", "_by_id", "_buckets")
 
-    def __init__(self, signatures: list[Signature] | tuple[Signature, ...]) -> None:
+    def __init__(
+        self,
+        signatures: list[Signature] | tuple[Signature, ...],
+        stacks: list[StackSignature] | tuple[StackSignature, ...] = (),
+    ) -> None:
         self.signatures: tuple[Signature, ...] = tuple(signatures)
+        self.stacks: tuple[StackSignature, ...] = tuple(stacks)
         self._by_id = {s.id: s for s in self.signatures}
         # Per (line kind, level): the distinct keys (the gate: one C-level substring search each,
         # and a non-matching line, the common case, stops there) and the (key, signature) pairs in
@@ -183,6 +220,15 @@ class Catalog:
                     return self._make(sig, line, m)
         return None
 
+    def match_stack(self, frames: list[str] | tuple[str, ...]) -> tuple[StackSignature, int] | None:
+        """The first stack signature (catalog order) that matches any of `frames` (innermost
+        first), with the index of the innermost frame it matched; None if none does."""
+        for sig in self.stacks:
+            for i, f in enumerate(frames):
+                if sig.regex.search(f):
+                    return sig, i
+        return None
+
     @staticmethod
     def _make(sig: Signature, line: LogLine, m: re.Match[str]) -> Match:
         groups = {k: v for k, v in m.groupdict().items() if v is not None}
@@ -226,7 +272,7 @@ class Catalog:
         entries = data.get("signature")
         if not isinstance(entries, list) or not entries:
             raise CatalogError(f"{where}: no [[signature]] entries")
-        unknown_top = set(data) - {"schema", "signature"}
+        unknown_top = set(data) - {"schema", "signature", "stack"}
         if unknown_top:
             raise CatalogError(f"{where}: unknown top-level keys {sorted(unknown_top)}")
         sigs: list[Signature] = []
@@ -237,11 +283,30 @@ class Catalog:
                 raise CatalogError(f"{where}: signature #{i + 1}: duplicate id {sig.id!r}")
             seen.add(sig.id)
             sigs.append(sig)
-        catalog = cls(sigs)
+        stacks: list[StackSignature] = []
+        raw_stacks = data.get("stack", [])
+        if not isinstance(raw_stacks, list):
+            raise CatalogError(f"{where}: stack must be an array of tables ([[stack]])")
+        for i, entry in enumerate(raw_stacks):
+            st = _build_stack(entry, f"{where}: stack #{i + 1}")
+            if st.id in seen:
+                raise CatalogError(f"{where}: stack #{i + 1}: duplicate id {st.id!r}")
+            seen.add(st.id)
+            stacks.append(st)
+        catalog = cls(sigs, stacks)
         catalog._check_examples(where)
         return catalog
 
     def _check_examples(self, where: str) -> None:
+        for st in self.stacks:
+            # An example is one thread's frames, innermost first, one per line.
+            for ex in st.examples:
+                got = self.match_stack(ex.splitlines())
+                if got is None or got[0] is not st:
+                    other = f"stack signature {got[0].id!r}" if got else "no stack signature"
+                    raise CatalogError(
+                        f"{where}: stack {st.id!r}: example is matched by {other}: {ex[:200]!r}"
+                    )
         for sig in self.signatures:
             for ex in sig.examples:
                 line = parse_line(ex)
@@ -252,6 +317,44 @@ class Catalog:
                         f"{where}: signature {sig.id!r}: example is matched by {other} "
                         f"(line kind {line.kind!r}, message {line.message[:120]!r}): {ex[:200]!r}"
                     )
+
+
+def _build_stack(entry: Any, ctx: str) -> StackSignature:
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{ctx}: not a table")
+    if isinstance(entry.get("id"), str):
+        ctx = f"{ctx} ({entry['id']!r})"
+    missing = [k for k in _STACK_REQUIRED if k not in entry]
+    if missing:
+        raise CatalogError(f"{ctx}: missing {', '.join(missing)}")
+    unknown = set(entry) - set(_STACK_REQUIRED)
+    if unknown:
+        raise CatalogError(f"{ctx}: unknown keys {sorted(unknown)}")
+    for k in ("id", "category", "pattern", "versions", "meaning"):
+        if not isinstance(entry[k], str):
+            raise CatalogError(f"{ctx}: {k} must be a string")
+    if not re.fullmatch(r"[a-z0-9_]+", entry["id"]):
+        raise CatalogError(f"{ctx}: id must be lower_snake_case")
+    if entry["category"] not in STACK_CATEGORIES:
+        raise CatalogError(
+            f"{ctx}: unknown category {entry['category']!r} (known: {', '.join(sorted(STACK_CATEGORIES))})"
+        )
+    examples = entry["examples"]
+    if not isinstance(examples, list) or not examples or not all(isinstance(x, str) and x for x in examples):
+        raise CatalogError(f"{ctx}: examples must be a non-empty list of frame lines")
+    try:
+        regex = re.compile(entry["pattern"])
+    except re.error as e:
+        raise CatalogError(f"{ctx}: bad pattern: {e}") from e
+    return StackSignature(
+        id=entry["id"],
+        category=entry["category"],
+        pattern=entry["pattern"],
+        versions=entry["versions"],
+        meaning=entry["meaning"],
+        examples=tuple(examples),
+        regex=regex,
+    )
 
 
 def _build(entry: Any, ctx: str) -> Signature:
