@@ -455,6 +455,7 @@ def _semantic_checks(cfg: Config, check_python: bool) -> None:
             raise ConfigError(p, "vllm.python", f"interpreter {py} does not exist")
         if not os.access(py, os.X_OK) or py.is_dir():
             raise ConfigError(p, "vllm.python", f"{py} is not an executable file")
+    _check_paths(cfg, owners=check_python)
     import grp
     import pwd
 
@@ -528,6 +529,30 @@ def warnings(cfg: Config) -> list[str]:
                 "the proxy (and its hold, replay and truthful /health); use 127.0.0.1"
             )
     return out
+
+
+def _check_paths(cfg: Config, *, owners: bool) -> None:
+    """The directories whose contents vsup believes (issue 20). Always: absolute paths (a
+    relative one means a different ledger for the daemon and for a `vsup cleanup` run from
+    elsewhere). With `owners` (check-config and run): each directory owned by vsup's user (the
+    one running this) or root, not writable by others (nor /tmp itself), and so every directory
+    above it (sticky ones such as /tmp allowed); one that does not exist yet is judged by what
+    is above it, and again once the daemon made it."""
+    from .proctree import untrusted_dir
+
+    p = cfg.path
+    for key, value, directory in (
+        ("daemon.state_dir", cfg.daemon.state_dir, Path(cfg.daemon.state_dir)),
+        ("daemon.socket", cfg.daemon.socket, Path(cfg.daemon.socket).parent),
+        ("vllm.log_file", cfg.vllm.log_file, Path(cfg.vllm.log_file).parent),
+    ):
+        if not Path(value).is_absolute():
+            raise ConfigError(p, key, f"must be an absolute path, got {value!r}")
+        if owners:
+            why = untrusted_dir(directory)
+            if why is not None and why != "does not exist":
+                what = "" if key == "daemon.state_dir" else f"its directory {directory}: "
+                raise ConfigError(p, key, f"not a directory vsup can trust: {what}{why}")
 
 
 def tensor_parallel_size(args: list[str]) -> int:
