@@ -138,6 +138,8 @@ def _load(
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args, args.path)
     print(f"{cfg.path}: ok (model {cfg.vllm.model}, port {cfg.vllm.port}, {len(cfg.models)} named models)")
+    for w in config_mod.warnings(cfg):
+        print(f"vsup: warning: {w}", file=sys.stderr)
     if args.explain:
         print(config_mod.explain())
     return EXIT_OK

@@ -86,6 +86,30 @@ class Metrics:
         )
         for s in self._states:
             self._state.labels(state=s).set(0)
+        # the proxy (proxy.py), only moved when [proxy] is configured
+        self._proxy_held = _prom.Gauge(
+            "vsup_proxy_held_requests", "client requests waiting for a ready server now", registry=r
+        )
+        self._proxy_in_flight = _prom.Gauge(
+            "vsup_proxy_in_flight_requests", "client requests forwarded to vLLM and not finished", registry=r
+        )
+        self._proxy_hold = _prom.Histogram(
+            "vsup_proxy_hold_seconds",
+            "how long a held request waited for a ready server",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+            registry=r,
+        )
+        self._proxy_replays = _prom.Counter(
+            "vsup_proxy_replays",
+            "requests re-sent to the next server after theirs died unanswered",
+            registry=r,
+        )
+        self._proxy_rejected = _prom.Counter(
+            "vsup_proxy_rejections",
+            "requests the proxy answered with an error itself, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     # -- endpoint -------------------------------------------------------------------------------
 
@@ -171,3 +195,26 @@ class Metrics:
         self._gpu_total.labels(gpu=g).set(total_bytes)
         if model_bytes is not None:
             self._gpu_model.labels(gpu=g).set(model_bytes)
+
+    # -- the proxy ------------------------------------------------------------------------------
+
+    def proxy_held(self, n: int) -> None:
+        if self.available:
+            self._proxy_held.set(n)
+
+    def proxy_in_flight(self, n: int) -> None:
+        if self.available:
+            self._proxy_in_flight.set(n)
+
+    def proxy_hold_time(self, seconds: float) -> None:
+        if self.available:
+            self._proxy_hold.observe(seconds)
+
+    def proxy_replay(self) -> None:
+        if self.available:
+            self._proxy_replays.inc()
+
+    def proxy_rejected(self, reason: str) -> None:
+        """reason: full, hold_timeout, refused (failed/stopped), too_large, body_timeout."""
+        if self.available:
+            self._proxy_rejected.labels(reason=reason).inc()

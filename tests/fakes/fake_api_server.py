@@ -14,6 +14,21 @@ while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like s
 live until killed. FAKE_VLLM_RUNNING=N adds N to `vllm:num_requests_running` (as a long request
 would that streams without generating). FAKE_VLLM_IGNORE_TERM=1: the server and its children
 ignore SIGTERM (as vLLM 0.32 waiting without limit on an open connection).
+
+For the proxy's tests (the server alone, no daemon):
+  "stream": true     answers as vLLM does: 200 + text/event-stream headers at once, then one SSE
+                     chunk per token (FAKE_VLLM_TOKEN_S apart, default 0.01), then `data: [DONE]`
+  FAKE_VLLM_FIRST_BYTE_S  delay before the first body byte (a stream's headers go out at once)
+  die_mid_stream     a stream sends FAKE_VLLM_DIE_AFTER_CHUNKS (default 2) chunks, then the
+                     process exits; a non-streaming completion exits before answering
+  error_then_die     completions answer 500 (as vLLM's API server when its engine died), then
+                     the process exits FAKE_VLLM_DIE_AFTER_S (default 0.2) later
+  hang               completions never answer (a stream's 200 headers are sent first, as vLLM)
+  --api-key K / VLLM_API_KEY   /v1/* need `Authorization: Bearer K`, else 401 (as vLLM)
+A request for another model than the served one gets vLLM's 404. `/_echo*` (any method) answers
+the method, path, headers and body it got. Header `X-Fake-Pause: PATH`:
+a stream waits after its first chunk until PATH exists. `GET /_stats`: requests, completed,
+aborted streams (the client went away), connections accepted, and the `X-Req` header of each completion in arrival order.
 """
 
 import argparse
@@ -30,7 +45,17 @@ MODE = os.environ.get("FAKE_VLLM_MODE", "ok")
 IGNORE_TERM = bool(os.environ.get("FAKE_VLLM_IGNORE_TERM"))
 PID = os.getpid()
 lock = threading.Lock()
-state = {"requests": 0, "running": 0, "tokens": 0}
+state = {
+    "requests": 0,
+    "running": 0,
+    "tokens": 0,
+    "completed": 0,
+    "aborted": 0,
+    "order": [],
+    "connections": 0,
+}
+TOKEN_S = float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.01"))
+FIRST_BYTE_S = float(os.environ.get("FAKE_VLLM_FIRST_BYTE_S", "0"))
 
 
 def log(level: str, src: str, msg: str, proc: str = "APIServer", pid: int = PID) -> None:
@@ -44,6 +69,7 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     a, _rest = ap.parse_known_args()
     name = a.served_model_name or a.model
     log("INFO", "api_server.py:1", f"vLLM API server version 0.32.0-fake, model {a.model}")
@@ -86,7 +112,91 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(body)
 
+        def handle(self):
+            with lock:
+                state["connections"] += 1
+            super().handle()
+
+        def echo(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(n)
+            return self.send(
+                200,
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": [[k, v] for k, v in self.headers.items()],
+                    "body": data.decode("latin-1"),
+                },
+            )
+
+        do_PUT = do_DELETE = do_PATCH = echo
+
+        def chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def authorized(self) -> bool:
+            if not a.api_key or not self.path.startswith("/v1"):
+                return True
+            if self.headers.get("Authorization") == f"Bearer {a.api_key}":
+                return True
+            self.send(401, {"error": "Unauthorized"})
+            return False
+
+        def stream(self, k: int, toks: int) -> None:
+            """As vLLM: the 200 and its headers first, tokens as they come."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            if MODE == "hang":
+                while True:
+                    time.sleep(3600)
+            time.sleep(FIRST_BYTE_S)
+            pause = self.headers.get("X-Fake-Pause")
+            try:
+                for i in range(toks):
+                    if MODE == "die_mid_stream" and i == int(
+                        os.environ.get("FAKE_VLLM_DIE_AFTER_CHUNKS", "2")
+                    ):
+                        os._exit(1)
+                    ev = {
+                        "id": f"chatcmpl-{k}",
+                        "object": "chat.completion.chunk",
+                        "model": name,
+                        "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                    }
+                    self.chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                    with lock:
+                        state["tokens"] += 1
+                    if i == 0 and pause:
+                        while not os.path.exists(pause):
+                            time.sleep(0.01)
+                    elif i:
+                        time.sleep(TOKEN_S)
+                self.chunk(b"data: [DONE]\n\n")
+                self.chunk(b"")
+            except (BrokenPipeError, ConnectionResetError):
+                with lock:
+                    state["aborted"] += 1
+                self.close_connection = True
+                return
+            with lock:
+                state["completed"] += 1
+
         def do_GET(self):
+            if not self.authorized():
+                return
+            if self.path.startswith("/_echo"):
+                return self.echo()
+            if self.path == "/_stats":
+                with lock:
+                    return self.send(
+                        200,
+                        {k: state[k] for k in ("requests", "completed", "aborted", "order", "connections")},
+                    )
             if self.path == "/health":
                 return self.send(200, b"", "text/plain")
             if self.path == "/v1/models":
@@ -103,15 +213,48 @@ def main() -> None:
             self.send(404, {"error": "not found"})
 
         def do_POST(self):
+            if self.path.startswith("/_echo"):
+                return self.echo()
             n = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(n) or b"{}")
+            if not self.authorized():
+                return
             if not self.path.startswith("/v1/"):
                 return self.send(404, {"error": "not found"})
+            if body.get("model", name) != name:
+                return self.send(
+                    404,
+                    {
+                        "error": {
+                            "message": f"The model `{body.get('model')}` does not exist.",
+                            "type": "NotFoundError",
+                            "param": "model",
+                            "code": 404,
+                        }
+                    },
+                )
             with lock:
                 state["requests"] += 1
                 k = state["requests"]
                 state["running"] += 1
+                if self.headers.get("X-Req"):
+                    state["order"].append(self.headers["X-Req"])
             try:
+                if MODE == "error_then_die":
+                    threading.Timer(
+                        float(os.environ.get("FAKE_VLLM_DIE_AFTER_S", "0.2")), os._exit, (0,)
+                    ).start()
+                    return self.send(
+                        500, {"error": {"message": "EngineDeadError", "type": "InternalServerError"}}
+                    )
+                if MODE == "die_mid_stream" and not body.get("stream"):
+                    os._exit(1)
+                if MODE == "hang" and not body.get("stream"):
+                    while True:
+                        time.sleep(3600)
+                if body.get("stream"):
+                    return self.stream(k, int(body.get("max_tokens") or 4))
+                time.sleep(FIRST_BYTE_S)
                 if MODE == "die_on_request":
                     log("ERROR", "core.py:1", "EngineCore encountered a fatal error.", proc="EngineCore")
                     log(
@@ -156,6 +299,8 @@ def main() -> None:
                         ],
                     },
                 )
+                with lock:
+                    state["completed"] += 1
             finally:
                 with lock:
                     state["running"] -= 1
