@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from fakes.trees import FakeTree
 from vsup import diagnose, stacks
 from vsup.host import Host
 from vsup.signatures import Catalog, CatalogError
 
 DATA = Path(__file__).parent / "data" / "stacks"
-sys.path.insert(0, str(Path(__file__).parent / "fakes"))
-
-from trees import FakeTree  # noqa: E402
 
 needs_py_spy = pytest.mark.skipif(
     stacks.find_py_spy() is None, reason="py-spy is not installed (vsup[stacks])"
@@ -47,7 +45,7 @@ def _real_report() -> dict:
             parts[i + 4],
         )
         info = types.SimpleNamespace(pid=pid, cmdline=tuple(title.split()), comm=title[:15])
-        role, rank = stacks.role_of(info, leader_pid=9983)
+        role, rank = stacks.role_of(info, leader_pid=9983)  # type: ignore[arg-type]
         procs.append(
             stacks.ProcessStacks(
                 pid=pid,
@@ -342,3 +340,26 @@ def test_vsup_diagnose_on_an_incident_bundle_names_the_stuck_rank(tmp_path: Path
         timeout=60,
     )
     assert json.loads(js.stdout)["stacks"]["stuck"][0]["label"] == "TP1"
+
+
+def test_an_incident_bundle_with_stacks_holds_them_and_the_verdict(tmp_path: Path):
+    """write_bundle(stacks=...): stacks.json, stacks.txt and the stuck rank in incident.json; diagnose reads it back."""
+    from vsup import incidents
+
+    cfg = types.SimpleNamespace(state_dir=str(tmp_path / "state"), path=str(tmp_path / "vsup.toml"))
+    b = incidents.write_bundle(
+        cfg,
+        reason="hang confirmed",
+        kind="hang",
+        lines=["(APIServer pid=1) INFO 12-01 15:00:00 [launcher.py:1] Application startup complete."],
+        tree=None,
+        events=[],
+        cleanup=None,
+        vllm_version="0.32.0",
+        stacks=_real_report(),
+    )
+    assert b is not None
+    summary = json.loads((b / "incident.json").read_text())
+    assert summary["stacks"]["stuck"][0]["label"] == "TP1"
+    assert "== TP1" in (b / "stacks.txt").read_text()
+    assert diagnose.diagnose_bundle(b)["stacks"]["stuck"][0]["label"] == "TP1"

@@ -2,7 +2,8 @@
 
 ``state_dir/incidents/<UTC time>-<kind>/`` holds the last log lines of the failed tree
 (redacted: the seed log carries a user's whole prompt), the parsed findings, the tree record,
-a ``/dev/shm`` listing, recent events, the config and the vLLM version. Writing a bundle is
+a ``/dev/shm`` listing, recent events, the config and the vLLM version; for a hang, the stacks of
+every process recorded before the teardown (stacks.json, stacks.txt). Writing a bundle is
 best effort: a full disk must not stop the recovery it documents.
 """
 
@@ -54,7 +55,11 @@ def write_bundle(
     events: list[dict],
     cleanup: dict | None,
     vllm_version: str | None,
+    stacks: dict | None = None,
 ) -> Path | None:
+    """`stacks`: a stacks.StacksReport.to_json() recorded before the teardown (hangs), written as
+    stacks.json (for `vsup diagnose <bundle>`) and stacks.txt, with the stuck-rank verdict in
+    incident.json. Stacks hold function and file names only (py-spy never runs with --locals)."""
     base = Path(cfg.state_dir) / "incidents"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     safe_kind = re.sub(r"[^A-Za-z0-9_.-]", "_", kind)[:40]
@@ -83,6 +88,16 @@ def write_bundle(
             "findings": findings,
             "cleanup": cleanup,
         }
+        if stacks is not None:
+            with contextlib.suppress(Exception):
+                from . import diagnose
+
+                summary["stacks"] = diagnose.analyze_stacks(stacks).to_json()
+            _dump(path / "stacks.json", stacks)
+            with contextlib.suppress(Exception):
+                from . import stacks as stacks_mod
+
+                _write(path / "stacks.txt", stacks_mod.render_text(stacks) + "\n")
         _dump(path / "incident.json", summary)
         _dump(path / "tree.json", tree.to_json() if tree is not None else None)
         _dump(path / "shm.json", _shm_listing())

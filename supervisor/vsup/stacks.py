@@ -42,7 +42,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -699,7 +699,7 @@ def make_handler(
     preference: Callable[[], str] | str = "auto",
     py_spy: Callable[[], str | None] | str | None = None,
     host_factory: Callable[[], Host] = Host,
-) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+) -> Callable[[Any], Coroutine[Any, Any, dict[str, Any]]]:
     """The `stacks` socket command (read permission): the live tree's stacks and facts.
 
     `current_tree()` returns the owner's TreeRecord of the serving tree, or None. Never kills:
