@@ -608,6 +608,40 @@ def test_client_api_key_passes_through(fakes: Any) -> None:
     run(main())
 
 
+def test_api_key_is_found_as_vllm_finds_it() -> None:
+    from vsup.probes import api_key
+
+    assert api_key([], {}, {}) is None
+    assert api_key(["-tp", "2", "--api-key", "k1", "k2", "--dtype", "x"], {}, {}) == "k1"
+    assert api_key(["--api-key=a", "--api-key", "b"], {}, {}) == "b"  # the last one wins
+    assert api_key([], {"VLLM_API_KEY": "e"}, {"VLLM_API_KEY": "inherited"}) == "e"
+    assert api_key([], {}, {"VLLM_API_KEY": "inherited"}) == "inherited"
+    assert api_key(["--api-key", "cli"], {"VLLM_API_KEY": "e"}, {}) == "cli"  # as vLLM: the flag first
+
+
+def test_probes_send_the_api_key(fakes: Any) -> None:
+    """A server started with --api-key: models and canary probes pass with the key, fail without."""
+    from vsup.probes import Prober
+
+    f = fakes(args=("--api-key", "sekrit"))
+
+    async def main() -> None:
+        good = Prober("127.0.0.1", f.port, timeout_s=5, api_key="sekrit")
+        bad = Prober("127.0.0.1", f.port, timeout_s=5)
+        try:
+            assert (await good.models("tiny")).ok
+            assert (await good.canary("tiny", "Say OK.", 4, 5)).ok
+            assert (await good.health()).ok
+            assert not (await bad.models("tiny")).ok
+            c = await bad.canary("tiny", "Say OK.", 4, 5)
+            assert not c.ok and "401" in c.detail and "sekrit" not in c.detail
+        finally:
+            await good.aclose()
+            await bad.aclose()
+
+    run(main())
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -8,8 +8,10 @@ one. Each probe returns a ``ProbeResult``; none raises for a network or protocol
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,15 +60,45 @@ def parse_metrics(text: str) -> Progress | None:
     )
 
 
+def api_key(
+    args: Sequence[str], env: Mapping[str, str] | None = None, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """The key a vLLM started with ``args`` and ``env`` (added to ``environ``) will demand on
+    /v1/*, as vLLM 0.32 decides: ``--api-key K [K2 ...]`` (the last occurrence; any of its keys
+    works, we send the first) over ``VLLM_API_KEY``. None when the server is open."""
+    keys: list[str] | None = None
+    for i, a in enumerate(args):
+        name, eq, val = a.partition("=")
+        if name not in ("--api-key", "--api_key"):
+            continue
+        if eq:
+            keys = [val]
+            continue
+        keys = []
+        for v in args[i + 1 :]:
+            if v.startswith("-"):
+                break
+            keys.append(v)
+    if keys:
+        return keys[0] or None
+    merged = {**environ, **(env or {})}
+    return merged.get("VLLM_API_KEY") or None
+
+
 class Prober:
     """Probes one server. One pooled async client; ``trust_env=False`` so a host proxy
-    variable can never route a loopback probe elsewhere."""
+    variable can never route a loopback probe elsewhere. ``api_key``: sent as a Bearer token
+    (a server started with ``--api-key`` answers 401 to /v1/* without it, so it could never
+    become ready); never logged: a failed probe's detail carries the status, not the headers."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, *, timeout_s: float, api_key: str | None = None) -> None:
         h = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.base = f"http://{h}:{port}"
         self.timeout_s = timeout_s
-        self._client = httpx.AsyncClient(base_url=self.base, trust_env=False, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.AsyncClient(
+            base_url=self.base, trust_env=False, timeout=timeout_s, headers=headers
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
