@@ -893,7 +893,7 @@ def test_other_user_reader_may_read_but_not_reload(
         assert (
             forbidden[0]["uid"] == other_user.uid
             and forbidden[0]["cmd"] == "reload"
-            and forbidden[0]["pid"] > 0
+            and forbidden[0]["client_pid"] > 0
         )
         assert not gates["reload_started"].is_set()
 

@@ -104,6 +104,23 @@ DEFAULT_MAX_WRITE_BUFFER = 1024 * 1024
 # close() lets running handlers finish for this long before it cancels them.
 DEFAULT_HANDLER_GRACE_S = 2.0
 DEFAULT_MAX_CLIENTS = 64
+# Of those, this many are kept for admins (root, the daemon's user, admin users and groups):
+# read-only users together get at most max_clients - admin_slots, so `vsup stop` always gets
+# through (64 `events --follow` of one read-only user once locked root out).
+DEFAULT_ADMIN_SLOTS = 8
+# Connections one uid may hold at once (root and the daemon's uid excepted).
+DEFAULT_MAX_PER_UID = 8
+# A read-only request of a non-admin (an `events` follow, a diagnose) ends after this long,
+# measured from its start, with a `timeout` reply: it holds a slot, so it must not hold it
+# forever. Admins' requests are not bounded here (a reload takes what it takes).
+DEFAULT_LONG_REQUEST_S = 900.0
+# Refused requests (forbidden, unknown command) one connection may make; the last one's reply
+# ends it. A loop of refused requests on one connection once wrote 15,000 events in 3.5 s.
+REFUSALS_PER_CONNECTION = 3
+# Refusals are events once per uid per this window; the rest are counted into the next one.
+REFUSAL_EVENT_WINDOW_S = 60.0
+# Group lookups (getgrouplist may ask LDAP) are reused this long per (uid, gid).
+GROUPS_TTL_S = 10.0
 DEFAULT_READ_ONLY_COMMANDS = frozenset({"status", "events", "diagnose", "stacks"})
 # Bad lines of one connection reported as single events; the rest are summed up at its end.
 BAD_LINE_EVENTS = 3
@@ -370,6 +387,9 @@ class _Connection:
         self._line_task: asyncio.Task[Any] | None = None  # the pending read of the next line
         self._ahead: Any = None  # a line (or _EOF/_TOO_LARGE) read while a handler ran
         self._bad_lines = 0
+        self.admin = False  # set at accept, from the peer's rights
+        self._refusals = 0
+        self._ending = False  # the reply being sent is the connection's last
         # The transport calls connection_lost for every way a connection ends (peer reset,
         # failed write, our abort); wait_closed() is the public view of that.
         self._closed_watch = asyncio.ensure_future(writer.wait_closed())
@@ -381,12 +401,12 @@ class _Connection:
         self.gone.set()
 
     def fields(self) -> dict[str, Any]:
-        return {"uid": self.uid, "pid": self.pid, "gid": self.gid}
+        # client_pid, not pid: an event's `pid` is the API server's (a fixed key of every event).
+        return {"uid": self.uid, "client_pid": self.pid, "gid": self.gid}
 
     async def peer(self) -> Peer:
         if self._peer is None:
-            # Off the loop: getgrouplist may ask LDAP/sssd and must not stall the daemon.
-            groups = await asyncio.to_thread(lookup_groups, self.uid, self.gid)
+            groups = await self.server._groups(self.uid, self.gid)
             self._peer = Peer(pid=self.pid, uid=self.uid, gid=self.gid, groups=groups)
         return self._peer
 
@@ -459,7 +479,7 @@ class _Connection:
         try:
             while (line := await self._next_line()) is not None:
                 reply = await self._answer(line)
-                if reply is None or not await self.send(reply):
+                if reply is None or not await self.send(reply) or self._ending:
                     return
         finally:
             for pending in (self._line_task, self._gone_watch):
@@ -513,6 +533,9 @@ class _Connection:
         if not isinstance(request, Request):
             return request  # the refusal
         task = server._spawn(request)
+        loop = asyncio.get_running_loop()
+        bounded = request.cmd in server.read_only_commands and not self.admin
+        deadline = loop.time() + server.long_request_s if bounded else None
         # While the handler runs, keep one line of read-ahead pending: it notices a full close
         # and keeps a pipelined request for after this reply. A read EOF alone does not mean
         # gone: `socat -t` half-closes after sending and still reads the reply.
@@ -522,7 +545,20 @@ class _Connection:
                 self._line_task = asyncio.ensure_future(self._read_line())
             if self._line_task is not None:
                 waits.add(self._line_task)
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                # A read-only request of a non-admin past its bound: it holds a slot that
+                # others need. Its output so far was delivered; the reply says why it ended.
+                task.cancel()
+                request._finished = True
+                server._emit(
+                    "control_request_timeout", **self.fields(), cmd=request.cmd, id=_log_id(request.id)
+                )
+                self._ending = True
+                limit = f"{server.long_request_s:g} s"
+                message = f"{request.cmd} ended after {limit} (the limit for non-admins); reconnect"
+                return _error(request.id, "timeout", message)
             if self._line_task is not None and self._line_task in done:
                 self._ahead, self._line_task = self._line_task.result(), None
             if self._gone_watch in done and not task.done():
@@ -543,17 +579,27 @@ class _Connection:
         can_read = server.acl.can_read(peer, daemon_uid=server.daemon_uid)
         if can_read and cmd not in server.handlers:
             known = ", ".join(sorted(server.handlers))
+            self._refused("unknown_command", cmd)
             return _error(rid, "unknown_command", f"unknown command {_short(cmd)}; known: {known}")
         if can_read and (
             cmd in server.read_only_commands or server.acl.is_admin(peer, daemon_uid=server.daemon_uid)
         ):
             return Request(rid, cmd, args, peer, self)
-        server._emit("control_forbidden", **self.fields(), cmd=cmd[:64])
+        self._refused("forbidden", cmd)
         if can_read:
             message = f"{cmd!r} needs admin rights; uid {peer.uid} may only read"
         else:
             message = f"uid {peer.uid} may not use the vsup control socket"
         return _error(rid, "forbidden", message)
+
+    def _refused(self, code: str, cmd: str) -> None:
+        """Count one refusal: the connection ends with the REFUSALS_PER_CONNECTION-th reply,
+        and the server makes an event of it at most once a window per uid."""
+        self._refusals += 1
+        if self._refusals >= REFUSALS_PER_CONNECTION:
+            self._ending = True
+        if code == "forbidden":
+            self.server._refusal_event("control_forbidden", self.uid, {**self.fields(), "cmd": cmd[:64]})
 
     async def _close(self) -> None:
         transport = self.writer.transport
@@ -571,15 +617,27 @@ class ControlServer:
     """The daemon's control socket: create it safely, serve requests to handlers, remove it.
 
     Next to the socket lives `<socket>.lock` (flock, holding the daemon's pid) for as long as
-    the server runs. Events passed to on_event(name, fields), for the daemon to log:
-      control_forbidden        uid, pid, gid, cmd: a refused request
-      control_bad_request      uid, pid, gid, code (bad_request, too_large, timeout), reason
-      control_overloaded       active, max_clients: the first refusal of an overload
+    the server runs.
+
+    Slots (issue 20: users with no or few rights once held every slot): a peer with no rights
+    at all is answered `forbidden` and closed at accept; no uid but root and the daemon's holds
+    more than max_per_uid connections; read-only users together hold at most
+    max_clients - admin_slots; a non-admin's read-only request (an `events` follow) ends after
+    long_request_s; the REFUSALS_PER_CONNECTION-th refused request ends its connection.
+
+    Events passed to on_event(name, fields), for the daemon to log (`client_pid` is the
+    client's pid, never `pid`: that key of every event is the API server's):
+      control_forbidden        uid, client_pid, gid, cmd, suppressed: a refused request or
+                               connection; at most one per uid per REFUSAL_EVENT_WINDOW_S,
+                               `suppressed` counting those not reported since the last one
+      control_bad_request      uid, client_pid, gid, code (bad_request, too_large, timeout), reason
+      control_overloaded       active, max_clients, uid, reason: the first refusal of an overload
       control_overload_ended   refused: how many were refused during it
-      control_internal_error   uid, pid, cmd, id, error, traceback: a handler bug
-      control_client_gone      uid, pid, gid, cmd, id: the client left while its handler ran
-      control_reply_undelivered  uid, pid, cmd, id, ok, code, message: that handler's outcome
-      control_client_dropped   uid, pid, gid, reason: a client that did not read its replies
+      control_request_timeout  uid, client_pid, gid, cmd, id: a non-admin's request hit long_request_s
+      control_internal_error   uid, client_pid, cmd, id, error, traceback: a handler bug
+      control_client_gone      uid, client_pid, gid, cmd, id: the client left while its handler ran
+      control_reply_undelivered  uid, client_pid, cmd, id, ok, code, message: that handler's outcome
+      control_client_dropped   uid, client_pid, gid, reason: a client that did not read its replies
     """
 
     def __init__(
@@ -598,6 +656,9 @@ class ControlServer:
         write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         handler_grace_s: float = DEFAULT_HANDLER_GRACE_S,
+        admin_slots: int = DEFAULT_ADMIN_SLOTS,
+        max_per_uid: int = DEFAULT_MAX_PER_UID,
+        long_request_s: float = DEFAULT_LONG_REQUEST_S,
     ) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
@@ -613,7 +674,14 @@ class ControlServer:
         self.write_timeout_s = write_timeout_s
         self.max_write_buffer = max_write_buffer
         self.handler_grace_s = handler_grace_s
+        self.admin_slots = min(admin_slots, max_clients)
+        self.max_per_uid = max_per_uid
+        self.long_request_s = long_request_s
         self.daemon_uid = os.geteuid()
+        self._per_uid: dict[int, int] = {}  # open connections by uid
+        self._pending = 0  # accepted connections whose rights are being looked up
+        self._group_cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
+        self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last event time, suppressed since)
         self._state = "new"  # new -> starting -> serving -> closing -> closed
         self._server: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
@@ -826,37 +894,112 @@ class ControlServer:
         if self._state != "serving":
             writer.transport.abort()
             return
-        if len(self._connections) >= self.max_clients:
-            # Refused at once with one line: a flood of clients must not queue up behind the
-            # slots, and `status` must get through again as soon as they leave.
-            if self._refused == 0:
-                self._emit("control_overloaded", active=len(self._connections), max_clients=self.max_clients)
-            self._refused += 1
-            message = f"too many control connections ({self.max_clients}); try again"
-            writer.write(_encode(_error(None, "busy", message)))
-            writer.transport.close()
-            return
-        if self._refused:
-            self._emit("control_overload_ended", refused=self._refused)
-            self._refused = 0
         try:
             sock = writer.get_extra_info("socket")
             creds = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         except OSError:
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        conn = _Connection(self, reader, writer, creds)
-        self._connections[task] = conn
+        pid, uid, gid = creds
+        owner = uid in (0, self.daemon_uid)
+        # Refused at once with one line: a flood of clients must not queue up behind the
+        # slots, and `status` must get through again as soon as they leave.
+        if len(self._connections) + self._pending >= self.max_clients:
+            self._refuse_busy(writer, uid, f"too many control connections ({self.max_clients}); try again")
+            return
+        if not owner and self._per_uid.get(uid, 0) >= self.max_per_uid:
+            self._refuse_busy(
+                writer, uid, f"uid {uid} has {self.max_per_uid} control connections open; close one"
+            )
+            return
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         try:
-            await conn.serve()
+            await self._serve_peer(reader, writer, pid, uid, gid)
         except asyncio.CancelledError:
             # Only close() cancels a connection, and asyncio's stream callback would report a
             # cancelled client task as an unhandled error.
             pass
         finally:
+            left = self._per_uid.pop(uid) - 1
+            if left:
+                self._per_uid[uid] = left
+
+    async def _serve_peer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int, uid: int, gid: int
+    ) -> None:
+        self._pending += 1  # holds a slot while its groups are looked up
+        try:
+            groups = await self._groups(uid, gid)
+        finally:
+            self._pending -= 1
+        peer = Peer(pid=pid, uid=uid, gid=gid, groups=groups)
+        admin = self.acl.is_admin(peer, daemon_uid=self.daemon_uid)
+        if not admin and not self.acl.can_read(peer, daemon_uid=self.daemon_uid):
+            # No rights at all: answered and closed before it may send or hold anything.
+            self._refusal_event(
+                "control_forbidden", uid, {"uid": uid, "client_pid": pid, "gid": gid, "cmd": None}
+            )
+            writer.write(_encode(_error(None, "forbidden", f"uid {uid} may not use the vsup control socket")))
+            writer.transport.close()
+            return
+        if not admin and sum(1 for c in self._connections.values() if not c.admin) >= (
+            self.max_clients - self.admin_slots
+        ):
+            message = f"too many read-only control connections; {self.admin_slots} are kept for admins"
+            self._refuse_busy(writer, uid, message)
+            return
+        if self._refused:
+            self._emit("control_overload_ended", refused=self._refused)
+            self._refused = 0
+        task = asyncio.current_task()
+        assert task is not None
+        conn = _Connection(self, reader, writer, (pid, uid, gid))
+        conn._peer, conn.admin = peer, admin
+        self._connections[task] = conn
+        try:
+            await conn.serve()
+        finally:
             del self._connections[task]
+
+    def _refuse_busy(self, writer: asyncio.StreamWriter, uid: int, message: str) -> None:
+        if self._refused == 0:
+            self._emit(
+                "control_overloaded",
+                active=len(self._connections),
+                max_clients=self.max_clients,
+                uid=uid,
+                reason=message,
+            )
+        self._refused += 1
+        writer.write(_encode(_error(None, "busy", message)))
+        writer.transport.close()
+
+    def _refusal_event(self, name: str, uid: int, fields: dict[str, Any]) -> None:
+        """One event per uid per REFUSAL_EVENT_WINDOW_S; the refusals in between are counted
+        into the next (15,000 refused requests once made events.jsonl grow 2.7 MB, and left
+        nothing but them in the 500 recent events that `vsup events` and incidents show)."""
+        now = asyncio.get_running_loop().time()
+        last, suppressed = self._refusals.get(uid, (None, 0))
+        if last is not None and now - last < REFUSAL_EVENT_WINDOW_S:
+            self._refusals[uid] = (last, suppressed + 1)
+            return
+        self._refusals[uid] = (now, 0)
+        if len(self._refusals) > 4096:  # bounded whatever the number of uids
+            self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_EVENT_WINDOW_S}
+        self._emit(name, **fields, suppressed=suppressed)
+
+    async def _groups(self, uid: int, gid: int) -> frozenset[int]:
+        """The peer's groups, looked up off the loop (getgrouplist may ask LDAP/sssd and must
+        not stall the daemon), reused for GROUPS_TTL_S."""
+        now = asyncio.get_running_loop().time()
+        hit = self._group_cache.get((uid, gid))
+        if hit is not None and now - hit[0] < GROUPS_TTL_S:
+            return hit[1]
+        groups = await asyncio.to_thread(lookup_groups, uid, gid)
+        if len(self._group_cache) > 1024:
+            self._group_cache.clear()
+        self._group_cache[(uid, gid)] = (now, groups)
+        return groups
 
     def _spawn(self, request: Request) -> asyncio.Task[Any]:
         handler = self.handlers[request.cmd]
@@ -919,7 +1062,12 @@ class ControlServer:
 
 
 def _request_fields(request: Request) -> dict[str, Any]:
-    return {"uid": request.peer.uid, "pid": request.peer.pid, "cmd": request.cmd, "id": _log_id(request.id)}
+    return {
+        "uid": request.peer.uid,
+        "client_pid": request.peer.pid,
+        "cmd": request.cmd,
+        "id": _log_id(request.id),
+    }
 
 
 async def _run_handler(handler: Handler, request: Request) -> Any:
