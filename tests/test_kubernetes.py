@@ -102,7 +102,20 @@ def test_vsup_is_the_entrypoint_and_pid1(pod: dict[str, Any], container: dict[st
     no host IPC (the host's /dev/shm)."""
     assert container["args"][:1] == ["run"] and "command" not in container
     assert pod["shareProcessNamespace"] is False and pod["hostIPC"] is False
-    assert not pod.get("initContainers") and len(pod["containers"]) == 1
+    assert len(pod["containers"]) == 1
+
+
+def test_only_root_step_fixes_the_emptydir_modes(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """The one init container (root, CHOWN and FOWNER only) gives vsup's directories to its uid
+    (emptyDir roots are 0777, which vsup's path check refuses) and mounts nothing else."""
+    (init,) = pod["initContainers"]
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    assert mounts == {"/var/lib/vsup", "/run/vsup", "/var/log/vsup", "/tmp"}
+    uid = pod["securityContext"]["runAsUser"]
+    assert f"chown {uid}:{uid} /var/lib/vsup /run/vsup /var/log/vsup" in init["command"][-1]
 
 
 def test_gpu_requested(container: dict[str, Any]) -> None:
@@ -161,7 +174,9 @@ def test_grace_period_covers_vsups_shutdown(pod: dict[str, Any], vsup_cfg: confi
 def test_non_root_read_only_root_and_no_privileges(pod: dict[str, Any], container: dict[str, Any]) -> None:
     """Non-root (the image's uid), read-only root file system, no escalation, no capabilities."""
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["runAsUser"] != 0 and "runAsUser" not in container.get(
+        "securityContext", {}
+    )
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
