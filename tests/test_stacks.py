@@ -363,3 +363,82 @@ def test_an_incident_bundle_with_stacks_holds_them_and_the_verdict(tmp_path: Pat
     assert summary["stacks"]["stuck"][0]["label"] == "TP1"
     assert "== TP1" in (b / "stacks.txt").read_text()
     assert diagnose.diagnose_bundle(b)["stacks"]["stuck"][0]["label"] == "TP1"
+
+
+def test_both_mechanisms_work_as_a_non_root_user_without_capabilities(tmp_path: Path):
+    """As the unit runs it (another user, empty bounding set): py-spy reads a same-user process, faulthandler dumps one."""
+    import shutil
+    import subprocess
+    import textwrap
+
+    import posix_ipc
+    import psutil
+
+    import vsup
+    from fakes.trees import OTHER_USER
+    from support import readable_copy
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a second user")
+    spy = stacks.find_py_spy()
+    if spy is None:
+        pytest.skip("py-spy is not installed")
+    import pwd
+
+    try:
+        pwd.getpwnam(OTHER_USER)
+        created = False
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", OTHER_USER], check=True)
+        created = True
+    try:
+        with readable_copy(vsup, psutil, posix_ipc) as path:
+            shutil.copy2(spy, Path(path, "py-spy"))
+            code = textwrap.dedent(f"""
+                import asyncio, json, os, subprocess, sys, tempfile, time
+                sys.path[:0] = [{path!r}]
+                from vsup import stacks
+                from vsup.host import Host
+                log = tempfile.mktemp(prefix="vsup-stacks-log-")
+                child_code = "import time\\ndef waits_here():\\n    time.sleep(60)\\nprint('up', flush=True)\\nwaits_here()\\n"
+                out = {{}}
+                for mech in ("py-spy", "faulthandler"):
+                    with open(log, "ab") as f:
+                        p = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE,
+                                             stderr=f, env={{**os.environ, "PYTHONFAULTHANDLER": "1"}})
+                    p.stdout.readline()
+                    info = Host().process(p.pid)
+                    r = asyncio.run(stacks.collect_pids([info], Host(), leader_pid=p.pid, budget_s=3.0,
+                        mechanism=mech, may_kill=True, faulthandler_env=True, log_path=log,
+                        py_spy={str(Path(path, "py-spy"))!r}))
+                    out[mech] = r.to_json()
+                    p.kill(); p.wait()
+                os.unlink(log)
+                print(json.dumps(out))
+            """)
+            res = subprocess.run(
+                [
+                    "setpriv",
+                    f"--reuid={OTHER_USER}",
+                    f"--regid={OTHER_USER}",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                    "/usr/bin/python3",
+                    "-c",
+                    code,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        for mech in ("py-spy", "faulthandler"):
+            p = out[mech]["processes"][0]
+            assert out[mech]["mechanism"] == mech and p["error"] is None, (mech, p)
+            assert any(f[0] == "waits_here" for t in p["threads"] for f in t["frames"]), (mech, p)
+    finally:
+        if created:
+            subprocess.run(["userdel", OTHER_USER], check=False)
