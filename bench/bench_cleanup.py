@@ -25,15 +25,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import posix_ipc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "supervisor"))
 
-from vsup.cleanup import cleanup  # noqa: E402
-from vsup.host import Host, ProcInfo  # noqa: E402
-from vsup.proctree import IpcRef, ProcRef, TreeRecord  # noqa: E402
+from vsup.cleanup import cleanup
+from vsup.host import Host, ProcInfo
+from vsup.proctree import IpcRef, ProcRef, TreeRecord
 
 PREFIX = "psm_vsupbench"
 
@@ -114,7 +116,10 @@ def remove_leftovers(pids: list[int]) -> None:
                 pass
 
 
-def timed(fn) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     r = fn()
     return time.perf_counter() - t0, r
@@ -132,7 +137,7 @@ def main() -> None:
             times, freed, done = [], 0, 0
             for _ in range(a.reps):
                 refs = make_segments(n)
-                t, rep = timed(lambda: cleanup([dead_record(2**22 - 1, refs)], host=BenchHost()))
+                t, rep = timed(lambda: cleanup([dead_record(2**22 - 1, refs)], host=BenchHost()))  # noqa: B023 - called at once
                 assert rep.clean and len(rep.unlinked) == n, rep.remaining
                 times.append(t)
                 freed, done = rep.bytes_freed, len(rep.unlinked)
@@ -144,9 +149,9 @@ def main() -> None:
                     sid, pids = make_orphans(n)
                     started += pids
                     if mode == "dead tree":
-                        t, rep = timed(lambda: cleanup([dead_record(sid, [])], host=BenchHost()))
+                        t, rep = timed(lambda: cleanup([dead_record(sid, [])], host=BenchHost()))  # noqa: B023 - called at once
                     else:
-                        t, rep = timed(lambda: cleanup([], foreign=True, host=BenchHost({sid})))
+                        t, rep = timed(lambda: cleanup([], foreign=True, host=BenchHost({sid})))  # noqa: B023 - called at once
                     assert rep.clean and len(rep.killed) == n, (len(rep.killed), rep.remaining)
                     times.append(t)
                     killed = len(rep.killed)

@@ -15,7 +15,7 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 SHORT = {
     1: "1 SIGKILL\nAPI server",
@@ -28,7 +28,8 @@ COLORS = {"vsup": "#1f77b4", "supervisord": "#ff7f0e", "circus": "#2ca02c", "bas
 
 
 def main(src: str, dst: str) -> None:
-    res = json.load(open(src))
+    with open(src) as fh:
+        res = json.load(fh)
     eps = [e for e in res["episodes"] if not e.get("error")]
     faults = sorted({e["fault"] for e in eps})
     sups = [s for s in COLORS if any(e["supervisor"] == s for e in eps)]

@@ -15,9 +15,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -64,7 +65,7 @@ class Client:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Client":
+    def start(self) -> Client:
         self._thread = threading.Thread(target=self._run, name="client", daemon=True)
         self._thread.start()
         return self
@@ -345,7 +346,7 @@ def run_episode(
             ep.notes += _vsup_notes(evs)
         if swap_thread is not None:
             swap_thread.join(60)
-    except Exception as e:  # one failed episode must not stop the whole benchmark
+    except Exception as e:  # noqa: BLE001 - one failed episode must not stop the whole benchmark
         ep.error = f"{type(e).__name__}: {e}"
         log(f"  ERROR: {ep.error}")
     finally:
@@ -418,7 +419,7 @@ def _inject(
 def _swap(sup: Supervisor, ep: Episode) -> None:
     try:
         sup.swap("tiny-b")
-    except Exception as e:  # reported, not raised: the watch loop measures what happened
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the watch loop measures what happened
         ep.notes.append(f"swap: {type(e).__name__}: {e}")
 
 

@@ -18,9 +18,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 SHM = Path("/dev/shm")
 TMP = Path("/tmp")
@@ -187,7 +187,7 @@ class Debris:
 
 
 def _unix_listeners() -> dict[int, str]:
-    out = {}
+    out: dict[int, str] = {}
     try:
         lines = Path("/proc/net/unix").read_text().splitlines()[1:]
     except OSError:
@@ -235,7 +235,7 @@ class Registry:
         self._boot = _boot_time()
 
     # lifecycle
-    def start(self) -> "Registry":
+    def start(self) -> Registry:
         self._thread = threading.Thread(target=self._run, name="registry", daemon=True)
         self._thread.start()
         return self
@@ -532,8 +532,8 @@ def remove_objects(d: Debris) -> list[str]:
             pass
         except OSError as e:
             failed.append(f"{f}: {e.strerror}")
-    for path in d.tmpdirs:  # attributed from the tree's own log line / listening sockets
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.exists(path):
-            failed.append(f"{path}: could not remove the directory")
+    for tmpdir in d.tmpdirs:  # attributed from the tree's own log line / listening sockets
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if os.path.exists(tmpdir):
+            failed.append(f"{tmpdir}: could not remove the directory")
     return failed

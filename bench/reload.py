@@ -12,8 +12,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import procs
 from episode import _wait_vsup_ready, port_in_use, port_owner, wait_serving
@@ -56,7 +57,7 @@ def bare(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             raise RuntimeError("bare vLLM did not serve within 300s")
         out["cold_start_s"].append(round(up - t0, 1))
         log(f"  bare cold start {up - t0:.1f}s")
-        for i in range(reps):
+        for _ in range(reps):
             time.sleep(3)
             reg.scan_holdings()
             tree = reg.tree_of(popens[-1].pid)
@@ -86,7 +87,7 @@ def bare(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             out["cold_start_s"].append(round(up - t_stopped, 1))
             log(f"  bare stop+start {model} -> {nxt}: {cyc}")
             model = nxt
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - recorded in the results, not raised
         out["error"] = f"{type(e).__name__}: {e}"
         log(f"  ERROR: {out['error']}")
     finally:
@@ -124,7 +125,7 @@ def vsup(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             raise RuntimeError("vsup did not serve within 300s")
         _wait_vsup_ready(sup)
         model = "tiny-a"
-        for i in range(reps):
+        for _ in range(reps):
             time.sleep(3)
             nxt = _other(model)
             n = len(sup.events())
@@ -139,7 +140,7 @@ def vsup(workdir: Path, port: int, reps: int, log: Callable[[str], None]) -> dic
             out["cycles"].append(cyc)
             log(f"  vsup reload {model} -> {nxt}: {cyc}")
             model = nxt
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - recorded in the results, not raised
         out["error"] = f"{type(e).__name__}: {e}"
         log(f"  ERROR: {out['error']}")
     finally:

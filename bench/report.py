@@ -37,7 +37,7 @@ def cold_start(res: dict[str, Any]) -> float | None:
 
 def _debris_cells(d: dict[str, Any] | None) -> tuple[str, str, str, str, str]:
     if d is None:
-        return ("—",) * 5  # type: ignore[return-value]
+        return ("—",) * 5
     shm = f"{d['shm']} / {d['shm_mb']:.0f} MB" if d["shm"] else "0"
     dist = str(d["dist_files"]) + (f" + {d['tmpdirs']} dir" if d.get("tmpdirs") else "")
     return str(d["procs"]), shm, str(d["sems"]), dist, str(d["sockets"])
@@ -196,8 +196,6 @@ def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
                 phases.setdefault(k, []).append(x)
         for k, xs in phases.items():
             out.append(f"| — vsup phase `{k}` | {median_spread(xs)} |")
-        for c in rl.get("bare", {}).get("cycles", [])[:1]:
-            pass
         bstop = [c["stop"] for c in rl.get("bare", {}).get("cycles", [])]
         bstart = [c["start"] for c in rl.get("bare", {}).get("cycles", [])]
         if bstop:
@@ -273,15 +271,15 @@ def targets(res: dict[str, Any], cold: float | None) -> list[str]:
     stops = [(e["fault"], _left_by_stop(e)) for e in vs]
     stops = [(f, d) for f, d in stops if d is not None]
     if stops:
-        dirty = [(f, d) for f, d in stops if d]
+        left = [(f, d) for f, d in stops if d]
         rows.append(
             (
                 "vsup's own stop (SIGTERM to the daemon) leaves nothing",
                 "clean in every episode"
-                if not dirty
-                else "; ".join(f"after the fault-{f} episode it left {d}" for f, d in dirty)
-                + f" ({len(dirty)} of {len(stops)} episodes)",
-                _yes(not dirty),
+                if not left
+                else "; ".join(f"after the fault-{f} episode it left {d}" for f, d in left)
+                + f" ({len(left)} of {len(stops)} episodes)",
+                _yes(not left),
             )
         )
     serve = [e for e in vs if e["fault"] != 5]

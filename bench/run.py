@@ -23,17 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import episode  # noqa: E402
-import procs  # noqa: E402
-import reload as reload_bench  # noqa: E402
-import report  # noqa: E402
-import supervisors as sups  # noqa: E402
+import episode
+import procs
+import reload as reload_bench
+import report
+import supervisors as sups
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -194,7 +194,7 @@ def run_aux(script: str, extra: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
-        res = json.loads(args.report_only.read_text())
+        res: dict[str, Any] = json.loads(args.report_only.read_text())
         stem = args.report_only.stem
         tag = res.get("tag") or (
             stem
@@ -207,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a session or CI ending) takes the same path as Ctrl-C: the current episode's
     # teardown runs, so no vLLM tree is left behind, and what was measured is written.
     signal.signal(signal.SIGTERM, _interrupt)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="vsup-bench-"))
     log(
         f"work dir {work}; supervisors {args.supervisors}; faults {args.faults}; "
         f"hang watch {args.hang_watch:g}s; reload reps {args.reload_reps}"
     )
-    res: dict[str, Any] = {
+    res = {
         "mode": "quick" if args.quick else "full",
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),

@@ -134,17 +134,16 @@ class Supervisor:
     def start(self) -> None:
         if not self.started:
             self.write_config()
-        out = open(self.dir / f"{self.name}.out", "ab")
-        p = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env(),
-            cwd=self.dir,
-            start_new_session=True,
-        )
-        out.close()
+        with open(self.dir / f"{self.name}.out", "ab") as out:
+            p = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                cwd=self.dir,
+                start_new_session=True,
+            )
         st = None
         for _ in range(50):
             st = procs.read_stat(p.pid)
@@ -200,7 +199,7 @@ class Vsup(Supervisor):
     def write_config(self) -> None:
         # The shipped defaults (deploy/vsup.toml, config.py) except paths, port and models. The
         # remedy ladder is off so that vsup runs exactly the peers' command line after a fault.
-        cfg = {
+        cfg: dict[str, dict[str, Any]] = {
             "vllm": {
                 "python": str(VLLM_PY),
                 "model": str(MODELS / self.model),

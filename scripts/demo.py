@@ -155,7 +155,8 @@ def main() -> int:
         print(vsup(cfg, "status").stdout)
         if interactive:
             banner(
-                "serving; try `.venv/bin/vsup status --config .demo/vsup.toml` in another shell. Ctrl-C stops."
+                "serving; try `.venv/bin/vsup status --config .demo/vsup.toml` in another shell. "
+                "Ctrl-C stops."
             )
             daemon.wait()
         else:
