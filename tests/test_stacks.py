@@ -442,3 +442,21 @@ def test_both_mechanisms_work_as_a_non_root_user_without_capabilities(tmp_path: 
     finally:
         if created:
             subprocess.run(["userdel", OTHER_USER], check=False)
+
+
+def test_persistent_stuck_needs_the_same_frame_twice_and_the_engine_waiting():
+    """Confirmation evidence: the stuck rank at the same frame in two samples, the engine core waiting in both."""
+    engine = _proc(
+        None, "engine_core", "S", [["get_response", "/v/vllm/v1/executor/multiproc_executor.py", 440]], 9
+    )
+    idle_engine = _proc(
+        None, "engine_core", "S", [["_process_input_queue", "/v/vllm/v1/engine/core.py", 1588]], 9
+    )
+    hung = {"processes": [engine, _proc(0, "worker", "R", COLL, 10), _proc(1, "worker", "S", BLOCKED, 11)]}
+    assert [s["label"] for s in diagnose.persistent_stuck(hung, hung)] == ["TP1"]
+    moved = {"processes": [engine, _proc(0, "worker", "R", COLL, 10), _proc(1, "worker", "S", COLL[1:], 11)]}
+    assert diagnose.persistent_stuck(hung, moved) == []
+    idle = {
+        "processes": [idle_engine, _proc(0, "worker", "R", COLL, 10), _proc(1, "worker", "S", BLOCKED, 11)]
+    }
+    assert diagnose.persistent_stuck(hung, idle) == []

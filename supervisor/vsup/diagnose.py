@@ -80,6 +80,7 @@ __all__ = [
     "ADVICE_NCCL_P2P",
     "StackVerdict",
     "analyze_stacks",
+    "persistent_stuck",
     "diagnose_bundle",
     "render_stacks",
 ]
@@ -512,7 +513,9 @@ def _short_frame(f: Any) -> str:
     return f"{func} ({base}:{line if line is not None else '?'})"
 
 
-_STDLIB_WAITS = frozenset({"threading.py", "queue.py", "selectors.py", "contextlib.py", "connection.py", "poll.py"})
+_STDLIB_WAITS = frozenset(
+    {"threading.py", "queue.py", "selectors.py", "contextlib.py", "connection.py", "poll.py"}
+)
 
 
 def _own_frame(frames: list[Any]) -> str | None:
@@ -646,6 +649,30 @@ def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> St
     else:
         v.summary = "no rank stands out: no process is stopped or in D state, and no collective is waiting on a missing rank"
     return v
+
+
+def persistent_stuck(
+    first: dict[str, Any], second: dict[str, Any], catalog: Catalog | None = None
+) -> list[dict[str, Any]]:
+    """Stack evidence for confirming a hang: the ranks named stuck in two reports taken some
+    seconds apart, at the same frame in both, while the engine core waits for the workers'
+    reply in both. Empty when anything moved.
+
+    One sample is not proof: a busy engine core sits in that wait for most of every step, and
+    every rank of a busy server passes through the all-reduce. The owner must still see no
+    token progress (/metrics) between the samples before it tears the server down.
+    """
+    a, b = analyze_stacks(first, catalog), analyze_stacks(second, catalog)
+
+    def engine_waits(v: StackVerdict) -> bool:
+        return any(
+            w["role"] == "engine_core" and w.get("signature") == "engine_waits_workers" for w in v.waiting
+        )
+
+    if not (engine_waits(a) and engine_waits(b)):
+        return []
+    earlier = {(s["pid"], s["frame"]) for s in a.stuck}
+    return [s for s in b.stuck if (s["pid"], s["frame"]) in earlier]
 
 
 def diagnose_bundle(path: str | PathLike[str], catalog: Catalog | None = None) -> dict[str, Any]:
