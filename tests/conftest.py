@@ -7,18 +7,19 @@ by the conftest.py of tests/systemd/.)
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import FAKES, Daemon, free_port  # noqa: E402
+from support import FAKES, Daemon, free_port
 
 
 @pytest.fixture
-def fake_daemon(tmp_path: Path) -> Callable[..., Daemon]:
+def fake_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Factory for a daemon supervising the fake OpenAI server (fast, no vLLM)."""
     made: list[Daemon] = []
 

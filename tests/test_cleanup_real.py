@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from fakes.trees import (
     OTHER_USER,
     Decoy,
@@ -31,7 +32,6 @@ from fakes.trees import (
     unlink_quiet,
     wait_for,
 )
-
 from vsup.cleanup import cleanup, port_holder
 from vsup.host import Host
 from vsup.proctree import DIST_FILE, ZMQ_SOCKET, ProcRef, TreeRecord, refresh

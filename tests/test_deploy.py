@@ -85,7 +85,7 @@ def test_systemd_analyze_verify_accepts_unit(tmp_path: Path) -> None:
     copy = tmp_path / "vsup.service"
     copy.write_text(UNIT.read_text().replace(INSTALLED_VSUP, str(VENV_VSUP)))
     proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
-    about_us = [l for l in (proc.stdout + proc.stderr).splitlines() if "vsup" in l]
+    about_us = [line for line in (proc.stdout + proc.stderr).splitlines() if "vsup" in line]
     assert proc.returncode == 0 and not about_us, proc.stdout + proc.stderr
 
 

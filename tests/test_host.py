@@ -14,10 +14,10 @@ import time
 import posix_ipc
 import psutil
 import pytest
-from fakes.trees import rand_name, unlink_quiet, wait_for
-from support import readable_copy
 
 import vsup
+from fakes.trees import rand_name, unlink_quiet, wait_for
+from support import readable_copy
 from vsup.host import Host, SignalResult
 
 TITLE_SCRIPT = "import setproctitle, sys, time; setproctitle.setproctitle(sys.argv[1]); print('up', flush=True); time.sleep(60)"
@@ -30,6 +30,7 @@ def titled():
     def start(title: str) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-c", TITLE_SCRIPT, title], stdout=subprocess.PIPE, text=True)
         procs.append(p)
+        assert p.stdout is not None
         assert p.stdout.readline().strip() == "up"
         return p
 

@@ -10,10 +10,12 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import vsup.metrics
+from support import Daemon
 from vsup.metrics import Metrics
 
 # This engineer's port range is 8400-8499; metrics tests use the top ten.
@@ -187,10 +189,10 @@ def scrape_url(port: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def metered(tmp_path) -> Iterator["Daemon"]:
+def metered(tmp_path: Path) -> Iterator[Daemon]:
     """`vsup run` on a fake tree whose engine-like child outlives SIGTERM (so a stop takes the
     whole stop grace), with the metrics endpoint on."""
-    from support import FAKES, ROOT, Daemon, free_port
+    from support import FAKES, ROOT, free_port
 
     port = free_port(PORTS.start, PORTS.stop)
     d = Daemon(

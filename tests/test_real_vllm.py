@@ -321,6 +321,7 @@ def test_sigkill_vsup_then_restart_leaves_one_server(real: Daemon) -> None:
     """SIGKILL of vsup while serving, vsup started again: the old tree is removed first; one server runs."""
     real.wait_state("ready", timeout=READY_S)
     rec = wait_tree_complete(real)
+    assert real.proc is not None
     real.proc.kill()
     real.proc.wait()
     assert alive(rec.leader.pid)
@@ -384,7 +385,6 @@ def _vllm_api_servers() -> list[tuple[int, str]]:
 def test_dies_at_first_request_ladder_then_failed(tmp_path: Path) -> None:
     """head_dim 16 model: found by the canary before ready; the ladder is tried, then `failed` with the root cause."""
     require_real_vllm()
-    from support import MODELS
 
     port = free_port(8000, 8049)
     sections = real_sections(port, "tiny-broken", restart={"max_failures": 3})

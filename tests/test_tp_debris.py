@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from fakes.tp_tree import (
     PHASE_BETWEEN,
     PHASE_FAILED,
@@ -40,7 +41,6 @@ from fakes.tp_tree import (
 )
 from fakes.trees import ScopedHost
 from support import VLLM_PY
-
 from vsup import cleanup, proctree
 from vsup.host import Host
 from vsup.proctree import TreeRecord

@@ -40,12 +40,13 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 MODE = os.environ.get("FAKE_VLLM_MODE", "ok")
 IGNORE_TERM = bool(os.environ.get("FAKE_VLLM_IGNORE_TERM"))
 PID = os.getpid()
 lock = threading.Lock()
-state = {
+state: dict[str, Any] = {
     "requests": 0,
     "running": 0,
     "tokens": 0,

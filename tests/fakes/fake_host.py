@@ -313,7 +313,7 @@ def add_vllm_tree(
     dist = f"vllm_dist_{sid:032x}"
     host.add_tmp(dist, born=start + 2)
     socks = [f"{sid:08x}-0000-4000-8000-{i:012x}" for i in range(3)]
-    for s, w in zip(socks, ("engine", "w0", "w1")):
+    for s, w in zip(socks, ("engine", "w0", "w1"), strict=True):
         host.add_tmp(s, socket=True, born=start + 2)
         host.listen(pids[w], s)
     leader = ProcRef(sid, start + 0.1, "python", list(API_CMD))

@@ -34,14 +34,13 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 
 try:
     from setproctitle import setproctitle
 except ImportError:  # pragma: no cover - the test extra installs it
-    setproctitle = None
+    setproctitle = None  # type: ignore[assignment]  # checked before each use
 
 PAGE = 4096
 
@@ -125,6 +124,7 @@ def engine_main(opts: dict, locks: list) -> None:
     segs = []
     for _ in range(opts["segments"]):
         s = shared_memory.SharedMemory(create=True, size=opts["segment_bytes"])
+        assert s.buf is not None  # open: just created
         for off in range(0, opts["segment_bytes"], PAGE):  # touch pages: st_blocks > 0
             s.buf[off] = 1
         segs.append(s)
@@ -217,9 +217,9 @@ def api_main(a: argparse.Namespace) -> None:
         "api": os.getpid(),
         "engine": info["pid"],
         "workers": info["workers"],
-        "tracker": resource_tracker._resource_tracker._pid,
+        "tracker": resource_tracker._resource_tracker._pid,  # type: ignore[attr-defined]  # private, as vLLM's tracker pid is found
         "segments": info["segments"],
-        "semaphores": ["sem." + lk._semlock.name.lstrip("/") for lk in locks],
+        "semaphores": ["sem." + lk._semlock.name.lstrip("/") for lk in locks],  # type: ignore[attr-defined]  # the private handle holds the name
         "sockets": [info["socket"], *info["worker_sockets"]],
         "dist": info["dist"],
         "zombie": info["zombie"],
@@ -307,4 +307,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

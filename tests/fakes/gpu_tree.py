@@ -44,7 +44,7 @@ WORKER_READY_TIMEOUT_S = 120.0
 def set_title(title: str) -> str:
     """Set the process title; returns the method used ("setproctitle" or "prctl+argv")."""
     try:
-        import setproctitle  # type: ignore[import-not-found]
+        import setproctitle
     except ImportError:
         pass
     else:

@@ -110,10 +110,10 @@ def log(proc: str, level: str, msg: str, lock: Any = None) -> None:
 
 def set_title(title: str) -> str:
     try:
-        import setproctitle  # type: ignore[import-not-found]
+        import setproctitle
     except ImportError:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from gpu_tree import set_title as fallback  # prctl + argv overwrite
+        from gpu_tree import set_title as fallback  # type: ignore[import-not-found]  # prctl + argv overwrite; found at run time
 
         return fallback(title)
     setproctitle.setproctitle(title)
@@ -138,6 +138,7 @@ def worker_main(
     me = f"Worker_TP{rank}"
     shm = shared_memory.SharedMemory(create=True, size=SHM_SIZE)
     buf = shm.buf
+    assert buf is not None  # open until the worker exits
 
     def mark(rounds: int, phase: int) -> None:
         buf[: Progress.SIZE] = Progress(rounds, phase, rank, os.getpid()).pack()
@@ -270,7 +271,7 @@ def run_tree(args: argparse.Namespace) -> None:
         conns.append(parent_end)
     infos: list[dict] = []
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-    for p, c in zip(procs, conns):
+    for p, c in zip(procs, conns, strict=True):
         if not c.poll(max(0.0, deadline - time.monotonic())):
             log(
                 me,
@@ -298,7 +299,7 @@ def run_tree(args: argparse.Namespace) -> None:
         "workers": [i["pid"] for i in infos],
         "tracker": tracker,
         "psm": [i["psm"] for i in infos],
-        "sem": ["sem." + s._semlock.name.lstrip("/") for s in (log_lock, ready)],
+        "sem": ["sem." + s._semlock.name.lstrip("/") for s in (log_lock, ready)],  # type: ignore[union-attr]  # CPython's private handle holds the name
         "dist": store,
         "backend": "nccl" if args.device == "cuda" else "gloo",
         "world": args.world,
@@ -314,6 +315,7 @@ def run_tree(args: argparse.Namespace) -> None:
     live = {p.sentinel: p for p in procs}
     while live:
         for s in multiprocessing.connection.wait(list(live)):
+            assert isinstance(s, int)  # sentinels are fds
             p = live.pop(s)
             p.join()
             log(

@@ -288,7 +288,9 @@ class OtherUserOrphan:
         )
         self.pid = int(out.stdout.strip())
         wait_for(lambda: os.path.exists(f"/dev/shm/{self.shm}"), 30, "other-user segment")
-        self.sid = Host().process(self.pid).sid
+        info = Host().process(self.pid)
+        assert info is not None, f"other-user holder {self.pid} is gone"
+        self.sid = info.sid
 
     def stop(self) -> None:
         try:

@@ -42,7 +42,7 @@ def engine() -> None:
 
 def main() -> None:
     subprocess.Popen([sys.executable, __file__, "--engine"])
-    import fake_api_server  # tests/fakes, on PYTHONPATH
+    import fake_api_server  # type: ignore[import-not-found]  # tests/fakes, on PYTHONPATH at run time
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     fake_api_server.main()

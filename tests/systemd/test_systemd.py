@@ -60,7 +60,7 @@ def test_shipped_unit_loads_without_warnings(sd: Systemd) -> None:
     assert sd.show("vsup.service", "NotifyAccess") == "main"
     assert sd.show("vsup.service", "TimeoutStopUSec") == "2min"
     journal = sd.run("journalctl --no-pager -o cat _PID=1").stdout
-    assert [l for l in journal.splitlines() if "vsup.service" in l] == []
+    assert [line for line in journal.splitlines() if "vsup.service" in line] == []
 
 
 def test_notify_unit_is_active_with_its_status(sd: Systemd) -> None:

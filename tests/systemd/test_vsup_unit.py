@@ -155,9 +155,9 @@ def test_start_is_active_with_status_as_user_vsup(sd: Systemd, running: dict[str
     main = sd.show("vsup.service", "MainPID")
     assert sd.run(f"stat -c %U /proc/{main} /proc/{running['pid']}").stdout.split() == ["vsup", "vsup"]
     events = [
-        json.loads(l)
-        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-        if l.startswith("{")
+        json.loads(line)
+        for line in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if line.startswith("{")
     ]
     assert any(e["event"] == "ready" and e["model"] == "fake-model" for e in events)
 
@@ -219,9 +219,9 @@ def test_stop_is_a_clean_success_done_by_vsup_itself(sd: Systemd, running: dict[
     sd.run("systemctl stop vsup.service", timeout=180)
     assert sd.show("vsup.service", "Result") == "success"
     events = [
-        json.loads(l)
-        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-        if l.startswith("{")
+        json.loads(line)
+        for line in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if line.startswith("{")
     ]
     teardown = [e for e in events if e["event"] == "cleanup" and e.get("why") == "teardown"][-1]
     assert teardown["unlinked"] >= 1 and teardown["remaining"] == []
@@ -235,8 +235,8 @@ def test_systemctl_reload_reloads_the_current_model(sd: Systemd, running: dict[s
     assert sd.show("vsup.service", "ActiveState") == "active"
     assert sd.show("vsup.service", "NRestarts") == "0"
     phases = [
-        json.loads(l)["phase"]
-        for l in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
-        if l.startswith("{") and '"reload_phase"' in l
+        json.loads(line)["phase"]
+        for line in sd.run("journalctl -u vsup.service -o cat --no-pager").stdout.splitlines()
+        if line.startswith("{") and '"reload_phase"' in line
     ]
     assert phases[:4] == ["drain", "stop", "cleanup", "start"]
