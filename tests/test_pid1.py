@@ -1,0 +1,232 @@
+"""vsup as PID 1 of a PID namespace of its own (`unshare --pid --fork --mount-proc`), the shape
+of a container whose entrypoint it is: it reaps every zombie, SIGTERM ends it with exit 0 and
+nothing left, a server that ends `failed` ends it non-zero with the termination message, and
+its probes tell the truth. Fast tests use the fake API server; the `vllm` ones the real vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from support import FAKES, ROOT, free_port, wait_for, write_config
+from vsup.control import ControlClient, DaemonUnreachable
+
+
+def _require_unshare() -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and util-linux unshare (this machine has both)")
+
+
+class Pid1:
+    """`vsup run` as PID 1 of new PID and mount namespaces (a private /proc), seen from outside."""
+
+    def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]]) -> None:
+        self.tmp = tmp
+        self.state_dir = tmp / "state"
+        self.socket = tmp / "run" / "vsup.sock"
+        base: dict[str, dict[str, Any]] = {
+            "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket)},
+        }
+        for k, v in sections.items():
+            base.setdefault(k, {}).update(v)
+        base["vllm"].setdefault("log_file", str(tmp / "vllm.log"))
+        self.config = write_config(tmp / "vsup.toml", base)
+        self.stderr_path = tmp / "daemon.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Pid1:
+        _require_unshare()
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
+        env.pop("NOTIFY_SOCKET", None)
+        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                sys.executable,
+                "-m",
+                "vsup",
+                "run",
+                "--config",
+                str(self.config),
+            ],
+            stdout=self._stderr,
+            stderr=self._stderr,
+            env=env,
+            start_new_session=True,
+        )
+        wait_for(lambda: self.vsup_pid() is not None, 30, "vsup as PID 1 of the namespace")
+        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
+        assert self.proc.poll() is None, self.stderr_path.read_text()[-2000:]
+        return self
+
+    def vsup_pid(self) -> int | None:
+        """vsup's pid as this (outer) namespace sees it: unshare's only child."""
+        try:
+            kids = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return None
+        return kids[0].pid if kids else None
+
+    def nspid(self, pid: int) -> list[int]:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+        return []
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.call("status", timeout=5).get("ok"))
+        except DaemonUnreachable:
+            return False
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        return ControlClient(self.socket, timeout_s=timeout).call(cmd, args or {})
+
+    def status(self) -> dict[str, Any]:
+        r = self.call("status")
+        assert r["ok"], r
+        return r["result"]
+
+    def wait_state(self, *states: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (s := self.status())["state"] in states and s, timeout, f"state in {states}", 0.2
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def namespace_procs(self) -> list[psutil.Process]:
+        """Every process of the namespace (vsup and its descendants), zombies included."""
+        pid = self.vsup_pid()
+        if pid is None:
+            return []
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+
+    def sigterm(self) -> None:
+        pid = self.vsup_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with_pid = self.vsup_pid()
+            if with_pid is not None:
+                os.kill(with_pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # --kill-child ends the namespace
+                self.proc.wait(10)
+        from vsup import cleanup, proctree
+
+        recs = proctree.Ledger(self.state_dir).load()
+        if recs:
+            cleanup.cleanup(recs, grace_s=2.0)
+        if hasattr(self, "_stderr"):
+            self._stderr.close()
+
+
+def fake_sections(tmp: Path, port: int, *, python: str = sys.executable, mode: str = "ok") -> dict[str, Any]:
+    return {
+        "vllm": {
+            "python": python,
+            "module": "fake_api_server",
+            "model": "fake-model",
+            "port": port,
+            "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode},
+        },
+        "timeouts": {
+            "start_s": 30.0,
+            "stop_grace_s": 5.0,
+            "canary_s": 2.0,
+            "first_canary_s": 5.0,
+            "probe_s": 2.0,
+            "cleanup_grace_s": 1.0,
+            "drain_s": 5.0,
+            "shutdown_drain_s": 5.0,
+        },
+        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 2, "window_s": 60.0},
+        "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
+    }
+
+
+@pytest.fixture
+def pid1(tmp_path: Path) -> Iterator[list[Pid1]]:
+    made: list[Pid1] = []
+    yield made
+    for d in made:
+        d.close()
+
+
+def _orphan_maker(tmp: Path) -> Path:
+    """A 'python' for vLLM that first leaves an orphan behind (a child whose parent exits at
+    once, so it is reparented to PID 1), which exits a moment later, then becomes the server."""
+    script = tmp / "python-with-orphan"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"( sh -c 'echo $$ > {tmp}/orphan.pid; sleep 1; exit 3' & )\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, pid1: list[Pid1]) -> None:
+    """As PID 1 vsup gets the orphan of a process it never started (its parent exited) and reaps
+    it when it exits: no zombie stays. SIGTERM then ends vsup with 0 and nothing of the tree."""
+    d = Pid1(tmp_path, fake_sections(tmp_path, free_port(8050, 8099), python=str(_orphan_maker(tmp_path))))
+    pid1.append(d)
+    d.start()
+    vsup = d.vsup_pid()
+    assert vsup is not None and d.nspid(vsup)[-1] == 1
+    d.wait_state("ready")
+    orphan_file = tmp_path / "orphan.pid"
+    orphan_ns = int(
+        wait_for(lambda: orphan_file.exists() and orphan_file.read_text().strip(), 10, "the orphan")
+    )
+
+    def orphan() -> psutil.Process | None:
+        for p in d.namespace_procs():
+            if _alive_in(p) and d.nspid(p.pid)[-1:] == [orphan_ns]:
+                return p
+        return None
+
+    # Its parent (the subshell) exited at once: the orphan's parent is now vsup, PID 1.
+    host = wait_for(
+        lambda: (o := orphan()) is not None and o.ppid() == vsup and o, 5, "the orphan under PID 1"
+    )
+    # It exits after 1 s; reaped means no process entry at all, not even a zombie.
+    wait_for(lambda: not psutil.pid_exists(host.pid), 10, "the orphan's zombie reaped")
+    assert not any(p.status() == psutil.STATUS_ZOMBIE for p in d.namespace_procs() if _alive_in(p))
+    tree = [p.pid for p in d.namespace_procs() if p.pid != vsup]
+    assert tree, "the fake server's tree runs below vsup"
+    d.sigterm()
+    assert d.proc.wait(30) == 0, d.stderr_path.read_text()[-2000:]
+    assert not [p for p in tree if psutil.pid_exists(p) and _alive_in(psutil.Process(p))]
+    assert [e["event"] for e in d.events()][-1] == "daemon_stopped"
+
+
+def _alive_in(p: psutil.Process) -> bool:
+    try:
+        p.status()
+        return True
+    except psutil.NoSuchProcess:
+        return False
