@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,66 @@ def test_readiness_must_be_a_known_mode(tmp_path: Path) -> None:
         _cfg(tmp_path, readiness="always")
     assert e.value.key == "daemon.readiness" and "'serving', 'hold'" in e.value.problem
     assert _cfg(tmp_path, readiness="hold", exit_on_failed=True).daemon.exit_on_failed
+
+
+# ---- the proxy's side of a shutdown -------------------------------------------------------------
+
+
+def test_closing_route_refuses_held_and_new_requests_while_in_flight_ones_finish() -> None:
+    """After SIGTERM the owner publishes a closing route: a held request gets 503 + Retry-After
+    at once, a new one 503 with Connection: close, and a request already forwarded finishes."""
+    import aiohttp
+    from aiohttp import web
+
+    from vsup.config import ProxyConfig
+    from vsup.gate import Gate, Route
+    from vsup.proxy import Proxy
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def slow(request: web.Request) -> web.Response:
+            await release.wait()
+            return web.json_response({"done": True})
+
+        up = web.AppRunner(web.Application())
+        up.app.router.add_post("/v1/completions", slow)
+        await up.setup()
+        site = web.TCPSite(up, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        gate = Gate(Route(state="ready", upstream=("127.0.0.1", port), gen=1))
+        proxy = Proxy(ProxyConfig(listen="127.0.0.1:0"), gate, post=lambda o: None, emit=lambda n, **f: None)
+        await proxy.start()
+        assert proxy.address is not None
+        base = f"http://127.0.0.1:{proxy.address[1]}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                in_flight = asyncio.create_task(s.post(base + "/v1/completions", json={}))
+                await wait_async(lambda: proxy.in_flight() == 1)
+                gate.publish(Route(state="reloading", hold=True, gen=1))
+                held = asyncio.create_task(s.post(base + "/v1/completions", json={}))
+                await wait_async(lambda: proxy.held() == 1)
+                gate.publish(Route(state="stopping", reason="shutting down", closing=True, gen=1))
+                r = await held
+                assert r.status == 503 and r.headers["Retry-After"] and r.headers["Connection"] == "close"
+                assert (await r.json())["error"]["message"] == "vsup is shutting down"
+                r2 = await s.post(base + "/v1/completions", json={})
+                assert r2.status == 503 and r2.headers["Connection"] == "close"
+                assert not in_flight.done()
+                release.set()
+                r3 = await in_flight
+                assert r3.status == 200 and await r3.json() == {"done": True}
+                assert proxy.in_flight() == 0
+        finally:
+            await proxy.stop()
+            await up.cleanup()
+
+    asyncio.run(scenario())
+
+
+async def wait_async(pred: Any, timeout: float = 5.0) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < end, "timed out"
+        await asyncio.sleep(0.01)

@@ -30,6 +30,9 @@ class Route:
     hold: bool = False  # no upstream: True = requests wait (a server is coming), False = 503 now
     model: str | None = None  # served model name of the current or coming server
     idle: bool = False  # stopped because idle (off-load): a request should wake it
+    # vsup is shutting down (SIGTERM): every request not yet forwarded, held or new, gets 503
+    # with Retry-After at once and its connection is closed; requests in flight finish.
+    closing: bool = False
     since: float = field(default_factory=time.monotonic)
 
 

@@ -374,6 +374,8 @@ class Proxy:
             while True:
                 route = self.gate.route
                 now = self._clock()
+                if route.closing:
+                    raise _Refuse("shutting_down", self._closing(route))
                 if route.upstream is not None and (avoid is None or route.gen != avoid[0] or now >= avoid[1]):
                     return route
                 if route.upstream is None and not route.hold:
@@ -419,6 +421,20 @@ class Proxy:
         finally:
             if deadline is not None:
                 self._unhold(req)
+
+    def _closing(self, route: Route) -> web.Response:
+        """Shutdown (issue 18): 503 + Retry-After (another replica, or this one restarted, will
+        answer) and Connection: close, so a keep-alive client reconnects through the Service."""
+        resp = error_response(
+            503,
+            "vsup is shutting down",
+            "ServiceUnavailable",
+            retry_after=self.cfg.retry_after_s,
+            state=route.state,
+            reason=route.reason,
+        )
+        resp.force_close()
+        return resp
 
     def _hold(self, req: _Req, route: Route, now: float, body: bytes) -> float:
         if len(self._held) >= self.cfg.max_held:
