@@ -14,8 +14,8 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from . import __version__
 from . import config as config_mod
@@ -44,13 +44,13 @@ examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 with one line, as argparse does
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2 with one line, as argparse does
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"vsup: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config", metavar="PATH", help="config file (default: $VSUP_CONFIG, else /etc/vsup/vsup.toml)"
     )
@@ -171,8 +171,8 @@ def _call(
     cmd: str,
     cmd_args: dict[str, Any] | None = None,
     *,
-    on_progress: Callable[[dict], None] | None = None,
-    on_event: Callable[[dict], None] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float | None = 30.0,
 ) -> dict[str, Any]:
     from .control import ControlClient, DaemonUnreachable

@@ -17,8 +17,9 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -150,14 +151,14 @@ class EventLog:
         """Update the defaults of the fixed keys (state, model, pid) for later events."""
         self._context.update(context)
 
-    def _complete(self, _logger: Any, _name: str, ev: dict[str, Any]) -> dict[str, Any]:
+    def _complete(self, _logger: Any, _name: str, ev: MutableMapping[str, Any]) -> dict[str, Any]:
         ordered = {k: ev.pop(k, self._context.get(k)) for k in FIXED_KEYS}
         ordered.update(ev)
         self.recent.append(ordered)
         for fn in list(self._subscribers):
             try:
                 fn(ordered)
-            except Exception:  # a broken follower must not break the daemon
+            except Exception:  # noqa: BLE001 - a broken follower must not break the daemon
                 self._subscribers.remove(fn)
         return ordered
 

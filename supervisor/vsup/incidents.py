@@ -52,10 +52,10 @@ def write_bundle(
     kind: str,
     lines: list[str],
     tree: Any,
-    events: list[dict],
-    cleanup: dict | None,
+    events: list[dict[str, Any]],
+    cleanup: dict[str, Any] | None,
     vllm_version: str | None,
-    stacks: dict | None = None,
+    stacks: dict[str, Any] | None = None,
 ) -> Path | None:
     """`stacks`: a stacks.StacksReport.to_json() recorded before the teardown (hangs), written as
     stacks.json (for `vsup diagnose <bundle>`) and stacks.txt, with the stuck-rank verdict in
@@ -133,7 +133,7 @@ def _write(p: Path, text: str) -> None:
         f.write(text)
 
 
-def _shm_listing(root: str = "/dev/shm") -> list[dict[str, Any]]:
+def _shm_listing(root: str = "/dev/shm") -> list[dict[str, Any]]:  # noqa: S108 - listed, not written
     out = []
     with contextlib.suppress(OSError):
         for e in os.scandir(root):

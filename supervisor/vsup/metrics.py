@@ -24,7 +24,7 @@ from typing import Any
 try:
     import prometheus_client as _prom
 except ImportError:  # optional extra not installed
-    _prom = None
+    _prom = None  # type: ignore[assignment]  # `available` says so; checked before every use
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class Metrics:
             "vsup_cleanup_processes_killed", "orphan or leftover processes killed by cleanup", registry=r
         )
         self._unlinked = _prom.Counter(
-            "vsup_cleanup_objects_unlinked", "/dev/shm and /tmp objects unlinked by cleanup", registry=r
+            "vsup_cleanup_objects_unlinked",
+            "/dev/shm and /tmp objects unlinked by cleanup",  # noqa: S108 - help text
+            registry=r,
         )
         self._freed = _prom.Counter(
             "vsup_cleanup_bytes_freed", "bytes of /dev/shm and /tmp freed by cleanup", registry=r
