@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # Kubernetes keeps at most 4096 bytes of a container's termination message.
@@ -109,9 +109,13 @@ class Probes:
         if ev.get("event") == "state" and ev.get("state") == "ready":
             self.loaded = True
 
+    def view(self) -> View:
+        v = self._read()
+        return v if v.loaded or not self.loaded else replace(v, loaded=True)
+
     def answer(self, path: str) -> Answer | None:
         fn = PATHS.get(path)
-        return None if fn is None else fn(self._read(), self.mode)
+        return None if fn is None else fn(self.view(), self.mode)
 
     def aiohttp_handlers(self) -> dict[str, Any]:
         """{path: aiohttp handler} for `Proxy.add_local`."""
@@ -119,7 +123,7 @@ class Probes:
 
         def handler(path: str) -> Any:
             async def handle(request: web.Request) -> web.StreamResponse:
-                status, body = PATHS[path](self._read(), self.mode)
+                status, body = PATHS[path](self.view(), self.mode)
                 return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
             return handle

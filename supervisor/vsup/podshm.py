@@ -294,5 +294,7 @@ def _entries(root: Path) -> list[str]:
 
 def prepare(declared: bool, shm_root: str = SHM_ROOT, *, host: Host | None = None) -> ClearReport:
     """At daemon start: decide ownership of `shm_root` and clear a dead container's leftovers."""
+    if not declared:  # the usual case (systemd, a host): nothing to read
+        return ClearReport(Ownership(False, "not declared private ([daemon] shm_private = false)"))
     own = decide(gather(declared, shm_root), shm_root)
     return clear_leftovers(own, host=host or Host(shm_root=shm_root))
