@@ -11,11 +11,13 @@ Lookup order for every subcommand: ``--config PATH`` > ``$VSUP_CONFIG`` > ``/etc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_PATH = Path("/etc/vsup/vsup.toml")
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -35,7 +37,7 @@ class ConfigError(Exception):
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+        return field(default_factory=functools.partial(type(default), default), metadata={"doc": doc, **kw})
     return field(default=default, metadata={"doc": doc, **kw})
 
 
@@ -94,7 +96,8 @@ class TimeoutsConfig:
     )
     stop_grace_s: float = _f(
         20.0,
-        "stop, reload: SIGTERM to the API server, then this long before SIGKILL of the tree (failed server: 3 s at most)",
+        "stop, reload: SIGTERM to the API server, then this long before SIGKILL of the tree "
+        "(failed server: 3 s at most)",
         min=0,
     )
     # A hung worker keeps the API server in "Waiting for connections to close" forever, so
@@ -337,7 +340,7 @@ def _type_name(v: Any) -> str:
     )
 
 
-def _check_type(value: Any, f: dataclasses.Field, key: str, path: Path) -> Any:
+def _check_type(value: Any, f: dataclasses.Field[Any], key: str, path: Path) -> Any:
     ann = str(f.type)
     want: str
     if ann.startswith("list[str]"):
@@ -581,7 +584,7 @@ def explain() -> str:
             elif f.default is not dataclasses.MISSING:
                 dflt = repr(f.default) if not isinstance(f.default, tuple) else "(see docs)"
             else:
-                dflt = repr(f.default_factory())  # type: ignore[misc]
+                dflt = repr(f.default_factory())  # type: ignore[operator]  # _f gives each field one or the other
             lines.append(f"  {f.name} = {dflt}    # {f.metadata.get('doc', '')}")
     lines.append("[models.NAME]  model (required), args, env, served_model_name")
     lines.append("[proxy]  (optional: without it vsup runs no proxy)")
