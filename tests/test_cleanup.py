@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from fakes.fake_host import API_CMD, TRACKER_CMD, FakeHost, add_vllm_tree
 from fakes.trees import (
-    OTHER_USER,
     Decoy,
     FakeTree,
     OtherUserOrphan,
@@ -24,7 +24,6 @@ from fakes.trees import (
     unlink_quiet,
     wait_for,
 )
-
 from vsup.cleanup import Report, cleanup, find_orphans, port_holder, render_table
 from vsup.host import Host
 from vsup.proctree import IpcRef, refresh
@@ -35,7 +34,7 @@ FAST = dict(grace_s=2.0, tracker_grace_s=3.0, kill_wait_s=2.0, poll_s=0.05)
 def run(host, dead=(), **kw):
     msgs: list[str] = []
     rep = cleanup(list(dead), host=host, progress=msgs.append, **{**FAST, **kw})
-    rep.messages = msgs  # type: ignore[attr-defined]
+    rep.messages = msgs
     return rep
 
 

@@ -23,8 +23,9 @@ import re
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from vsup.host import Host, ProcInfo, SignalResult, same_process
+from vsup.host import FileStat, Host, ProcInfo, SignalResult, same_process
 from vsup.proctree import (
     DIST_FILE,
     RECORD_CLOCK_SLACK_S,
@@ -68,17 +69,17 @@ SHM_PATTERN = re.compile(
 
 @dataclass
 class Report:
-    killed: list[dict] = field(default_factory=list)  # {"pid","name","sid","how"}
-    unlinked: list[dict] = field(default_factory=list)  # {"name","kind","bytes","size","by"}
+    killed: list[dict[str, Any]] = field(default_factory=list)  # {"pid","name","sid","how"}
+    unlinked: list[dict[str, Any]] = field(default_factory=list)  # {"name","kind","bytes","size","by"}
     removed_files: list[str] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # {"name","reason"}
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"name","reason"}
     bytes_freed: int = 0  # allocated bytes (st_blocks * 512) of what was unlinked or freed
-    remaining: list[dict] = field(default_factory=list)  # {"name"|"pid", "reason"}
-    zombies: list[dict] = field(default_factory=list)  # {"pid","name","ppid"}: already dead
+    remaining: list[dict[str, Any]] = field(default_factory=list)  # {"name"|"pid", "reason"}
+    zombies: list[dict[str, Any]] = field(default_factory=list)  # {"pid","name","ppid"}: already dead
     dry_run: bool = False
     apparent_bytes_freed: int = 0  # st_size sum: what `ls -l` would have shown
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
@@ -500,14 +501,14 @@ def cleanup(
     return rep
 
 
-def _freed(rep: Report, name: str, kind: str, st, by: str) -> None:
+def _freed(rep: Report, name: str, kind: str, st: FileStat, by: str) -> None:
     rep.unlinked.append({"name": name, "kind": kind, "bytes": st.alloc, "size": st.size, "by": by})
     rep.bytes_freed += st.alloc
     rep.apparent_bytes_freed += st.size
 
 
 # ---- port ------------------------------------------------------------------------------------
-def port_holder(port: int, host: Host | None = None) -> dict | None:
+def port_holder(port: int, host: Host | None = None) -> dict[str, Any] | None:
     """Who listens on TCP `port` (IPv4 or IPv6): {"pid","name","cmdline","user"}, or None."""
     host = host or Host()
     pids = host.tcp_listeners(port)
@@ -547,7 +548,7 @@ def render_table(report: Report) -> str:
         rows.append(
             (
                 "REMAINING",
-                r.get("name") if "pid" not in r else f"pid {r['pid']} {r.get('name', '')}",
+                r["name"] if "pid" not in r else f"pid {r['pid']} {r.get('name', '')}",
                 r["reason"],
             )
         )
