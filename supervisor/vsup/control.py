@@ -114,8 +114,8 @@ DEFAULT_MAX_PER_UID = 8
 # measured from its start, with a `timeout` reply: it holds a slot, so it must not hold it
 # forever. Admins' requests are not bounded here (a reload takes what it takes).
 DEFAULT_LONG_REQUEST_S = 900.0
-# Refused requests (forbidden, unknown command) one connection may make; the last one's reply
-# ends it. A loop of refused requests on one connection once wrote 15,000 events in 3.5 s.
+# Forbidden requests one connection may make; the last one's reply ends it. A loop of refused
+# requests on one connection once wrote 15,000 events in 3.5 s.
 REFUSALS_PER_CONNECTION = 3
 # Refusals are events once per uid per this window; the rest are counted into the next one.
 REFUSAL_EVENT_WINDOW_S = 60.0
@@ -579,27 +579,25 @@ class _Connection:
         can_read = server.acl.can_read(peer, daemon_uid=server.daemon_uid)
         if can_read and cmd not in server.handlers:
             known = ", ".join(sorted(server.handlers))
-            self._refused("unknown_command", cmd)
             return _error(rid, "unknown_command", f"unknown command {_short(cmd)}; known: {known}")
         if can_read and (
             cmd in server.read_only_commands or server.acl.is_admin(peer, daemon_uid=server.daemon_uid)
         ):
             return Request(rid, cmd, args, peer, self)
-        self._refused("forbidden", cmd)
+        self._refused(cmd)
         if can_read:
             message = f"{cmd!r} needs admin rights; uid {peer.uid} may only read"
         else:
             message = f"uid {peer.uid} may not use the vsup control socket"
         return _error(rid, "forbidden", message)
 
-    def _refused(self, code: str, cmd: str) -> None:
-        """Count one refusal: the connection ends with the REFUSALS_PER_CONNECTION-th reply,
-        and the server makes an event of it at most once a window per uid."""
+    def _refused(self, cmd: str) -> None:
+        """Count one forbidden request: the REFUSALS_PER_CONNECTION-th reply ends the
+        connection, and the server makes an event of it at most once a window per uid."""
         self._refusals += 1
         if self._refusals >= REFUSALS_PER_CONNECTION:
             self._ending = True
-        if code == "forbidden":
-            self.server._refusal_event("control_forbidden", self.uid, {**self.fields(), "cmd": cmd[:64]})
+        self.server._refusal_event("control_forbidden", self.uid, {**self.fields(), "cmd": cmd[:64]})
 
     async def _close(self) -> None:
         transport = self.writer.transport
