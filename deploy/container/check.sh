@@ -31,6 +31,7 @@ command -v podman >/dev/null || die "podman missing: apt-get install -y podman"
 command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install -y debootstrap"
 mkdir -p "$WORK"
 
+# RUN steps use chroot isolation: no OCI runtime, so neither cgroups nor rlimits get in the way.
 # 1-2. The base image, FROM scratch.
 if ! podman image exists "$BASE_IMAGE"; then
     if [[ ! -x $WORK/rootfs/usr/bin/python3 ]]; then
@@ -56,7 +57,7 @@ spec_args=(--build-arg "VLLM_SPEC=$VLLM_SPEC")
 [[ $VLLM_SPEC == none ]] && spec_args=(--build-arg "VLLM_SPEC=pip")
 log "building $IMAGE (BASE=$BASE_IMAGE, VLLM_SPEC=$VLLM_SPEC)"
 t0=$SECONDS
-podman build -f "$REPO/deploy/container/Containerfile" --build-arg "BASE=$BASE_IMAGE" \
+podman build --isolation chroot -f "$REPO/deploy/container/Containerfile" --build-arg "BASE=$BASE_IMAGE" \
     "${spec_args[@]}" --build-arg "EXTRAS=metrics" "${mounts[@]}" \
     --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     -t "$IMAGE" "$REPO" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; die "build failed"; }
@@ -66,7 +67,11 @@ log "built in $((SECONDS - t0)) s; $(podman image inspect "$IMAGE" --format '{{.
 [[ $(podman image inspect "$IMAGE" --format '{{json .Config.Entrypoint}}') == '["/opt/vsup/bin/vsup"]' ]] \
     || die "entrypoint is not vsup"
 [[ $(podman image inspect "$IMAGE" --format '{{.Config.User}}') == 10001:10001 ]] || die "user is not 10001"
-run=(podman run --rm --read-only --network none --user 10001:10001)
+# This machine (cgroup v1 + v2 "hybrid", capped rlimits) needs runc (crun refuses hybrid cgroups)
+# and rlimits no higher than its own: podman's defaults are refused by the kernel here.
+PODMAN=(podman --runtime runc)
+LIMITS=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
+run=("${PODMAN[@]}" run --rm "${LIMITS[@]}" --read-only --network none --user 10001:10001)
 "${run[@]}" "$IMAGE" --help >/dev/null || die "vsup --help failed in the image"
 "${run[@]}" --entrypoint /opt/vsup/bin/python "$IMAGE" -c 'import vsup, sys; assert "vllm" not in sys.modules' \
     || die "vsup's venv"
@@ -85,8 +90,12 @@ rm -rf "$cm" && mkdir -p "$cm"
 import sys, yaml
 open(sys.argv[2], "w").write(yaml.safe_load(open(sys.argv[1]))["data"]["vsup.toml"])
 EOF
-vols=(--tmpfs /var/lib/vsup:uid=10001,gid=10001,mode=0750 --tmpfs /run/vsup:uid=10001,gid=10001,mode=0750
-      --tmpfs /var/log/vsup:uid=10001,gid=10001,mode=0750 --tmpfs /tmp:mode=1777 --shm-size 256m)
+# vsup's directories as the pod's init step leaves them: owned by uid 10001, mode 0750.
+vols=(--tmpfs /tmp:rw,mode=1777 --shm-size 256m)
+for d in state run logs; do
+    rm -rf "${WORK:?}/$d" && install -d -o 10001 -g 10001 -m 0750 "$WORK/$d"
+done
+vols+=(-v "$WORK/state:/var/lib/vsup" -v "$WORK/run:/run/vsup" -v "$WORK/logs:/var/log/vsup")
 "${run[@]}" "${vols[@]}" -v "$cm:/etc/vsup:ro" "$IMAGE" check-config /etc/vsup/vsup.toml \
     || die "check-config of the ConfigMap failed in the image"
 
@@ -112,18 +121,18 @@ shutdown_drain_s = 5.0
 canary_interval_s = 2.0
 EOF
 name="vsup-check-$$"
-podman run -d --name "$name" --read-only --network none --user 10001:10001 "${vols[@]}" \
+"${PODMAN[@]}" run -d "${LIMITS[@]}" --name "$name" --read-only --network none --user 10001:10001 "${vols[@]}" \
     -v "$fake:/fake:ro" "$IMAGE" run --config /fake/vsup.toml >/dev/null
 trap 'podman rm -f "$name" >/dev/null 2>&1 || true' EXIT
 state=""
 for _ in $(seq 1 120); do
-    state=$(podman exec "$name" /opt/vsup/bin/vsup status --json --config /fake/vsup.toml 2>/dev/null \
+    state=$("${PODMAN[@]}" exec "$name" /opt/vsup/bin/vsup status --json --config /fake/vsup.toml 2>/dev/null \
         | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])' 2>/dev/null || true)
     [[ $state == ready ]] && break
     sleep 0.5
 done
 [[ $state == ready ]] || { podman logs "$name" | tail -20; die "vsup in the container never got ready ($state)"; }
-pid1=$(podman exec "$name" cat /proc/1/cmdline | tr '\0' ' ')
+pid1=$("${PODMAN[@]}" exec "$name" cat /proc/1/cmdline | tr '\0' ' ')
 [[ $pid1 == *"/opt/vsup/bin/vsup run"* ]] || die "PID 1 is not vsup: $pid1"
 podman kill --signal TERM "$name" >/dev/null
 code=$(podman wait "$name")
