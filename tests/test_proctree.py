@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from fakes.fake_host import API_CMD, FakeHost, add_vllm_tree
-from fakes.trees import FakeTree, alive, kill_session, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fakes.fake_host import API_CMD, FakeHost, add_vllm_tree
+from fakes.trees import FakeTree, alive, kill_session, wait_for
 from vsup.host import Host
 from vsup.proctree import (
     DIST_ATTRIBUTION_WINDOW_S,

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vsup.host import CREATE_TIME_TOLERANCE_S, FileStat, Host, ProcInfo, same_process, strip_deleted
 
@@ -45,7 +46,7 @@ TREE_TMPDIR = re.compile(r"^vsup-tree-[0-9a-f]{12}$")
 # judges only paths under the tmp root (a ledger path elsewhere is ignored, so a planted ledger
 # cannot make it remove /etc/...). A tree dir made under another $TMPDIR leaked and its ledger
 # entry was dropped as clean (issue 20, finding 9).
-TREE_TMP_ROOT = "/tmp"
+TREE_TMP_ROOT = "/tmp"  # noqa: S108 - a root: each tree's dir in it is a fresh random-named mkdir 0700
 # A recorded create time may precede the tree's `started_at` by this much and still be the
 # tree's: started_at is time.time() just before the spawn, a create time is starttime/CLK_TCK +
 # an integer btime (host.CREATE_TIME_TOLERANCE_S), plus a small clock step.
@@ -101,11 +102,11 @@ class TreeRecord:
     boot_id: str = ""
     uid: int | None = None  # the euid that spawned the tree; None = unknown (older ledgers)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> TreeRecord:
+    def from_json(cls, d: dict[str, Any]) -> TreeRecord:
         """Parse one record; anything but the documented types and ranges raises ValueError,
         TypeError or KeyError (never a huge or infinite number: `"pid": 1e400`)."""
         uid = d.get("uid")
@@ -129,7 +130,7 @@ class TreeRecord:
         )
 
 
-def _procref(d: dict) -> ProcRef:
+def _procref(d: dict[str, Any]) -> ProcRef:
     return ProcRef(
         _int(d["pid"]), _float(d["create_time"]), _str(d["name"]), [_str(a) for a in _list(d["cmdline"])]
     )
@@ -161,7 +162,7 @@ def _str(v: object) -> str:
     return v
 
 
-def _list(v: object) -> list:
+def _list(v: object) -> list[Any]:
     if not isinstance(v, list):
         raise ValueError(f"expected a list, got {type(v).__name__}")
     return v
@@ -416,7 +417,7 @@ def spawn(
     model: str,
     port: int,
     host: Host | None = None,
-) -> tuple[subprocess.Popen, TreeRecord]:
+) -> tuple[subprocess.Popen[bytes], TreeRecord]:
     """Start `argv` in a new session with stdout+stderr appended to `log_path`.
 
     The log fd is opened O_APPEND here and closed in the parent right after the fork, so the
@@ -659,7 +660,7 @@ class Ledger:
             return [TreeRecord.from_json(t) for t in data["trees"]]
         except RecursionError:
             return self._aside("nested too deeply")
-        except Exception as e:  # any way a file fails to parse means corrupt, never a crash
+        except Exception as e:  # noqa: BLE001 - any way a file fails to parse means corrupt, never a crash
             return self._aside(f"{type(e).__name__}: {e}")
 
     def _read(self) -> bytes:
