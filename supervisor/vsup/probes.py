@@ -8,6 +8,7 @@ one. Each probe returns a ``ProbeResult``; none raises for a network or protocol
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 
 @dataclass(frozen=True)
@@ -86,49 +87,62 @@ def api_key(
 
 
 class Prober:
-    """Probes one server. One pooled async client; ``trust_env=False`` so a host proxy
-    variable can never route a loopback probe elsewhere. ``api_key``: sent as a Bearer token
-    (a server started with ``--api-key`` answers 401 to /v1/* without it, so it could never
-    become ready); never logged: a failed probe's detail carries the status, not the headers."""
+    """Probes one server, over one pooled aiohttp session made on first use (inside the loop).
+    aiohttp, as the proxy: one HTTP stack in the daemon. It ignores proxy variables unless told
+    (``trust_env`` defaults to False), so no host proxy can route a loopback probe elsewhere.
+    ``api_key``: sent as a Bearer token (a server started with ``--api-key`` answers 401 to /v1/*
+    without it, so it could never become ready); never logged: a failed probe's detail carries
+    the status, not the headers. ``timeout_s`` bounds each probe in total (connect to last byte)."""
 
     def __init__(self, host: str, port: int, *, timeout_s: float, api_key: str | None = None) -> None:
         h = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.base = f"http://{h}:{port}"
         self.timeout_s = timeout_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self._client = httpx.AsyncClient(
-            base_url=self.base, trust_env=False, timeout=timeout_s, headers=headers
-        )
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=4),
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def _get(self, probe: str, path: str) -> tuple[ProbeResult, httpx.Response | None]:
+    async def _get(self, probe: str, path: str) -> tuple[ProbeResult, bytes]:
         t0 = time.monotonic()
         try:
-            r = await self._client.get(path)
-        except httpx.TimeoutException:
+            async with self._client().get(self.base + path) as r:
+                status, body = r.status, await r.read()
+        except TimeoutError:
             return ProbeResult(
                 probe, False, f"GET {path} timed out after {self.timeout_s:g}s", time.monotonic() - t0
-            ), None
-        except httpx.HTTPError as e:
+            ), b""
+        except aiohttp.ClientError as e:
             return ProbeResult(
                 probe, False, f"GET {path}: {type(e).__name__}: {e}", time.monotonic() - t0
-            ), None
+            ), b""
         dt = time.monotonic() - t0
-        if r.status_code != 200:
-            return ProbeResult(probe, False, f"GET {path} -> HTTP {r.status_code}", dt), r
-        return ProbeResult(probe, True, "200", dt), r
+        if status != 200:
+            return ProbeResult(probe, False, f"GET {path} -> HTTP {status}", dt), body
+        return ProbeResult(probe, True, "200", dt), body
 
     async def health(self) -> ProbeResult:
         return (await self._get("health", "/health"))[0]
 
     async def models(self, expect: str) -> ProbeResult:
-        res, r = await self._get("models", "/v1/models")
-        if not res.ok or r is None:
+        res, body = await self._get("models", "/v1/models")
+        if not res.ok:
             return res
         try:
-            ids = [m["id"] for m in r.json().get("data", [])]
+            ids = [m["id"] for m in json.loads(body).get("data", [])]
         except (ValueError, KeyError, TypeError, AttributeError):
             return ProbeResult("models", False, "GET /v1/models: malformed JSON", res.seconds)
         if expect not in ids:
@@ -138,10 +152,10 @@ class Prober:
         return ProbeResult("models", True, f"lists {expect!r}", res.seconds, {"ids": ids})
 
     async def metrics(self) -> ProbeResult:
-        res, r = await self._get("metrics", "/metrics")
-        if not res.ok or r is None:
+        res, body = await self._get("metrics", "/metrics")
+        if not res.ok:
             return res
-        p = parse_metrics(r.text)
+        p = parse_metrics(body.decode("utf-8", "replace"))
         if p is None:
             return ProbeResult("metrics", False, "no vllm:* request/token series in /metrics", res.seconds)
         return ProbeResult(
@@ -162,17 +176,20 @@ class Prober:
         }
         t0 = time.monotonic()
         try:
-            r = await self._client.post("/v1/chat/completions", json=body, timeout=timeout_s)
-        except httpx.TimeoutException:
+            async with self._client().post(
+                self.base + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as r:
+                status, raw = r.status, await r.read()
+        except TimeoutError:
             return ProbeResult("canary", False, f"no completion within {timeout_s:g}s", time.monotonic() - t0)
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             return ProbeResult("canary", False, f"{type(e).__name__}: {e}", time.monotonic() - t0)
         dt = time.monotonic() - t0
-        if r.status_code != 200:
-            snippet = r.text[:200].replace("\n", " ")
-            return ProbeResult("canary", False, f"HTTP {r.status_code}: {snippet}", dt)
+        if status != 200:
+            snippet = raw[:200].decode("utf-8", "replace").replace("\n", " ")
+            return ProbeResult("canary", False, f"HTTP {status}: {snippet}", dt)
         try:
-            choices = r.json()["choices"]
+            choices = json.loads(raw)["choices"]
             ok = bool(choices)
         except (ValueError, KeyError, TypeError):
             ok = False
