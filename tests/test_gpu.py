@@ -556,6 +556,7 @@ def test_instances_found_through_configs_and_ledgers(two_instances) -> None:
     own, state, live = two_instances
     found = gpu.find_instances(own, state, create_time=live.get)
     assert [(i.name, i.pids) for i in found] == [("b", frozenset({700, 701}))]
+    assert found[0].config is not None
     assert found[0].config.endswith("etc/b.toml") and found[0].state_dir.endswith("lib/b")
 
 
@@ -578,7 +579,7 @@ def test_precheck_names_the_instance_holding_a_wanted_gpu(two_instances) -> None
     g, _, _ = open_fake(devices, {700: FakeProc(cmdline="VLLM::Worker_TP0", devices=frozenset({"nvidia1"}))})
     instances = gpu.find_instances(own, state, create_time=live.get)
     pre = g.precheck(set(), indices=gpu.visible_indices(g, "GPU-bbb"), instances=instances)
-    assert not pre.ok
+    assert not pre.ok and pre.reason is not None
     assert f"vsup instance 'b' ({own.parent / 'b.toml'}): pid 700" in pre.reason
     assert pre.foreign[0]["instance"] == "b"
     assert g.precheck(set(), indices=gpu.visible_indices(g, "0"), instances=instances).ok
@@ -594,6 +595,7 @@ def test_status_says_which_instance_holds_each_gpu(two_instances) -> None:
     g, _, _ = open_fake(devices, {900: FakeProc(), 700: FakeProc(), 701: FakeProc()})
     instances = gpu.find_instances(own, state, create_time=live.get)
     rows = gpu.status_summary(g, {900}, instances=instances, wanted={0})
+    assert rows is not None
     assert [(r["index"], r["held_by"], r["wanted"]) for r in rows] == [
         (0, [], True),
         (1, [{"instance": "b", "used_mib": 3072}], False),
@@ -608,3 +610,18 @@ def test_visible_indices_from_cuda_visible_devices() -> None:
     assert gpu.visible_indices(g, "GPU-bbb") == {1}
     assert gpu.visible_indices(g, "") == set()
     assert gpu.visible_indices(g, "MIG-123") is None
+
+
+def test_neighbours_of_a_config(two_instances, monkeypatch) -> None:
+    """From a loaded config: the other instances and the GPUs its [vllm].env asks for."""
+    own, state, live = two_instances
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(gpu, "_create_time", live.get)
+    monkeypatch.setattr(gpu.find_instances, "__kwdefaults__", {"create_time": live.get})
+    g, _, _ = open_fake([FakeDevice(uuid="GPU-aaa"), FakeDevice(uuid="GPU-bbb", minor=1)], {})
+    cfg = SimpleNamespace(
+        path=own, state_dir=state, vllm=SimpleNamespace(env={"CUDA_VISIBLE_DEVICES": "GPU-bbb"})
+    )
+    found, wanted = gpu.neighbours(g, cfg)
+    assert [i.name for i in found] == ["b"] and wanted == {1}

@@ -229,7 +229,7 @@ class ReleaseReport:
     freed_mib: dict[int, int] = field(default_factory=dict)
     used_mib: dict[int, int] = field(default_factory=dict)
     baseline_mib: dict[int, int] | None = None
-    remaining: tuple[dict, ...] = ()  # holders present at timeout, each with in_tree
+    remaining: tuple[dict[str, Any], ...] = ()  # holders present at timeout, each with in_tree
     stragglers: tuple[int, ...] = ()  # tree pids alive at timeout with an NVIDIA device open
     reason: str | None = None
     skipped: bool = False
@@ -243,7 +243,7 @@ class ReleaseReport:
 class PrecheckResult:
     ok: bool
     reason: str | None = None
-    foreign: tuple[dict, ...] = ()
+    foreign: tuple[dict[str, Any], ...] = ()
     free_mib: dict[int, int] = field(default_factory=dict)
     skipped: bool = False
 
@@ -292,7 +292,7 @@ class Gpus:
         _unavailable_reason = None
         if nvml is None:
             try:
-                import pynvml as nvml  # type: ignore[import-not-found,no-redef]
+                import pynvml as nvml  # type: ignore[no-redef]  # binds the `nvml` parameter
             except ImportError:
                 return cls._unavailable(
                     "no-module", "nvidia-ml-py is not installed (pip install 'vsup[gpu]')"
@@ -455,7 +455,7 @@ class Gpus:
         pids: Collection[int] | None = None,
         snapshot: Sequence[GpuInfo] | None = None,
         instances: Sequence[Instance] = (),
-    ) -> list[dict]:
+    ) -> list[dict[str, Any]]:
         """Every compute process, named; ``in_tree`` when its local pid is in ``pids``; with
         ``instance`` (and its config and state dir) when it belongs to another vsup instance's tree."""
         tree = set(pids or ())
@@ -715,6 +715,19 @@ def find_instances(
     return out
 
 
+def neighbours(gpus: Gpus | None, cfg: Any) -> tuple[list[Instance], set[int] | None]:
+    """For a pre-start check or a status of the instance configured by `cfg` (a config.Config):
+    the other instances on this host, and the GPUs this one wants (its vLLM's
+    CUDA_VISIBLE_DEVICES: [vllm].env first, else vsup's own environment, which vLLM inherits)."""
+    visible = cfg.vllm.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        found = find_instances(cfg.path, cfg.state_dir)
+    except OSError as e:  # an unreadable neighbour must never stop a start
+        _say_once("instances", "gpu: other vsup instances could not be read: %s", e)
+        found = []
+    return found, visible_indices(gpus, visible)
+
+
 def visible_indices(gpus: Gpus | None, visible: str | None) -> set[int] | None:
     """The GPU indices a CUDA_VISIBLE_DEVICES value names (None: all, when unset). Entries are
     NVML indices or GPU UUIDs; NVML numbers GPUs in PCI bus order, which is CUDA's only with
@@ -764,7 +777,7 @@ def status_summary(
     *,
     instances: Sequence[Instance] = (),
     wanted: Collection[int] | None = None,
-) -> list[dict] | None:
+) -> list[dict[str, Any]] | None:
     """Per GPU: used/total MiB and the MiB the served model's pids hold; None without NVML.
 
     With ``instances``, ``held_by`` lists the other vsup instances holding memory there; with
