@@ -557,6 +557,7 @@ def test_instances_found_through_configs_and_ledgers(two_instances) -> None:
     found = gpu.find_instances(own, state, create_time=live.get)
     assert [(i.name, i.pids) for i in found] == [("b", frozenset({700, 701}))]
     assert found[0].config is not None
+    assert found[0].config is not None
     assert found[0].config.endswith("etc/b.toml") and found[0].state_dir.endswith("lib/b")
 
 
@@ -595,6 +596,7 @@ def test_status_says_which_instance_holds_each_gpu(two_instances) -> None:
     g, _, _ = open_fake(devices, {900: FakeProc(), 700: FakeProc(), 701: FakeProc()})
     instances = gpu.find_instances(own, state, create_time=live.get)
     rows = gpu.status_summary(g, {900}, instances=instances, wanted={0})
+    assert rows is not None
     assert rows is not None
     assert [(r["index"], r["held_by"], r["wanted"]) for r in rows] == [
         (0, [], True),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +20,7 @@ from vsup import gpu
 from vsup.gpu import Gpus, LinuxProcs
 
 pytestmark = pytest.mark.gpu
+T = TypeVar("T")
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "gpu_tree.py"
 WORKER_MIB = 2048
@@ -31,7 +33,7 @@ NVLS_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DI
 PROCS = LinuxProcs()
 
 
-def wait_for(pred: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02) -> object:
+def wait_for(pred: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.02) -> T:
     """Poll ``pred`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -101,10 +103,10 @@ def spawn_tree(tmp: Path, mib: int) -> Tree:
     try:
         from vsup import proctree
     except ImportError:
-        proctree = None
+        proctree = None  # type: ignore[assignment]  # a vsup from before its tree code
     if proctree is not None:
         proc, rec = proctree.spawn(argv, child_env(), tmp / "tree.log", model="fake-gpu-tree", port=0)
-        extra = {"spawned_by": "vsup.proctree.spawn", "record": rec}
+        extra: dict[str, Any] = {"spawned_by": "vsup.proctree.spawn", "record": rec}
     else:
         proc = subprocess.Popen(argv, env=child_env(), start_new_session=True)
         extra = {"spawned_by": "subprocess(start_new_session)"}
@@ -125,13 +127,13 @@ def kill_orphans(tree: Tree, *, foreign_mode: bool = False) -> dict:
     try:
         from vsup import cleanup
     except ImportError:
-        cleanup = None
+        cleanup = None  # type: ignore[assignment]  # a vsup from before its cleanup engine
     rec = tree.extra.get("record")
     if cleanup is None or (rec is None and not foreign_mode):
         for pid in tree.workers:
             kill_quietly(pid)
         return {"killed_by": "test SIGKILL of the recorded worker pids", "killed": tree.workers}
-    rep = cleanup.cleanup([] if foreign_mode else [rec], foreign=foreign_mode)
+    rep = cleanup.cleanup([] if foreign_mode or rec is None else [rec], foreign=foreign_mode)
     return {
         "killed_by": f"vsup.cleanup.cleanup({'foreign=True' if foreign_mode else '[record]'})",
         "killed": [k["pid"] for k in rep.killed if k["how"] != "exited"],
@@ -215,7 +217,7 @@ def test_orphaned_workers_are_killed_and_their_memory_freed(gpus: Gpus, tree_fac
     tree.parent.wait()
     for pid in tree.workers:
         wait_for(
-            lambda p=pid: ppid_of(p) not in (None, tree.parent.pid),
+            lambda: ppid_of(pid) not in (None, tree.parent.pid),  # noqa: B023 - polled in this iteration only
             REPARENT_TIMEOUT_S,
             f"worker {pid} to be reparented",
         )
@@ -275,7 +277,7 @@ def test_foreign_holder_is_named_left_alone_and_blocks_start(gpus: Gpus, tree_fa
     fpid = fdoc["pid"]
 
     pre = gpus.precheck()
-    assert not pre.ok
+    assert not pre.ok and pre.reason is not None
     assert f"pid {fpid} " in pre.reason and "gpu_tree.py holder" in pre.reason, pre.reason
     (fh,) = [h for h in pre.foreign if h["pid"] == fpid]
     assert not fh["in_tree"] and fh["used_mib"] >= FOREIGN_MIB
@@ -298,7 +300,7 @@ def test_foreign_holder_is_named_left_alone_and_blocks_start(gpus: Gpus, tree_fa
     after = holders_by_pid(gpus, pids)
     assert fpid in after and not after[fpid]["in_tree"]
     refused = gpus.precheck(pids)
-    assert not refused.ok and f"pid {fpid} " in refused.reason
+    assert not refused.ok and refused.reason is not None and f"pid {fpid} " in refused.reason
     record["foreign"] = {
         "reason": pre.reason,
         "foreign_mib": fh["used_mib"],

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from fakes.tp_tree import (
     NVLS_OFF,
     PHASE_BETWEEN,
@@ -37,7 +38,6 @@ from fakes.tp_tree import (
     start_job,
     wait_until,
 )
-
 from vsup import cleanup, proctree
 from vsup.gpu import Gpus
 from vsup.host import Host
@@ -255,7 +255,7 @@ def test_sigkill_parent_orphans_release_both_gpus(two_gpus: Gpus, foreign, tree,
     job.popen.send_signal(signal.SIGKILL)
     job.popen.wait(timeout=10)
     for pid in job.workers:
-        wait_until(lambda p=pid: proc_ppid(p) not in (None, job.popen.pid), FAULT_TIMEOUT_S, "reparenting")
+        wait_until(lambda: proc_ppid(pid) not in (None, job.popen.pid), FAULT_TIMEOUT_S, "reparenting")  # noqa: B023 - polled in this iteration only
     job.wait_progress([0, 1], 5, FAULT_TIMEOUT_S, "the orphaned ranks to keep all-reducing")
     tree_shm |= nccl_names() - nccl_before - held_shm(all_pids(foreign))
     clean_and_prove(
