@@ -154,8 +154,8 @@ class Host:
 
     def __init__(
         self,
-        shm_root: Path | str = "/dev/shm",
-        tmp_root: Path | str = "/tmp",
+        shm_root: Path | str = "/dev/shm",  # noqa: S108 - roots scanned and judged, no file made in them
+        tmp_root: Path | str = "/tmp",  # noqa: S108 - root scanned, no file made in it
         proc_root: Path | str = "/proc",
     ) -> None:
         self.shm_root = Path(shm_root)
@@ -166,7 +166,7 @@ class Host:
         self._tmp_prefix = str(self.tmp_root).rstrip("/") + "/"
         self._clk_tck = os.sysconf("SC_CLK_TCK")
         self._btime = self._read_btime()
-        self._real_shm = self.shm_root == Path("/dev/shm")
+        self._real_shm = self.shm_root == Path("/dev/shm")  # noqa: S108 - a comparison
 
     # ---- clock -------------------------------------------------------------------------------
     def time(self) -> float:
@@ -212,15 +212,15 @@ class Host:
         if lp < 0 or rp < 0:
             return None
         comm = data[lp + 1 : rp].decode("utf-8", "replace")
-        f = data[rp + 2 :].split()
+        fs = data[rp + 2 :].split()
         return ProcInfo(
             pid=pid,
-            ppid=int(f[1]),
-            pgid=int(f[2]),
-            sid=int(f[3]),
-            create_time=int(f[19]) / self._clk_tck + self._btime,
+            ppid=int(fs[1]),
+            pgid=int(fs[2]),
+            sid=int(fs[3]),
+            create_time=int(fs[19]) / self._clk_tck + self._btime,
             comm=comm,
-            state=f[0].decode(),
+            state=fs[0].decode(),
             uid=uid,
         )
 
@@ -334,9 +334,8 @@ class Host:
         """Pids listening on TCP `port` (IPv4 or IPv6); None for a socket whose owner is unseen."""
         pids: list[int | None] = []
         for c in psutil.net_connections(kind="tcp"):
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
-                if c.pid not in pids:
-                    pids.append(c.pid)
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid not in pids:
+                pids.append(c.pid)
         return pids
 
     # ---- signals -----------------------------------------------------------------------------
@@ -420,8 +419,8 @@ class Host:
         lp, rp = data.find(b"("), data.rfind(b")")
         if lp < 0 or rp < 0:
             return None
-        f = data[rp + 2 :].split()
-        return data[lp + 1 : rp].decode("utf-8", "replace"), f[0].decode(), int(f[11]) + int(f[12])
+        fs = data[rp + 2 :].split()
+        return data[lp + 1 : rp].decode("utf-8", "replace"), fs[0].decode(), int(fs[11]) + int(fs[12])
 
     def ptrace_scope(self) -> int | None:
         """Yama's kernel.yama.ptrace_scope (0-3), or None where Yama is not in the kernel."""
@@ -639,7 +638,8 @@ class Host:
         """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER)."""
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+            rc: int = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            return rc == 0
         except (OSError, AttributeError):
             return False
 
