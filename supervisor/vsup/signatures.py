@@ -236,10 +236,10 @@ class Catalog:
             v = groups.get(name)
             if v is not None:
                 groups[name] = _to_number(conv, v)
-        for name, rx, conv in sig.fields:
+        for name, rx, fconv in sig.fields:
             f = rx.search(line.message)
             if f is not None:
-                groups[name] = f.group(1) if conv is None else _to_number(conv, f.group(1))
+                groups[name] = f.group(1) if fconv is None else _to_number(fconv, f.group(1))
         return Match(sig, line, groups)
 
     # ------------------------------------------------------------------ loading
@@ -310,9 +310,9 @@ class Catalog:
         for sig in self.signatures:
             for ex in sig.examples:
                 line = parse_line(ex)
-                got = self.match(line)
-                if got is None or got.sig is not sig:
-                    other = f"signature {got.sig.id!r}" if got else "no signature"
+                hit = self.match(line)
+                if hit is None or hit.sig is not sig:
+                    other = f"signature {hit.sig.id!r}" if hit else "no signature"
                     raise CatalogError(
                         f"{where}: signature {sig.id!r}: example is matched by {other} "
                         f"(line kind {line.kind!r}, message {line.message[:120]!r}): {ex[:200]!r}"
