@@ -107,9 +107,13 @@ _TB_CHAIN = ("During handling of the above exception", "The above exception was 
 
 ADVICE_DISABLE_CUSTOM_AR = (
     "TP>1 and the engine died or stalled at the first request: restart with --disable-custom-all-reduce "
-    "(vLLM's custom all-reduce can hang on PCIe GPUs whose P2P is reported but broken; the seed incident's fix)."
+    "(vLLM's custom all-reduce can hang on PCIe GPUs whose P2P is reported but broken; "
+    "the seed incident's fix)."
 )
-ADVICE_NCCL_P2P = "If that does not help: also set NCCL_P2P_DISABLE=1 (or NCCL_P2P_LEVEL=NVL), and check IOMMU/ACS settings."
+ADVICE_NCCL_P2P = (
+    "If that does not help: also set NCCL_P2P_DISABLE=1 (or NCCL_P2P_LEVEL=NVL), "
+    "and check IOMMU/ACS settings."
+)
 _TP_ADVICE = (ADVICE_DISABLE_CUSTOM_AR, ADVICE_NCCL_P2P)
 
 
@@ -140,7 +144,8 @@ class Diagnosis:
     advice: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        """Exactly {"verdict", "findings": [{"kind","line","process","pid","message"}], "root_cause", "advice"}."""
+        """Exactly {"verdict", "findings": [{"kind","line","process","pid","message"}], "root_cause",
+        "advice"}."""
         return {
             "verdict": self.verdict,
             "findings": [f.to_json() for f in self.findings],
@@ -342,7 +347,7 @@ class _Analyzer:
         if not self.recognised:
             return Diagnosis("unknown", [], None, [])
         verdict, run = "healthy", None
-        for rank, name in ((0, "startup_failed"), (1, "engine_dead"), (2, "stalled")):
+        for _rank, name in ((0, "startup_failed"), (1, "engine_dead"), (2, "stalled")):
             for r in self.runs:
                 if (
                     (name == "startup_failed" and r.failures and not r.up_any)
@@ -360,7 +365,7 @@ class _Analyzer:
     def _root_cause(self, verdict: str, run: _Run) -> tuple[str | None, Signature | None]:
         if verdict == "stalled":
             ev = run.stall_event()
-            assert ev is not None
+            assert ev is not None  # noqa: S101 - narrows: the verdict stalled means a stall event
             return redact(ev.ll.message), ev.sig
         f = run.failures[0]
         in_run = [c for c in self.chains if run.start <= c.start <= run.end]
@@ -599,7 +604,8 @@ def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> St
             for r in others:
                 stuck[r["pid"]] = (
                     f"not in the collective its peers wait in ({collective}): blocked at "
-                    f"{r['innermost'] or 'an unknown frame'} (state {r['state'] or '?'}, wchan {r['wchan'] or '-'})"
+                    f"{r['innermost'] or 'an unknown frame'} "
+                    f"(state {r['state'] or '?'}, wchan {r['wchan'] or '-'})"
                 )
         elif len(in_coll) == len(workers) and len(workers) > 1:
             for r in in_coll:
@@ -647,7 +653,10 @@ def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> St
             f" ({report.get('reason')})" if report.get("reason") else ""
         )
     else:
-        v.summary = "no rank stands out: no process is stopped or in D state, and no collective is waiting on a missing rank"
+        v.summary = (
+            "no rank stands out: no process is stopped or in D state, "
+            "and no collective is waiting on a missing rank"
+        )
     return v
 
 
@@ -714,7 +723,8 @@ def render_stacks(v: dict[str, Any], *, width: int = 160) -> str:
     for s in v.get("stuck") or []:
         out.append(
             cut(
-                f"  STUCK   {s['label']:<12} pid {s['pid']:<7} state {s.get('state') or '?'}  at {s.get('frame')}"
+                f"  STUCK   {s['label']:<12} pid {s['pid']:<7} state {s.get('state') or '?'}  "
+                f"at {s.get('frame')}"
             )
         )
         if s.get("within"):

@@ -249,7 +249,8 @@ def render_text(r: dict[str, Any], *, max_frames: int = 40) -> str:
         cpu = p.get("cpu_pct")
         out.append("")
         out.append(
-            f"== {p.get('label') or p.get('title')}  pid {p['pid']}  {p.get('title')}  state {p.get('state') or '?'}"
+            f"== {p.get('label') or p.get('title')}  pid {p['pid']}  {p.get('title')}  "
+            f"state {p.get('state') or '?'}"
             f"  cpu {'?' if cpu is None else f'{cpu:.0f}%'}  wchan {p.get('wchan') or '-'}"
             f"  threads {p.get('threads_total') or '?'} ({states or '?'})"
         )
