@@ -104,6 +104,7 @@ class Harness:
     def __init__(self, proxy: Proxy, gate: Gate, events: list[tuple[str, dict[str, Any]]], posted: list[Any]):
         self.proxy, self.gate, self.events, self.posted = proxy, gate, events, posted
         assert proxy.address is not None
+        self.addr: tuple[str, int] = proxy.address
         self.base = f"http://127.0.0.1:{proxy.address[1]}"
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
 
@@ -230,7 +231,7 @@ def test_keep_alive_on_both_sides(fakes: Any) -> None:
     async def main() -> None:
         async with running(ready(f)) as h:
             before = f.stats()["connections"]
-            reader, writer = await asyncio.open_connection(*h.proxy.address)
+            reader, writer = await asyncio.open_connection(*h.addr)
             for _ in range(5):
                 writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
                 status = await reader.readline()
@@ -281,6 +282,7 @@ def test_local_path_hook_for_later_endpoints() -> None:
         p.add_local("/livez", livez)
         await p.start()
         try:
+            assert p.address is not None
             async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.address[1]}/livez") as r:
                 assert (r.status, await r.text()) == (200, "alive")
         finally:
@@ -312,7 +314,7 @@ def test_held_requests_are_released_in_arrival_order_when_a_server_is_ready(fake
                 tasks.append(asyncio.create_task(h.chat(headers={"X-Req": str(i)})))
                 await h.until(lambda i=i: h.proxy.held() == i, f"{i} held")
             st = h.proxy.stats()
-            assert st["held"] == 5 and st["oldest_held_s"] is not None and h.proxy.oldest_held_s() >= 0
+            assert st["held"] == 5 and st["oldest_held_s"] is not None and (h.proxy.oldest_held_s() or 0) >= 0
             h.gate.publish(ready(f))
             for t in tasks:
                 r = await t
@@ -646,7 +648,7 @@ def test_probes_send_the_api_key(fakes: Any) -> None:
 
 
 async def _raw(h: Harness, data: bytes, *, read: bool = True) -> bytes:
-    reader, writer = await asyncio.open_connection(*h.proxy.address)
+    reader, writer = await asyncio.open_connection(*h.addr)
     writer.write(data)
     out = await asyncio.wait_for(reader.read(), 20) if read else b""
     writer.close()
@@ -702,7 +704,7 @@ def test_connections_past_the_cap_get_503_and_close(fakes: Any) -> None:
 
     async def main() -> None:
         async with running(ready(f), max_connections=3) as h:
-            idle = [await asyncio.open_connection(*h.proxy.address) for _ in range(3)]
+            idle = [await asyncio.open_connection(*h.addr) for _ in range(3)]
             await h.until(lambda: h.proxy.stats()["connections"] == 3, "three connections")
             out = await _raw(h, b"")
             assert out.startswith(b"HTTP/1.1 503"), out[:80]
