@@ -45,8 +45,10 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .config import parse_listen
+from .config import ProxyConfig, parse_listen
 from .gate import Demand, Gate, Route, UpstreamRefused
+from .metrics import Metrics
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +132,12 @@ class Proxy:
 
     def __init__(
         self,
-        cfg: Any,  # config.ProxyConfig
+        cfg: ProxyConfig,
         gate: Gate,
         *,
         post: Callable[[object], None],
         emit: Callable[..., None],
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
