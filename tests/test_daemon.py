@@ -214,11 +214,32 @@ def test_two_reloads_at_once_one_is_busy(fake_daemon) -> None:
     wait_for(lambda: d.status()["state"] == "reloading", 10, "reloading")
     r2 = d.call("reload", {"model": "third"})
     assert r2["ok"] is False and r2["error"]["code"] == "busy" and "reload" in r2["error"]["message"]
-    r3 = d.call("stop")
-    assert r3["error"]["code"] == "busy"
+    for cmd in ("restart", "start", "cleanup"):
+        r3 = d.call(cmd)
+        assert r3["error"]["code"] == "busy", (cmd, r3)
     t.join(60)
     assert results[0].returncode == 0, results[0].stderr
     assert d.status()["model"] == "other"
+
+
+def test_stop_during_reload_cancels_it(fake_daemon) -> None:
+    """`stop` while reloading cancels the reload (its reply: failed, cancelled by stop), tears the
+    tree down and ends in `stopped` with nothing of either tree left."""
+    d = fake_daemon(env={"FAKE_VLLM_DELAY_S": "3"})
+    first = d.wait_state("ready", timeout=30)
+    results: list[subprocess.CompletedProcess[str]] = []
+    t = threading.Thread(target=lambda: results.append(d.cli("reload", "other")))
+    t.start()
+    wait_for(lambda: (s := d.status())["state"] == "reloading" and s["phase"] == "ready", 20, "the new start")
+    second = d.status()["pid"]
+    r = d.call("stop")
+    assert r["ok"], r
+    t.join(60)
+    assert results[0].returncode == 1 and "cancelled by stop" in results[0].stderr, results[0]
+    s = d.status()
+    assert s["state"] == "stopped" and s["tree"] is None
+    assert not alive(first["pid"]) and not alive(second)
+    assert_legal(d.events())
 
 
 def test_reload_survives_client_disconnect(fake_daemon) -> None:

@@ -9,6 +9,7 @@ raises), and the tests use it as an oracle for the sequences they observe in eve
        └─── stopping ◀───┴──────────────┴────┴── exit / death / confirmed / stop
                  │
                  └──▶ failed (crash loop)           reloading: drain → stop → cleanup → start → ready
+                                                    (from ready, unhealthy, starting, stopped, failed)
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class State(enum.StrEnum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING, State.RELOADING, State.STOPPING}),
-    State.STARTING: frozenset({State.STARTING, State.READY, State.STOPPING, State.FAILED}),
+    # starting -> reloading: an operator's reload/restart cancels a start (issue 14)
+    State.STARTING: frozenset({State.STARTING, State.READY, State.STOPPING, State.FAILED, State.RELOADING}),
     State.READY: frozenset({State.UNHEALTHY, State.STOPPING, State.RELOADING}),
     State.UNHEALTHY: frozenset({State.READY, State.STOPPING, State.RELOADING}),
     State.STOPPING: frozenset({State.STOPPED, State.STARTING, State.FAILED}),

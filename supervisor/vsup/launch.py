@@ -1,0 +1,129 @@
+"""Launching a tree: the command line, the log's rotation, the private TMPDIR, the spawn.
+
+The owner decides *when*; this module knows *how*. `Spawner` is the seam the in-process tests
+replace (a fake that adds processes to a FakeHost), so the owner never calls subprocess itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import proctree
+from .config import Config, ModelConfig, Remedy
+
+LOG_ROTATE_BYTES = 256 << 20
+LOG_KEEP = 3
+# systemd's contract is with vsup, not with vLLM: these never reach the server's environment.
+SYSTEMD_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+# Flags whose next argument is a secret: events, status and incident bundles show it redacted.
+SECRET_FLAGS = frozenset({"--api-key"})
+SECRET_ENV = frozenset({"VLLM_API_KEY"})
+REDACTED = "<redacted>"
+
+
+def command(cfg: Config, spec: ModelConfig, remedies: list[Remedy]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for `spec`, with the applied remedies' flags and variables."""
+    v = cfg.vllm
+    args = [*v.args, *spec.args]
+    env = {**os.environ, **v.env, **spec.env}
+    for r in remedies:
+        args += [a for a in r.args if a not in args]
+        env.update(r.env)
+    for k in SYSTEMD_KEYS:
+        env.pop(k, None)
+    argv = [v.python, "-m", v.module, "--model", spec.model, "--host", v.host, "--port", str(v.port)]
+    if spec.served_model_name and "--served-model-name" not in args:
+        argv += ["--served-model-name", spec.served_model_name]
+    return argv + args, env
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """argv as events may show it: the value of `--api-key X` and `--api-key=X` replaced."""
+    out: list[str] = []
+    hide_next = False
+    for a in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, _ = a.partition("=")
+        if flag in SECRET_FLAGS:
+            if eq:
+                out.append(f"{flag}={REDACTED}")
+            else:
+                out.append(a)
+                hide_next = True
+            continue
+        out.append(a)
+    return out
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if k in SECRET_ENV else v) for k, v in env.items()}
+
+
+def rotate_log(path: Path) -> bool:
+    """Rotate between starts only (never under a running writer): vLLM appends, vsup tails.
+    Returns whether the file was rotated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.stat().st_size < LOG_ROTATE_BYTES:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(LOG_KEEP - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.exists():
+            src.replace(path.with_name(f"{path.name}.{i + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
+
+
+@dataclass
+class Spawned:
+    """A tree just started: its leader's pid and the first record of it."""
+
+    pid: int
+    tree: proctree.TreeRecord
+    handle: Any = None  # subprocess.Popen for the real spawner (the reaper sets its returncode)
+
+    def reaped(self, code: int) -> None:
+        if self.handle is not None and hasattr(self.handle, "returncode"):
+            self.handle.returncode = code
+
+
+class Spawner(Protocol):
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, *, model: str, port: int
+    ) -> Spawned: ...
+
+
+class RealSpawner:
+    """vLLM in its own session, with its own TMPDIR (unless the config sets one), its output
+    appended to the log file."""
+
+    def __init__(self, host: Any = None) -> None:
+        self.host = host
+
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, *, model: str, port: int
+    ) -> Spawned:
+        env = dict(env)
+        tree_tmp = None
+        if "TMPDIR" not in env or env.get("TMPDIR") == os.environ.get("TMPDIR"):
+            tree_tmp = proctree.make_tree_tmpdir()
+            proctree.share_torch_caches(tree_tmp, env)
+            env["TMPDIR"] = tree_tmp
+        try:
+            popen, tree = proctree.spawn(argv, env, log_path, model=model, port=port, host=self.host)
+        except OSError:
+            if tree_tmp:
+                shutil.rmtree(tree_tmp, ignore_errors=True)  # never follows the cache link
+            raise
+        if tree_tmp:
+            tree.files.append(tree_tmp)
+        return Spawned(popen.pid, tree, popen)
