@@ -39,7 +39,9 @@ def assert_sound(o: Owner) -> None:
     assert o.world.alive_trees() == []
     assert [s.segment for s in o.world.servers if s.segment in o.world.host.shm_names()] == []
     assert proctree.Ledger(o.cfg.state_dir).load() == []
-    assert all(t.done() for t in o.replies), "a command without a reply"
+    assert all(t.done() and not t.cancelled() for t in o.replies), "a command without a reply"
+    for t in o.replies:
+        t.exception()  # retrieved: an error reply is a reply
 
 
 # ---- bringing the owner into each state ---------------------------------------------------------
@@ -56,8 +58,9 @@ async def into(o: Owner, where: str) -> None:
         await o.state("starting", "backoff")
     elif where == "ready":
         await o.state("ready")
-    elif where == "unhealthy":
+    elif where == "unhealthy":  # a canary failed; the confirming one never returns
         await o.state("ready")
+        o.world.current().mode = "hung"
         o.sup.post(Probe(o.sup.gen, ProbeResult("canary", False, "timed out")))
         await o.state("unhealthy")
     elif where == "stopping":  # the operator's stop of a server that ignores SIGTERM

@@ -8,6 +8,7 @@ A server's mode says how it behaves:
   broken    health and models answer, the canary fails (engine dead at the first request)
   exit      exits right after the spawn (a start-up failure)
   stubborn  like ready, but ignores SIGTERM (vLLM waiting on an open connection)
+  hung      health answers, a canary never completes (set on a running server)
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class FakeProber:
 
     async def health(self) -> ProbeResult:
         await asyncio.sleep(0)
-        return ProbeResult("health", self._mode() in ("ready", "broken", "stubborn"), "fake")
+        return ProbeResult("health", self._mode() in ("ready", "broken", "stubborn", "hung"), "fake")
 
     async def models(self, name: str) -> ProbeResult:
         await asyncio.sleep(0)
@@ -130,6 +131,8 @@ class FakeProber:
 
     async def canary(self, model: str, prompt: str, max_tokens: int, timeout_s: float) -> ProbeResult:
         await asyncio.sleep(0.01)
+        while self._mode() == "hung":  # answers health, never completes
+            await asyncio.sleep(0.02)
         ok = self._mode() in ("ready", "stubborn")
         return ProbeResult("canary", ok, "ok" if ok else "500 engine dead", 0.01)
 
