@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import functools
 import signal
 import time
 import traceback
@@ -133,6 +134,7 @@ class Supervisor:
         self._bounded_until = 0.0  # monotonic deadline of a bounded step in progress
         self._last_status: str | None = None
         self._exiting = False
+        self.exit_code = 0  # what `vsup run` exits with (1: the server ended failed, exit_on_failed)
         self._stopping_for = "stop"  # what a `stopping` leads to: stop | restart | failed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpu_baseline: dict[int, int] | None = None
@@ -152,6 +154,10 @@ class Supervisor:
 
     def _route(self) -> Route:
         s, v = self.snap, self.cfg.vllm
+        if self._exiting:
+            # Shutting down (issue 18): the proxy refuses what it has not forwarded yet, held or
+            # new, at once; requests in flight finish during the shutdown drain.
+            return Route(state=str(s.state), reason=s.reason or "shutting down", closing=True, model=s.model)
         ready = s.state == State.READY and self.tree is not None
         if s.state in (State.FAILED, State.STOPPED):
             hold = False  # nothing is coming until an operator acts
@@ -181,11 +187,30 @@ class Supervisor:
         old = self.snap.state
         if state != old:
             check(old, state)
+        if state == State.FAILED and self.cfg.daemon.exit_on_failed and not self._exiting:
+            self._exit_failed(reason)
         since = self.clock.time() if state != old else self.snap.since
         self._publish(state=state, reason=reason, phase=phase, deadline=deadline, since=since, **changes)
         self.events.emit("state", old=str(old), phase=phase, reason=reason)
         if self.metrics is not None:
             self.metrics.set_state(str(state))
+
+    def _exit_failed(self, reason: str | None) -> None:
+        """[daemon] exit_on_failed (a pod): the server ended `failed`, so vsup ends too, non-zero,
+        with the reason in the termination log, and the kubelet restarts the container. Every
+        phase that reaches `failed` has torn its tree down already; the idle phase then exits."""
+        from . import pod
+
+        self.exit_code = 1
+        self._exiting = True
+        msg = pod.failure_message("failed", reason, self.snap.restarts, self.snap.model)
+        written = pod.write_termination_message(msg, self.cfg.daemon.termination_log)
+        self.events.emit(
+            "exit_on_failed",
+            exit_code=self.exit_code,
+            termination_log=self.cfg.daemon.termination_log if written else None,
+            reason=reason,
+        )
 
     def _set_phase(self, phase: str, deadline: float | None = None, **fields: Any) -> None:
         self._publish(phase=phase, deadline=deadline)
@@ -220,7 +245,9 @@ class Supervisor:
 
             pids_set = {p.pid for p in self.tree.procs} if self.tree else set()
             with contextlib.suppress(Exception):
-                out["gpus"] = gpu.status_summary(self.gpus, pids_set)
+                # Other vsup instances on this host, named where they hold a GPU (issue 18).
+                instances, wanted = gpu.neighbours(self.gpus, self.cfg)
+                out["gpus"] = gpu.status_summary(self.gpus, pids_set, instances=instances, wanted=wanted)
         if self.traffic is not None:
             with contextlib.suppress(Exception):  # the proxy's failure must not break status
                 out["traffic"] = self.traffic.stats()
@@ -264,6 +291,7 @@ class Supervisor:
             return None
         if isinstance(obs, Shutdown):
             self._exiting = True
+            self._publish()  # the closing route: stop admitting now, whatever the phase
             return obs
         if isinstance(obs, Cmd):
             return self._answer(obs)
@@ -514,7 +542,14 @@ class Supervisor:
         if self.gpus is not None:
             # Every process of ours is gone by now: whoever still holds GPU memory is someone
             # else's, and starting beside it would fail (or OOM) later, in a worse place.
-            pre = await self.offload(self.gpus.precheck, set())
+            # Only the GPUs this instance wants; a holder that is another vsup instance's tree is
+            # named by that instance (issue 18).
+            from . import gpu
+
+            instances, wanted = await self.offload(gpu.neighbours, self.gpus, self.cfg)
+            pre = await self.offload(
+                functools.partial(self.gpus.precheck, set(), indices=wanted, instances=instances)
+            )
             if not pre.ok:
                 self.events.emit("gpu_precheck", ok=False, reason=pre.reason)
                 return False, f"GPU pre-start check: {pre.reason}", "gpu_busy", None
@@ -822,6 +857,11 @@ class Supervisor:
 
     async def _do_stop(self, it: Intent) -> Intent:
         self._stopping_for = "stop"
+        if self._exiting and self.traffic is not None and self.tree is not None:
+            limit = self.cfg.timeouts.shutdown_drain_s
+            self._set_state(State.STOPPING, reason=it.reason, phase="drain", deadline=self.clock.time() + limit)
+            drained, left = await self._run(self._shutdown_drain(limit), limit + 1.0)
+            self.events.emit("shutdown_drain", drained=drained, still_in_flight=left, limit_s=limit)
         self._set_state(State.STOPPING, reason=it.reason, phase="teardown")
         report = await self._teardown(it.reason or "stop", grace=self.cfg.timeouts.stop_grace_s)
         self._set_state(State.STOPPED, reason=it.reason, phase=None, pid=None, workers=0)
@@ -830,6 +870,15 @@ class Supervisor:
         else:
             self._reply(it.cmd, error=OperationFailed(f"stopped, but debris remains: {_remaining(report)}"))
         return Intent("exit") if self._exiting else Intent("idle")
+
+    async def _shutdown_drain(self, limit: float) -> tuple[bool, int]:
+        """SIGTERM: the proxy already refuses what it has not forwarded; wait up to `limit` for
+        the requests in flight to finish. Returns (all finished, how many were left)."""
+        assert self.traffic is not None
+        end = self.clock.monotonic() + limit
+        while (n := self.traffic.in_flight()) > 0 and self.clock.monotonic() < end:
+            await self.clock.sleep(0.05)
+        return n == 0, n
 
     async def _do_idle(self, it: Intent) -> Intent:
         while not self._exiting:

@@ -103,6 +103,7 @@ class Runtime:
                 sup.notifier.ready(sup.status_line())
                 if sup.notifier.watchdog_interval_s:
                     pinger = loop.create_task(self._watchdog_pinger(sup.notifier.watchdog_interval_s))
+            await self._pod_shm()
             await sup._main()
         finally:
             await server.close()
@@ -115,7 +116,19 @@ class Runtime:
             sup.events.emit("daemon_stopped")
             vsup_log.removeHandler(self._log_handler)
             sup.events.close()
-        return 0
+        return sup.exit_code
+
+    async def _pod_shm(self) -> None:
+        """A container's own /dev/shm ([daemon] shm_private): before any start, unlink what a dead
+        container left there that no live process holds (podshm.py says how vsup knows)."""
+        sup = self.sup
+        if not sup.cfg.daemon.shm_private:
+            return
+        from . import podshm
+
+        with sup._bounded(30.0):
+            rep = await asyncio.to_thread(podshm.prepare, True)
+        sup.events.emit("pod_shm", **rep.to_json())
 
     # -- setup --------------------------------------------------------------------------------
 
