@@ -49,7 +49,7 @@ class Pid1:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
         env.pop("NOTIFY_SOCKET", None)
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [
                 "unshare",
                 "--pid",
@@ -69,12 +69,13 @@ class Pid1:
             start_new_session=True,
         )
         wait_for(lambda: self.vsup_pid() is not None, 30, "vsup as PID 1 of the namespace")
-        wait_for(lambda: self._answers() or self.proc.poll() is not None, 30, "the control socket")
-        assert self.proc.poll() is None, self.stderr_path.read_text()[-2000:]
+        wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
+        assert proc.poll() is None, self.stderr_path.read_text()[-2000:]
         return self
 
     def vsup_pid(self) -> int | None:
         """vsup's pid as this (outer) namespace sees it: unshare's only child."""
+        assert self.proc is not None, "start() first"
         try:
             kids = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
@@ -219,6 +220,7 @@ def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, p
     tree = [p.pid for p in d.namespace_procs() if p.pid != vsup]
     assert tree, "the fake server's tree runs below vsup"
     d.sigterm()
+    assert d.proc is not None
     assert d.proc.wait(30) == 0, d.stderr_path.read_text()[-2000:]
     assert not [p for p in tree if psutil.pid_exists(p) and _alive_in(psutil.Process(p))]
     assert [e["event"] for e in d.events()][-1] == "daemon_stopped"
