@@ -85,8 +85,10 @@ class _Sink:
         ):
             os.close(self._fd)
             self._fd = None
-            os.replace(path, path.with_name(path.name + ".1"))
-            self._open()
+            try:
+                os.replace(path, path.with_name(path.name + ".1"))
+            finally:
+                self._open()  # the same file again if the rename failed: never stop writing
         if self._fd is not None:
             # One write() of the whole line in O_APPEND: a second writer (a restarted daemon)
             # never interleaves within a line.

@@ -768,7 +768,7 @@ def untrusted_dir(path: Path | str, uid: int | None = None) -> str | None:
         return f"{target} is not a directory"
     if not missing:
         if st.st_uid not in (0, uid):
-            return f"{target} is owned by {_user_name(st.st_uid)}, not by {_user_name(uid)} or root"
+            return f"{target} is owned by {_user_name(st.st_uid)}, not by {_owners(uid)}"
         if st.st_mode & 0o022:
             who = "others" if st.st_mode & 0o002 else "its group"
             return f"{target} is writable by {who} (mode {st.st_mode & 0o7777:04o})"
@@ -780,10 +780,14 @@ def untrusted_dir(path: Path | str, uid: int | None = None) -> str | None:
         except OSError as e:
             return f"{d}: {e.strerror or e}"
         if st.st_uid not in (0, uid):
-            return f"{d} (above it) is owned by {_user_name(st.st_uid)}, not by {_user_name(uid)} or root"
+            return f"{d} (above it) is owned by {_user_name(st.st_uid)}, not by {_owners(uid)}"
         if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
             return f"{d} (above it) is writable by others (mode {st.st_mode & 0o7777:04o})"
     return "does not exist" if missing else None
+
+
+def _owners(uid: int) -> str:
+    return "root" if uid == 0 else f"{_user_name(uid)} or root"
 
 
 def _user_name(uid: int) -> str:
