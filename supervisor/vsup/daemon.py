@@ -859,8 +859,9 @@ class Supervisor:
         self._stopping_for = "stop"
         if self._exiting and self.traffic is not None and self.tree is not None:
             limit = self.cfg.timeouts.shutdown_drain_s
-            self._set_state(State.STOPPING, reason=it.reason, phase="drain", deadline=self.clock.time() + limit)
-            drained, left = await self._run(self._shutdown_drain(limit), limit + 1.0)
+            deadline = self.clock.time() + limit
+            self._set_state(State.STOPPING, reason=it.reason, phase="drain", deadline=deadline)
+            drained, left = await self._run(self._shutdown_drain(self.traffic, limit), limit + 1.0)
             self.events.emit("shutdown_drain", drained=drained, still_in_flight=left, limit_s=limit)
         self._set_state(State.STOPPING, reason=it.reason, phase="teardown")
         report = await self._teardown(it.reason or "stop", grace=self.cfg.timeouts.stop_grace_s)
@@ -871,12 +872,11 @@ class Supervisor:
             self._reply(it.cmd, error=OperationFailed(f"stopped, but debris remains: {_remaining(report)}"))
         return Intent("exit") if self._exiting else Intent("idle")
 
-    async def _shutdown_drain(self, limit: float) -> tuple[bool, int]:
+    async def _shutdown_drain(self, traffic: Any, limit: float) -> tuple[bool, int]:
         """SIGTERM: the proxy already refuses what it has not forwarded; wait up to `limit` for
         the requests in flight to finish. Returns (all finished, how many were left)."""
-        assert self.traffic is not None
         end = self.clock.monotonic() + limit
-        while (n := self.traffic.in_flight()) > 0 and self.clock.monotonic() < end:
+        while (n := traffic.in_flight()) > 0 and self.clock.monotonic() < end:
             await self.clock.sleep(0.05)
         return n == 0, n
 
