@@ -48,7 +48,6 @@ from yarl import URL
 from .config import ProxyConfig, parse_listen
 from .gate import Demand, Gate, Route, UpstreamRefused
 from .metrics import Metrics
-from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
