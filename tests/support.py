@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -278,9 +279,77 @@ def tree_pids(rec: Any) -> set[int]:
     return {p.pid for p in rec.procs}
 
 
-def alive(pid: int) -> bool:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None when gone."""
     try:
-        st = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
     except OSError:
-        return False
-    return st.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return data[data.rfind(b")") + 2 :].decode().split()
+
+
+def alive(pid: int) -> bool:
+    """Exists and is no zombie (an orphan's zombie may wait a moment for its reaper)."""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None and int(st[3]) == sid and st[0] not in ("Z", "X"):
+                out.append(int(name))
+    return out
+
+
+class LedgerWatch(threading.Thread):
+    """Everything a daemon's ledger records while a test runs (pids with create times, /dev/shm
+    names, /tmp paths), polled: what a tree was, after vsup has removed its record."""
+
+    def __init__(self, state_dir: Path, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.interval = Path(state_dir), interval
+        self.procs: dict[tuple[int, float], str] = {}
+        self.shm: set[str] = set()
+        self.files: set[str] = set()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            data = json.loads((self.state_dir / "ledger.json").read_text())
+        except (OSError, ValueError):
+            return
+        for t in data.get("trees", []) if isinstance(data, dict) else []:
+            for p in t.get("procs", []):
+                self.procs[(p["pid"], p["create_time"])] = p.get("name", "?")
+            self.shm |= {i["name"] for i in t.get("ipc", [])}
+            self.files |= set(t.get("files", []))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.join(2)
+        self.poll()
+
+    def left(self) -> dict[str, list[Any]]:
+        """What of the recorded trees still exists now."""
+        import psutil
+
+        procs = []
+        for (pid, ct), name in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ct) < 1.0 and p.status() != psutil.STATUS_ZOMBIE:
+                    procs.append((pid, name))
+        return {
+            "procs": procs,
+            "shm": sorted(n for n in self.shm if os.path.lexists(f"/dev/shm/{n}")),
+            "files": sorted(f for f in self.files if os.path.lexists(f)),
+        }

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from support import alive, wait_for
+from support import alive, session_pids, wait_for
 from vsup.states import TRANSITIONS, State
 
 
@@ -152,7 +152,7 @@ def test_stop_kills_the_whole_session_and_daemon_stays(fake_daemon) -> None:
     assert r.returncode == 0, r.stderr
     assert d.status()["state"] == "stopped"
     assert not [p for p in pids if alive(p)]
-    assert not [p for p in _session(sid) if alive(p)]
+    assert session_pids(sid) == []
 
 
 def test_teardown_sigkills_what_outlives_the_grace_without_a_second_one(fake_daemon) -> None:
@@ -190,18 +190,6 @@ def test_recovery_of_a_dead_engine_does_not_wait_stop_grace(fake_daemon) -> None
     assert not alive(first["pid"])
     d.proc.kill()  # the fixture's ledger cleanup then ends the tree, without the 60 s stop grace
     d.proc.wait(10)
-
-
-def _session(sid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getsid(int(d)) == sid:
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
 
 
 def test_two_reloads_at_once_one_is_busy(fake_daemon) -> None:

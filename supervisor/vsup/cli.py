@@ -136,6 +136,10 @@ def _load(
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.explain and not (args.path or args.config):
+        # The first thing a new operator runs, before any config exists: explain needs none.
+        print(config_mod.explain())
+        return EXIT_OK
     cfg = _load(args, args.path)
     print(f"{cfg.path}: ok (model {cfg.vllm.model}, port {cfg.vllm.port}, {len(cfg.models)} named models)")
     for w in config_mod.warnings(cfg):
