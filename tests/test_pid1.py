@@ -232,3 +232,26 @@ def _alive_in(p: psutil.Process) -> bool:
         return True
     except psutil.NoSuchProcess:
         return False
+
+
+def test_failed_server_ends_pid1_nonzero_with_the_termination_message(
+    tmp_path: Path, pid1: list[Pid1]
+) -> None:
+    """exit_on_failed: a server that keeps failing at start ends `failed`; vsup, PID 1, exits 1
+    after its teardown, with the reason in the termination log (an existing file, as the kubelet
+    mounts it)."""
+    term = tmp_path / "termination-log"
+    term.touch()
+    sections = fake_sections(tmp_path, free_port(8050, 8099), mode="exit_at_start")
+    sections["daemon"] = {"exit_on_failed": True, "termination_log": str(term)}
+    d = Pid1(tmp_path, sections)
+    pid1.append(d)
+    d.start()
+    assert d.proc is not None
+    code = d.proc.wait(60)
+    assert code == 1, d.stderr_path.read_text()[-2000:]
+    msg = term.read_text()
+    assert msg.startswith("vsup: the vLLM server ended failed: 2 failures within 60s"), msg
+    assert json.loads(msg.split("\n", 1)[1])["state"] == "failed"
+    events = [e["event"] for e in d.events()]
+    assert "exit_on_failed" in events and events[-1] == "daemon_stopped"
