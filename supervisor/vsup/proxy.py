@@ -619,6 +619,18 @@ class Proxy:
         return web.json_response({"state": r.state, "reason": r.reason}, status=status)
 
 
+def for_supervisor(sup: Any) -> Proxy | None:
+    """The proxy for a daemon whose config has a [proxy] section, else None: it follows
+    ``sup.gate``, posts to ``sup.post``, writes ``sup.events`` and ``sup.metrics``, and becomes
+    ``sup.traffic`` (what the owner reads for drain and status). The runtime starts it before
+    the control socket and stops it after the owner."""
+    if sup.cfg.proxy is None:
+        return None
+    proxy = Proxy(sup.cfg.proxy, sup.gate, post=sup.post, emit=sup.events.emit, metrics=sup.metrics)
+    sup.traffic = proxy
+    return proxy
+
+
 def _model_of(body: bytes) -> str | None:
     if not body or len(body) > 1 << 20:
         return None

@@ -70,6 +70,7 @@ class Runtime:
         self.sup = sup
         self.signals_seen = 0
         self._log_handler = _EventLogHandler(sup)
+        self.proxy: Any = None
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -87,6 +88,8 @@ class Runtime:
         vsup_log.addHandler(self._log_handler)
         vsup_log.setLevel(logging.INFO)
         tailer = self._start_tailer(loop)
+        if self.proxy is not None:
+            await self.proxy.start()  # never raises for a busy port: it retries and says so
         server = await self._start_control()
         pinger = None
         try:
@@ -107,6 +110,8 @@ class Runtime:
             await sup._main()
         finally:
             await server.close()
+            if self.proxy is not None:
+                await self.proxy.stop()
             if tailer is not None:
                 tailer.stop()
             if pinger is not None:
@@ -150,9 +155,12 @@ class Runtime:
 
             sup.metrics = metrics.Metrics()
             sup.metrics.start(sup.cfg.daemon.metrics_host, sup.cfg.daemon.metrics_port)
-        # The proxy (issue 15) is created here when the config has a [proxy] section: it gets
-        # sup.gate (routes to follow) and sup.post (its observations), and is handed to the
-        # owner as sup.traffic. Started before the control socket, closed after the owner.
+        # The proxy (issue 15), when the config has a [proxy] section: it follows sup.gate, posts
+        # to sup.post and becomes sup.traffic. Started before the control socket, closed after
+        # the owner.
+        from . import proxy
+
+        self.proxy = proxy.for_supervisor(sup)
 
     def _start_tailer(self, loop: asyncio.AbstractEventLoop) -> Any:
         try:
