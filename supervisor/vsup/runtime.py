@@ -161,6 +161,33 @@ class Runtime:
         from . import proxy
 
         self.proxy = proxy.for_supervisor(sup)
+        if self.proxy is not None:
+            self._add_probes(self.proxy)
+
+    def _add_probes(self, proxy: Any) -> None:
+        """/livez, /readyz and /startupz on the proxy's port, for the kubelet (issue 18; pod.py
+        says what each means). They read the owner's heartbeat and route, never vLLM."""
+        from . import pod
+
+        sup = self.sup
+
+        def view() -> pod.View:
+            r = sup.gate.route
+            return pod.View(
+                now=time.monotonic(),
+                heartbeat=sup._heartbeat,
+                bounded_until=sup._bounded_until,
+                state=r.state,
+                routed=r.upstream is not None and not r.closing,
+                holding=r.hold and not r.closing,
+                loaded=False,  # pod.Probes remembers the first `ready` from the events
+                shutting_down=r.closing or self.signals_seen > 0,
+            )
+
+        probes = pod.Probes(view, sup.cfg.daemon.readiness)
+        sup.events.subscribe(probes.on_event)
+        for path, handler in probes.aiohttp_handlers().items():
+            proxy.add_local(path, handler)
 
     def _start_tailer(self, loop: asyncio.AbstractEventLoop) -> Any:
         try:
