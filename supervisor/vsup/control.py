@@ -78,11 +78,13 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "or the command's args are missing or of the wrong type",
         "unknown_command": "cmd names no command of this daemon",
         "busy": "another lifecycle operation runs (the message names it), "
-        "or too many control connections are open",
-        "forbidden": "the connecting user may not run this command",
+        "or too many control connections are open (in all, of this uid, or of read-only users)",
+        "forbidden": "the connecting user may not run this command (no rights at all: closed at accept; "
+        "the third on one connection closes it)",
         "failed": "the operation ran and failed; the message carries the root cause",
         "too_large": "the request line is longer than the limit; the connection is closed",
-        "timeout": "no complete line arrived within the read timeout; the connection is closed",
+        "timeout": "no complete line arrived within the read timeout, or a non-admin's read-only "
+        "request (events follow) reached its limit; the connection is closed",
         "internal": "a bug in the daemon's handler; it was logged and the daemon keeps running",
     }
 )
