@@ -26,7 +26,7 @@ from yarl import URL
 from support import FAKES, free_port, wait_for
 from vsup import config as config_mod
 from vsup.config import ConfigError, ProxyConfig, parse_listen
-from vsup.gate import Demand, Gate, Route, UpstreamRefused
+from vsup.gate import Demand, Gate, Route, UpstreamRefused, UpstreamStalled
 from vsup.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -589,6 +589,27 @@ def test_refused_connection_is_posted_and_replayed_on_the_next_server(fakes: Any
             h.gate.publish(ready(b, gen=4))
             async with await t as r:
                 assert r.status == 200
+
+    run(main())
+
+
+def test_every_stream_stalled_is_posted_once_to_the_owner(fakes: Any, tmp_path: Path) -> None:
+    """A stream whose server stops sending (here: pauses after its first token) for stall_s is
+    told to the owner once, as UpstreamStalled for its tree; the stream itself goes on."""
+    f = fakes()
+    pause = tmp_path / "go"
+
+    async def main() -> None:
+        async with (
+            running(ready(f, gen=5), stall_s=0.3) as h,
+            await h.chat(stream=True, headers={"X-Fake-Pause": str(pause)}) as r,
+        ):
+            await r.content.readuntil(b"\n\n")
+            await h.until(lambda: h.posted, "an observation")
+            await asyncio.sleep(0.5)  # a second look must not post it again
+            assert [type(o) for o in h.posted] == [UpstreamStalled] and h.posted[0].gen == 5
+            pause.touch()
+            assert (await sse_events(r))[-1] == "[DONE]"
 
     run(main())
 

@@ -212,6 +212,12 @@ class ProxyConfig:
     max_connections: int = _f(
         4096, "client connections at most (also capped at half the fd limit, minus a reserve)", min=1
     )
+    # As probes.stall_s: a healthy engine sends every running stream a token far more often.
+    stall_s: float = _f(
+        20.0,
+        "every stream in flight without a byte this long: tell the owner (one strike, as a canary)",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)

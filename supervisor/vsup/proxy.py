@@ -46,7 +46,7 @@ from aiohttp import web
 from yarl import URL
 
 from .config import ProxyConfig, parse_listen
-from .gate import Demand, Gate, Route, UpstreamRefused
+from .gate import Demand, Gate, Route, UpstreamRefused, UpstreamStalled
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,13 @@ class _NothingSent(Exception):
 
 
 class _Req:
-    __slots__ = ("id", "method", "path", "arrived", "gen", "attempts")
+    __slots__ = ("id", "method", "path", "arrived", "gen", "attempts", "last_byte")
 
     def __init__(self, rid: int, method: str, path: str, arrived: float) -> None:
         self.id, self.method, self.path, self.arrived = rid, method, path, arrived
         self.gen: int | None = None
         self.attempts = 0
+        self.last_byte = arrived  # of a stream in flight: when its upstream last sent a byte
 
 
 class Proxy:
@@ -149,6 +150,9 @@ class Proxy:
         self._ids = itertools.count(1)
         self._held: dict[int, float] = {}  # request id -> held since (monotonic)
         self._in_flight: dict[int, int] = {}  # gen -> requests forwarded and not finished
+        self._streams: dict[int, _Req] = {}  # request id -> SSE streams in flight
+        self._stall_task: asyncio.Task[None] | None = None
+        self._stall_posted: set[int] = set()  # gens told about, until one of their streams moves
         self._last_success: float | None = None
         self._counts = {"requests": 0, "replays": 0, "rejected": 0, "hold_timeouts": 0, "refused_conns": 0}
         self._local: dict[str, Handler] = {"/health": self._health}
@@ -248,6 +252,8 @@ class Proxy:
 
     async def stop(self) -> None:
         """Close the listener and every connection; idempotent. Held requests get a 503."""
+        if self._stall_task is not None:
+            self._stall_task.cancel()
         if self._bind_task is not None:
             self._bind_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -546,8 +552,11 @@ class Proxy:
             await resp.prepare(request)
             if first:
                 await resp.write(first)
+            if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                self._watch_stream(req)
             try:
                 while chunk := await up.content.readany():
+                    req.last_byte = self._clock()
                     await resp.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as e:
                 return await self._cut(request, resp, up, req, gen, e)
@@ -556,6 +565,7 @@ class Proxy:
                 self._last_success = self._clock()
             return resp
         finally:
+            self._streams.pop(req.id, None)
             if up is not None:
                 up.close()  # a no-op when the body was read to the end; else vLLM sees the abort
             self._in_flight[gen] -= 1
@@ -563,6 +573,34 @@ class Proxy:
                 del self._in_flight[gen]
             if self._metrics is not None:
                 self._metrics.proxy_in_flight(self.in_flight())
+
+    def _watch_stream(self, req: _Req) -> None:
+        req.last_byte = self._clock()
+        self._streams[req.id] = req
+        if self._stall_task is None or self._stall_task.done():
+            self._stall_task = asyncio.get_running_loop().create_task(self._stall_watch(), name="proxy-stall")
+
+    async def _stall_watch(self) -> None:
+        """While streams are in flight: when every stream to one tree has waited ``stall_s``
+        without a byte, tell the owner once (one strike, like a failed canary; the owner
+        confirms). A stream between tokens is the sign a non-streaming request cannot give."""
+        stall = self.cfg.stall_s
+        while self._streams:
+            await asyncio.sleep(min(stall / 4, 5.0))
+            now = self._clock()
+            by_gen: dict[int, list[_Req]] = {}
+            for r in self._streams.values():
+                if r.gen is not None:
+                    by_gen.setdefault(r.gen, []).append(r)
+            for gen, rs in by_gen.items():
+                quiet = min(now - r.last_byte for r in rs)
+                if quiet < stall:
+                    self._stall_posted.discard(gen)
+                elif gen not in self._stall_posted:
+                    self._stall_posted.add(gen)
+                    self._post(
+                        UpstreamStalled(gen, f"{len(rs)} stream(s) in flight, no byte for {quiet:.0f}s")
+                    )
 
     async def _keep_5xx(self, up: aiohttp.ClientResponse, first: bytes, gen: int) -> web.Response:
         buf = bytearray(first)
