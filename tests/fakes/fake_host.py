@@ -12,8 +12,17 @@ import errno
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vsup.host import FileStat, Holdings, ProcInfo, SignalResult, same_process
+
+if TYPE_CHECKING:
+    # To the type checker a FakeHost is a Host (the code under test takes `Host | None`), and its
+    # methods must keep Host's signatures; at run time it stays a plain object, so a method it
+    # lacks fails loudly instead of reaching the real OS through Host's.
+    from vsup.host import Host as _HostBase
+else:
+    _HostBase = object
 
 SHM_DEV = 27
 TMP_DEV = 64768
@@ -66,7 +75,7 @@ class FakeFile:
     is_socket: bool = False
 
 
-class FakeHost:
+class FakeHost(_HostBase):
     def __init__(self, now: float = 1_000_000.0, euid: int = 0) -> None:
         self.shm_root = Path("/fakeshm")
         self.tmp_root = Path("/faketmp")
