@@ -23,6 +23,9 @@ from typing import Any
 
 import procs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from toml_writer import toml_value as _toml
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VSUP_CACHE", Path.home() / ".cache" / "vsup"))
 PEERS = CACHE / "bench-peers"
@@ -462,20 +465,6 @@ done
 
 KINDS: dict[str, type[Supervisor]] = {k.name: k for k in (Vsup, Supervisord, Circus, BashLoop)}
 NEEDS_VENV = {"supervisord": "supervisord", "circus": "circus"}
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from toml_writer import toml_value, write_config  # noqa: F401 - the suite's one TOML writer
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
 VSUP = [sys.executable, "-m", "vsup"]
@@ -35,8 +37,9 @@ REAL_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 REAL_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "-tp", "2", "--enforce-eager"]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `pred` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `pred` until it returns a truthy value; fail with `what` after `timeout` seconds.
+    The one wait helper of the suite (for states with no event of their own to await)."""
     end = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < end:
@@ -78,30 +81,6 @@ def free_port(lo: int = 8000, hi: int = 8099) -> int:
                 continue
             return port
     raise RuntimeError("no free port")
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 class Daemon:
@@ -353,3 +332,70 @@ class LedgerWatch(threading.Thread):
             "shm": sorted(n for n in self.shm if os.path.lexists(f"/dev/shm/{n}")),
             "files": sorted(f for f in self.files if os.path.lexists(f)),
         }
+
+
+class ControlServerThread:
+    """A vsup ControlServer on its own event loop in a thread, so blocking clients can talk to
+    it; records its events and the loop's unhandled errors (which fail the `with` block)."""
+
+    def __init__(self, path: Path, handlers: dict[str, Any], **kwargs: Any) -> None:
+        import asyncio
+
+        from vsup.control import Acl, ControlServer
+
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        kwargs.setdefault("acl", Acl())
+        self.server = ControlServer(
+            path, handlers, on_event=lambda name, fields: self.events.append((name, fields)), **kwargs
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def set(self, event: Any) -> None:
+        """Set an asyncio.Event of the server loop from the test thread."""
+        self.loop.call_soon_threadsafe(event.set)
+
+    def wait(self, event: Any, timeout: float = 10.0) -> None:
+        """Block until an asyncio.Event of the server loop is set."""
+        import asyncio
+
+        self.run(asyncio.wait_for(event.wait(), timeout), timeout + 1)
+
+    def event_names(self) -> list[str]:
+        return [name for name, _ in list(self.events)]
+
+    def __enter__(self) -> ControlServerThread:
+        self.thread.start()
+        try:
+            self.run(self.server.start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.run(self.server.close(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        assert not self.loop_errors, f"unhandled errors on the server loop: {self.loop_errors[:3]}"

@@ -14,8 +14,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,12 @@ from typing import Any
 import pytest
 
 import vsup
-from support import readable_copy
+from support import ControlServerThread, readable_copy, wait_for
 from vsup.control import (
     ERROR_CODES,
     Acl,
     CommandError,
     ControlClient,
-    ControlServer,
     ControlSocketError,
     ControlSocketInUse,
     DaemonUnreachable,
@@ -41,71 +38,10 @@ WAIT_S = 10.0  # upper bound for anything the tests await; never a sleep
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition") -> Any:
-    """Poll `predicate` until truthy or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    return wait_for(predicate, timeout, what, interval=0.005)
 
 
-class ServerThread:
-    """A ControlServer on its own event loop in a thread, so blocking clients can talk to it."""
-
-    def __init__(self, path: Path, handlers: dict[str, Any], **kwargs: Any) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.loop_errors: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
-        kwargs.setdefault("acl", Acl())
-        self.server = ControlServer(
-            path, handlers, on_event=lambda name, fields: self.events.append((name, fields)), **kwargs
-        )
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        self.loop.close()
-
-    def run(self, coro: Any, timeout: float = WAIT_S) -> Any:
-        """Run a coroutine on the server's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def set(self, event: asyncio.Event) -> None:
-        """Set an asyncio.Event of the server loop from the test thread."""
-        self.loop.call_soon_threadsafe(event.set)
-
-    def wait(self, event: asyncio.Event, timeout: float = WAIT_S) -> None:
-        """Block until an asyncio.Event of the server loop is set."""
-        self.run(asyncio.wait_for(event.wait(), timeout), timeout + 1)
-
-    def event_names(self) -> list[str]:
-        return [name for name, _ in list(self.events)]
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        try:
-            self.run(self.server.start())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        try:
-            self.run(self.server.close(), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        assert not self.loop_errors, f"unhandled errors on the server loop: {self.loop_errors}"
+ServerThread = ControlServerThread
 
 
 class Conn:

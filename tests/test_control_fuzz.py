@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,52 +15,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vsup.control import ERROR_CODES, Acl, ControlClient, ControlServer, Request
+from support import ControlServerThread
+from vsup.control import ERROR_CODES, ControlClient, Request
 
 MAX_LINE = 4096  # small, so that oversized lines are cheap to generate
 WAIT_S = 10.0
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class LiveServer:
-    """A ControlServer on its own loop in a thread; records its events and loop errors."""
-
-    def __init__(self, path: Path) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.loop_errors: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
-        self.server = ControlServer(
-            path,
-            {"status": _status, "echo": _echo, "typed": _typed, "phases": _phases},
-            acl=Acl(),
-            max_line=MAX_LINE,
-            read_timeout_s=5.0,
-            on_event=lambda name, fields: self.events.append((name, fields)),
-        )
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        self.loop.close()
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(WAIT_S)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
+def LiveServer(path: Path) -> ControlServerThread:
+    """The fuzzed server: small lines, short read timeout."""
+    return ControlServerThread(
+        path,
+        {"status": _status, "echo": _echo, "typed": _typed, "phases": _phases},
+        max_line=MAX_LINE,
+        read_timeout_s=5.0,
+    )
 
 
 async def _status(req: Request) -> Any:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from support import wait_for
 from vsup.logtail import LogTailer
 
 WAIT_S = 10.0
@@ -68,10 +68,7 @@ def tail(tmp_path: Path) -> Iterator[Callable[..., tuple[LogTailer, Collector]]]
 
 def wait_until(pred: Callable[[], bool], timeout: float = WAIT_S) -> None:
     """Poll-with-deadline for reader state that has no event of its own (position, buffer)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_for(pred, timeout, "the tailer's state", interval=0.01)
 
 
 def append(path: Path, data: str | bytes) -> None:

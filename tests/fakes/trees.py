@@ -14,10 +14,10 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from support import alive, session_pids, wait_for  # noqa: F401 - re-exported: the suite's one copy
 from vsup.host import Host, ProcInfo
 from vsup.proctree import TreeRecord, spawn
 
@@ -25,47 +25,11 @@ FAKE = str(Path(__file__).with_name("fake_vllm.py"))
 READY_TIMEOUT_S = 60.0  # a fake tree is up in 1-3 s on 2 idle cores; a busy machine is slower
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def session_pids(sid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            fields = data[data.rfind(b")") + 2 :].split()
-            if int(fields[3]) == sid:
-                out.append(int(name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def kill_session(sid: int) -> None:
