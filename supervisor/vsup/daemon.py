@@ -23,6 +23,10 @@ Invariants worth keeping:
   worker dies (vllm-facts.md), which restart-on-failure supervisors never restart.
 - A tree runs only while the ledger records it: a failed ledger write after a spawn kills the
   tree at once (issue 20: ENOSPC left an unrecorded, unsupervised tree).
+- vsup is the subreaper of everything it spawns and reaps with waitpid(-1) (runtime._reap). It
+  starts vLLM, and through the host seam (Host.spawn_helper) the stack dumper (py-spy), nothing
+  else: the reaper hands every status it collects to Host.deliver_child, so a dumper's exit
+  status is never lost (issue 17).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cleanup as cleanup_mod
-from . import commands, incidents, launch, probes, proctree, watchers
+from . import commands, incidents, launch, probes, proctree, stacks, watchers
 from . import config as config_mod
 from .commands import Answer
 from .config import Config, ModelConfig
@@ -792,9 +796,16 @@ class Supervisor:
         reason, kind = it.reason or "failure", it.failure_kind or "failure"
         served, lines, tree = self.log.served, self.log.since_spawn(), self.tree
         self._stopping_for = "restart"
-        self._set_state(State.STOPPING, reason=reason, phase="teardown")
+        dump = None
+        if kind == "hang" and tree is not None and self.cfg.daemon.stacks != "off":
+            # Issue 17: where every rank waited dies with the tree: record it first, bounded.
+            self._set_state(State.STOPPING, reason=reason, phase="stacks")
+            dump = await self._stacks(tree)
+            self._set_phase("teardown")
+        else:
+            self._set_state(State.STOPPING, reason=reason, phase="teardown")
         report = await self._teardown(reason, grace=min(FAILED_STOP_GRACE_S, self.cfg.timeouts.stop_grace_s))
-        self._incident(reason, kind, lines, tree, report)
+        self._incident(reason, kind, lines, tree, report, stacks=dump)
         tp_args = [*self.cfg.vllm.args, *self.spec.args]
         v = self.policy.failed(self.clock.monotonic(), kind, served=served, tp_args=tp_args)
         if v.remedy is not None:
@@ -832,7 +843,46 @@ class Supervisor:
             self.metrics.restart(kind)
         return Intent("start", self.spec, reason=f"automatic restart {self.snap.restarts} after {kind}")
 
-    def _incident(self, reason: str, kind: str | None, lines: list[str], tree: Any, report: Any) -> None:
+    async def _stacks(self, tree: proctree.TreeRecord) -> dict[str, Any] | None:
+        """Stacks and facts of every process of a hung tree (stacks.py), within timeouts.stacks_s:
+        py-spy where ptrace is allowed, else faulthandler (SIGABRT: the tree dies anyway)."""
+        budget = self.cfg.timeouts.stacks_s
+        d = self.cfg.daemon
+        work = stacks.collect(
+            tree,
+            self.host,
+            budget_s=budget,
+            mechanism=d.stacks,
+            may_kill=True,
+            faulthandler_env=launch.faulthandler_env(self.cfg),
+            log_path=self.cfg.vllm.log_file,
+            py_spy=d.py_spy,
+        )
+        try:
+            r = await self._run(work, budget + 1.0)
+        except Exception as e:  # forensics must never stop the recovery
+            self.events.emit("stacks_failed", error=f"{type(e).__name__}: {e}")
+            return None
+        out = r.to_json()
+        self.events.emit(
+            "stacks",
+            mechanism=r.mechanism,
+            reason=r.reason,
+            seconds=round(r.elapsed_s, 3),
+            complete=r.complete,
+            processes={p.label: p.state for p in r.processes},
+        )
+        return out
+
+    def _incident(
+        self,
+        reason: str,
+        kind: str | None,
+        lines: list[str],
+        tree: Any,
+        report: Any,
+        stacks: dict[str, Any] | None = None,
+    ) -> None:
         """Write the incident bundle of a failed tree and announce it as an event."""
         try:
             bundle = incidents.write_bundle(
@@ -844,6 +894,7 @@ class Supervisor:
                 events=list(self.events.recent),
                 cleanup=report.to_json(),
                 vllm_version=self.vllm_version,
+                stacks=stacks,
             )
         except OSError as e:  # a full disk must not turn a recovery into a crash
             self.events.emit("incident_not_written", kind=kind, error=f"{type(e).__name__}: {e}")

@@ -25,7 +25,7 @@ KEEP = 50
 
 def vllm_version(python: str) -> str | None:
     """vLLM's version from the interpreter's site-packages metadata, without running it
-    (the daemon starts no subprocess besides vLLM: it reaps every child it has)."""
+    (the daemon starts no subprocess besides vLLM and its stack dumper: it reaps every child)."""
     # A venv's bin/python is a symlink to the base interpreter: the venv's own site-packages
     # is beside the link, not beside its target (which is looked at second, for a plain install).
     for root in dict.fromkeys((Path(python).absolute().parent.parent, Path(python).resolve().parent.parent)):

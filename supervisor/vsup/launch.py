@@ -35,10 +35,19 @@ def command(cfg: Config, spec: ModelConfig, remedies: list[Remedy]) -> tuple[lis
         env.update(r.env)
     for k in SYSTEMD_KEYS:
         env.pop(k, None)
+    if faulthandler_env(cfg):
+        # Issue 17: SIGABRT then writes every thread's stack to the log (the fallback stack
+        # dump of a hung tree where py-spy may not attach). An operator's own value wins.
+        env.setdefault("PYTHONFAULTHANDLER", "1")
     argv = [v.python, "-m", v.module, "--model", spec.model, "--host", v.host, "--port", str(v.port)]
     if spec.served_model_name and "--served-model-name" not in args:
         argv += ["--served-model-name", spec.served_model_name]
     return argv + args, env
+
+
+def faulthandler_env(cfg: Config) -> bool:
+    """Are vLLM's processes started with PYTHONFAULTHANDLER (stacks.py's fallback)?"""
+    return cfg.daemon.stacks in ("auto", "faulthandler")
 
 
 def redact_argv(argv: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cleanup as cleanup_mod
-from . import commands, proctree
+from . import commands, proctree, stacks
 from .config import Config
 from .daemon import HEARTBEAT_S, Supervisor
 from .observations import Shutdown
@@ -216,6 +216,14 @@ class Runtime:
 
         out: dict[str, Any] = {name: lifecycle(name) for name in commands.LIFECYCLE}
         out.update(status=self._h_status, events=self._h_events, diagnose=self._h_diagnose)
+        # Read permission; never kills (py-spy or the reason why not). Issue 17.
+        out["stacks"] = stacks.make_handler(
+            lambda: sup.tree,
+            budget_s=lambda: sup.cfg.timeouts.stacks_s,
+            preference=lambda: sup.cfg.daemon.stacks,
+            py_spy=lambda: sup.cfg.daemon.py_spy,
+            host_factory=lambda: sup.host,
+        )
         return out
 
     async def _start_control(self) -> Any:
@@ -275,7 +283,8 @@ class Runtime:
     # -- signals, children, watchdog -----------------------------------------------------------
 
     def _reap(self) -> None:
-        """SIGCHLD: reap every child (the leader, and orphans reparented to us as subreaper)."""
+        """SIGCHLD: reap every child (the leader, and orphans reparented to us as subreaper).
+        Host.reap_children keeps the statuses of vsup's own helpers (the stack dumper) for them."""
         sup = self.sup
         for pid, status in sup.host.reap_children():
             if sup.leader is not None and pid == sup.leader.pid:
