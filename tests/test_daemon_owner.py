@@ -60,7 +60,9 @@ async def into(o: Owner, where: str) -> None:
         await o.state("ready")
     elif where == "unhealthy":  # a canary failed; the confirming one never returns
         await o.state("ready")
-        o.world.current().mode = "hung"
+        cur = o.world.current()
+        assert cur is not None
+        cur.mode = "hung"
         o.sup.post(Probe(o.sup.gen, ProbeResult("canary", False, "timed out")))
         await o.state("unhealthy")
     elif where == "stopping":  # the operator's stop of a server that ignores SIGTERM
@@ -338,7 +340,7 @@ def test_exception_in_a_phase_ends_in_failed_not_in_a_dead_daemon(tmp_path: Path
         async with o:
             await o.state("failed")
             assert len(o.evs("internal_error")) == 1
-            assert "IllegalTransition" in o.sup.snap.reason
+            assert "IllegalTransition" in (o.sup.snap.reason or "")
             assert o.evs("incident")[-1]["kind"] == "internal_error"
             assert o.world.alive_trees() == []
             ok, r = await o.reply(o.command("start"), 10)
@@ -366,7 +368,7 @@ def test_ledger_full_after_spawn_kills_the_unrecorded_tree(tmp_path: Path, monke
             assert o.world.alive_trees() == []
             assert [s.segment for s in o.world.servers if s.segment in o.world.host.shm_names()] == []
             assert o.evs("ledger_write_failed")
-            assert "ledger" in o.sup.snap.reason
+            assert "ledger" in (o.sup.snap.reason or "")
         assert o.evs("internal_error") == []
 
     run(scenario())
@@ -429,7 +431,9 @@ def test_gate_routes_follow_the_state(tmp_path: Path) -> None:
             o.sup.post(Probe(o.sup.gen, ProbeResult("canary", False, "x")))
             await o.state("unhealthy")
             assert o.sup.gate.route.upstream is None and o.sup.gate.route.hold
-            o.sup.post(Exited(o.sup.gen, o.world.current().pid, 0))
+            cur = o.world.current()
+            assert cur is not None
+            o.sup.post(Exited(o.sup.gen, cur.pid, 0))
             await o.state("ready")
             ok, _ = await o.reply(o.command("stop"), 10)
             assert ok and not o.sup.gate.route.hold and o.sup.gate.route.state == "stopped"
@@ -456,7 +460,16 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
         def in_flight(self, gen: int | None = None) -> int:
             return self.n
 
-        def stats(self) -> dict[str, Any]:
+        def held(self) -> int:
+            return 0
+
+        def oldest_held_s(self) -> float | None:
+            return None
+
+        def last_success_at(self) -> float | None:
+            return None
+
+        def stats(self) -> dict[str, object]:
             return {"in_flight": self.n, "held": 0}
 
     async def scenario() -> None:
@@ -537,7 +550,7 @@ def test_random_interleavings_keep_the_invariants(
                 else:
                     await asyncio.sleep(arg)
                 assert o.world.max_alive <= 1
-                assert not o.task.done(), o.task
+                assert o.task is not None and not o.task.done(), o.task
         assert_sound(o)
         for t in o.replies:  # exactly one reply: a result or an error, never cancelled
             assert not t.cancelled()
