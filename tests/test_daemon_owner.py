@@ -351,7 +351,7 @@ def test_exception_in_a_phase_ends_in_failed_not_in_a_dead_daemon(tmp_path: Path
     run(scenario())
 
 
-def test_ledger_full_after_spawn_kills_the_unrecorded_tree(tmp_path: Path, monkeypatch: Any) -> None:
+def test_finding6_ledger_full_after_spawn_kills_the_unrecorded_tree(tmp_path: Path, monkeypatch: Any) -> None:
     """Issue 20, finding 6: the ledger cannot be written (ENOSPC) after vLLM started: the tree is
     killed at once (never left running unrecorded), the start fails into the normal recovery,
     and the daemon keeps running."""
@@ -374,7 +374,7 @@ def test_ledger_full_after_spawn_kills_the_unrecorded_tree(tmp_path: Path, monke
     run(scenario())
 
 
-def test_ledger_full_during_teardown_finishes_the_teardown_and_says_so(
+def test_finding6_ledger_full_during_teardown_finishes_the_teardown_and_says_so(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     """Issue 20, finding 6: the teardown's ledger writes fail: the tree is still torn down and
