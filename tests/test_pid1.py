@@ -30,8 +30,12 @@ def _require_unshare() -> None:
 class Pid1:
     """`vsup run` as PID 1 of new PID and mount namespaces (a private /proc), seen from outside."""
 
-    def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, tmp: Path, sections: dict[str, dict[str, Any]], entry: list[str] | None = None
+    ) -> None:
         self.tmp = tmp
+        self.entry = entry or [sys.executable, "-m", "vsup"]
+        self.kill_now = False  # a wedged vsup never acts on SIGTERM: close() kills the namespace
         self.state_dir = tmp / "state"
         self.socket = tmp / "run" / "vsup.sock"
         base: dict[str, dict[str, Any]] = {
@@ -56,9 +60,7 @@ class Pid1:
                 "--fork",
                 "--mount-proc",
                 "--kill-child",
-                sys.executable,
-                "-m",
-                "vsup",
+                *self.entry,
                 "run",
                 "--config",
                 str(self.config),
@@ -129,7 +131,9 @@ class Pid1:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with_pid = self.vsup_pid()
-            if with_pid is not None:
+            if self.kill_now:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # --kill-child ends the namespace
+            elif with_pid is not None:
                 os.kill(with_pid, signal.SIGTERM)
             try:
                 self.proc.wait(60)
@@ -177,14 +181,15 @@ def pid1(tmp_path: Path) -> Iterator[list[Pid1]]:
         d.close()
 
 
-def _orphan_maker(tmp: Path) -> Path:
+def _orphan_maker(tmp: Path, python: str = sys.executable) -> Path:
     """A 'python' for vLLM that first leaves an orphan behind (a child whose parent exits at
-    once, so it is reparented to PID 1), which exits a moment later, then becomes the server."""
+    once, so it is reparented to PID 1), which exits once `tmp/release` exists, then becomes the
+    server."""
     script = tmp / "python-with-orphan"
     script.write_text(
         "#!/bin/sh\n"
-        f"( sh -c 'echo $$ > {tmp}/orphan.pid; sleep 1; exit 3' & )\n"
-        f'exec {sys.executable} "$@"\n'
+        f"( sh -c 'echo $$ > {tmp}/orphan.pid; while [ ! -e {tmp}/release ]; do sleep 0.1; done; exit 3' & )\n"
+        f'exec {python} "$@"\n'
     )
     script.chmod(0o755)
     return script
@@ -198,7 +203,6 @@ def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, p
     d.start()
     vsup = d.vsup_pid()
     assert vsup is not None and d.nspid(vsup)[-1] == 1
-    d.wait_state("ready")
     orphan_file = tmp_path / "orphan.pid"
     orphan_ns = int(
         wait_for(lambda: orphan_file.exists() and orphan_file.read_text().strip(), 10, "the orphan")
@@ -214,9 +218,11 @@ def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, p
     host = wait_for(
         lambda: (o := orphan()) is not None and o.ppid() == vsup and o, 5, "the orphan under PID 1"
     )
-    # It exits after 1 s; reaped means no process entry at all, not even a zombie.
+    # Let it exit; reaped means no process entry at all, not even a zombie.
+    (tmp_path / "release").touch()
     wait_for(lambda: not psutil.pid_exists(host.pid), 10, "the orphan's zombie reaped")
     assert not any(p.status() == psutil.STATUS_ZOMBIE for p in d.namespace_procs() if _alive_in(p))
+    d.wait_state("ready")
     tree = [p.pid for p in d.namespace_procs() if p.pid != vsup]
     assert tree, "the fake server's tree runs below vsup"
     d.sigterm()
@@ -255,3 +261,123 @@ def test_failed_server_ends_pid1_nonzero_with_the_termination_message(
     assert json.loads(msg.split("\n", 1)[1])["state"] == "failed"
     events = [e["event"] for e in d.events()]
     assert "exit_on_failed" in events and events[-1] == "daemon_stopped"
+
+
+# ---- probes in a running daemon ---------------------------------------------------------------
+
+
+def probe(base: str, path: str, timeout: float = 5.0) -> int:
+    """The status the kubelet would see (0: no answer within `timeout`)."""
+    import httpx
+
+    try:
+        return httpx.get(base + path, timeout=timeout, trust_env=False).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def with_proxy(sections: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    port = free_port(18600, 18699)
+    sections["proxy"] = {"listen": f"127.0.0.1:{port}", "hold_timeout_s": 30.0}
+    return sections, f"http://127.0.0.1:{port}"
+
+
+def test_probes_while_loading_ready_and_hung(tmp_path: Path, pid1: list[Pid1]) -> None:
+    """Loading: /readyz and /startupz 503, /livez 200. Ready: all 200. A hung server (canaries
+    time out, /health still 200): /readyz 503 while vsup confirms the hang, /livez 200 throughout,
+    /startupz stays 200."""
+    sections = fake_sections(tmp_path, free_port(8050, 8099), mode="hang_after_ready")
+    sections["vllm"]["env"]["FAKE_VLLM_DELAY_S"] = "3"
+    sections, base = with_proxy(sections)
+    d = Pid1(tmp_path, sections)
+    pid1.append(d)
+    d.start()
+    wait_for(lambda: probe(base, "/livez") == 200, 10, "the probes to answer")
+    assert d.status()["state"] == "starting"
+    assert (probe(base, "/readyz"), probe(base, "/startupz")) == (503, 503)
+    wait_for(lambda: probe(base, "/startupz") == 200, 30, "the first model ready")
+    seen: dict[str, set[int]] = {"/livez": set(), "/readyz": set(), "/startupz": set()}
+
+    def unhealthy_and_not_ready() -> bool:
+        for path in seen:
+            seen[path].add(probe(base, path))
+        return d.status()["state"] == "unhealthy" and 503 in seen["/readyz"]
+
+    wait_for(unhealthy_and_not_ready, 30, "readiness 503 while the hang is being confirmed", 0.2)
+    assert seen["/livez"] == {200} and seen["/startupz"] == {200}
+
+
+WEDGE_DRIVER = """
+import asyncio, sys, time
+from vsup import daemon, pod
+
+pod.LIVENESS_STALE_S = 2.0
+serve = daemon.Supervisor._do_serve
+
+async def wedging(self, intent):
+    try:
+        return await asyncio.wait_for(serve(self, intent), 1.0)
+    except TimeoutError:
+        self.events.emit("wedged")
+    %s
+
+daemon.Supervisor._do_serve = wedging
+from vsup.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("wedge", "expect"),
+    [("await asyncio.Event().wait()", 503), ("time.sleep(600)", 0)],
+    ids=["owner-wedged", "loop-blocked"],
+)
+def test_liveness_fails_when_vsups_loop_is_wedged(
+    tmp_path: Path, pid1: list[Pid1], wedge: str, expect: int
+) -> None:
+    """The owner stops waking (its loop still answers): /livez 503 once the heartbeat is older
+    than the limit. The whole loop blocked: no answer at all, which the kubelet counts as a
+    failure too. /livez was 200 before the wedge."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(WEDGE_DRIVER % wedge)
+    sections, base = with_proxy(fake_sections(tmp_path, free_port(8050, 8099)))
+    d = Pid1(tmp_path, sections, entry=[sys.executable, str(driver)])
+    pid1.append(d)
+    d.start()
+    assert probe(base, "/livez") == 200
+    wait_for(lambda: any(e["event"] == "wedged" for e in d.events()), 30, "the wedge")
+    wait_for(lambda: probe(base, "/livez", timeout=2.0) == expect, 15, f"/livez {expect or 'no answer'}")
+    assert d.proc is not None and d.proc.poll() is None  # wedged, not dead
+    d.kill_now = True
+
+
+def test_sigterm_drains_in_flight_refuses_the_rest_exits_0(tmp_path: Path, pid1: list[Pid1]) -> None:
+    """SIGTERM while a slow stream runs through the proxy: a new request gets 503 with
+    Connection: close at once, the stream finishes whole, vsup (PID 1) exits 0, tree gone."""
+    import httpx
+
+    sections = fake_sections(tmp_path, free_port(8050, 8099))
+    sections["vllm"]["env"]["FAKE_VLLM_TOKEN_S"] = "0.1"  # noqa: S105 - seconds per token
+    sections, base = with_proxy(sections)
+    d = Pid1(tmp_path, sections)
+    pid1.append(d)
+    d.start()
+    d.wait_state("ready")
+    tree = [p.pid for p in d.namespace_procs() if p.pid != d.vsup_pid()]
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        with c.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            it = r.iter_lines()
+            first = next(line for line in it if line.startswith("data: "))
+            d.sigterm()
+            wait_for(lambda: d.status()["phase"] == "drain", 10, "the shutdown drain")
+            with httpx.Client(trust_env=False, timeout=10) as c2:
+                refused = c2.post(base + "/v1/chat/completions", json=body)
+            rest = [line for line in it if line.startswith("data: ")]
+        assert r.status_code == 200 and first and rest[-1] == "data: [DONE]"
+    assert refused.status_code == 503 and refused.headers["connection"] == "close"
+    assert refused.headers["retry-after"]
+    assert d.proc is not None and d.proc.wait(30) == 0, d.stderr_path.read_text()[-2000:]
+    assert not [p for p in tree if psutil.pid_exists(p) and _alive_in(psutil.Process(p))]
+    drain = [e for e in d.events() if e["event"] == "shutdown_drain"]
+    assert drain and drain[-1]["drained"] is True
