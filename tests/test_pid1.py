@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -381,3 +383,171 @@ def test_sigterm_drains_in_flight_refuses_the_rest_exits_0(tmp_path: Path, pid1:
     assert not [p for p in tree if psutil.pid_exists(p) and _alive_in(psutil.Process(p))]
     drain = [e for e in d.events() if e["event"] == "shutdown_drain"]
     assert drain and drain[-1]["drained"] is True
+
+
+# ---- the real vLLM ------------------------------------------------------------------------------
+
+
+def _real_pid1(tmp_path: Path, model: str = "tiny-a", **over: dict[str, Any]) -> tuple[Pid1, str]:
+    from support import VLLM_PY, real_sections, require_real_vllm
+
+    require_real_vllm()
+    sections = real_sections(free_port(8000, 8049), model, **over)
+    sections["vllm"]["python"] = str(_orphan_maker(tmp_path, str(VLLM_PY)))
+    sections, base = with_proxy(sections)
+    sections["proxy"]["hold_timeout_s"] = 120.0
+    return Pid1(tmp_path, sections), base
+
+
+class Poller(threading.Thread):
+    """Asks one probe every 0.5 s and keeps every answer, until stopped."""
+
+    def __init__(self, base: str, path: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.path = base, path
+        self.answers: list[int] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.answers.append(probe(self.base, self.path))
+            self.halt.wait(0.5)
+
+
+@pytest.mark.vllm
+def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
+    tmp_path: Path, pid1: list[Pid1]
+) -> None:
+    """The real TP=2 vLLM under vsup as PID 1. Loading: /readyz 503. A SIGSTOPped worker:
+    /readyz 503 before any teardown. /livez 200 throughout. An orphaned grandchild is reaped.
+    SIGTERM while two streams run: both finish, a new request gets 503, exit 0 within
+    shutdown_drain_s + the teardown, nothing of the tree left."""
+    import httpx
+
+    from test_real_vllm import assert_tree_gone, pid_titled, wait_tree_complete
+
+    d, base = _real_pid1(tmp_path, timeouts={"shutdown_drain_s": 30.0})
+    pid1.append(d)
+    d.start()
+    live = Poller(base, "/livez")
+    live.start()
+    try:
+        wait_for(lambda: probe(base, "/livez") == 200, 30, "the probes to answer")
+        assert d.status()["state"] == "starting" and probe(base, "/readyz") == 503
+        # The orphan the interpreter wrapper left is PID 1's, and reaped when it exits.
+        orphan_ns = int(
+            wait_for(
+                lambda: (tmp_path / "orphan.pid").exists() and (tmp_path / "orphan.pid").read_text(),
+                30,
+                "orphan",
+            )
+        )
+        vsup = d.vsup_pid()
+        host = wait_for(
+            lambda: next(
+                (p for p in d.namespace_procs() if _alive_in(p) and d.nspid(p.pid)[-1:] == [orphan_ns]), None
+            ),
+            10,
+            "the orphan",
+        )
+        assert host.ppid() == vsup
+        (tmp_path / "release").touch()
+        wait_for(lambda: not psutil.pid_exists(host.pid), 10, "the orphan reaped")
+        d.wait_state("ready", timeout=300)
+        assert probe(base, "/readyz") == 200 and probe(base, "/startupz") == 200
+        # A stopped worker: vsup's canary sees it, and /readyz says 503 before any teardown.
+        rec = wait_tree_complete(d)
+        worker = pid_titled(rec, "Worker_TP1")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: probe(base, "/readyz") == 503 and d.status()["state"] == "unhealthy",
+                60,
+                "readiness 503 while the worker is stopped",
+                0.5,
+            )
+            assert not any(e["event"] == "teardown" for e in d.events())
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        d.wait_state("ready", timeout=300)  # a good canary, or a restart after a confirmed hang
+        rec = wait_tree_complete(d)
+        # SIGTERM with two streams in flight.
+        body = {
+            "model": "tiny-a",
+            "messages": [{"role": "user", "content": "Count to one hundred."}],
+            "max_tokens": 120,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        results: list[tuple[int, list[str]]] = []
+        started = threading.Barrier(3)
+
+        def stream() -> None:
+            with (
+                httpx.Client(trust_env=False, timeout=120) as c,
+                c.stream("POST", base + "/v1/chat/completions", json=body) as r,
+            ):
+                lines = r.iter_lines()
+                got = [next(line for line in lines if line.startswith("data: "))]
+                started.wait(30)
+                got += [line for line in lines if line.startswith("data: ")]
+                results.append((r.status_code, got))
+
+        threads = [threading.Thread(target=stream) for _ in range(2)]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        live.halt.set()
+        t0 = time.monotonic()
+        d.sigterm()
+        wait_for(lambda: d.status()["phase"] == "drain", 10, "the shutdown drain", 0.1)
+        refused = httpx.post(
+            base + "/v1/chat/completions", json={**body, "stream": False}, timeout=10, trust_env=False
+        )
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        for t in threads:
+            t.join(120)
+        assert d.proc is not None and d.proc.wait(120) == 0, d.stderr_path.read_text()[-3000:]
+        took = time.monotonic() - t0
+        assert [s for s, _ in results] == [200, 200]
+        assert all(lines[-1] == "data: [DONE]" and len(lines) > 100 for _, lines in results)
+        # shutdown_drain_s + stop_grace_s + kill_wait_s + cleanup_grace_s + gpu_release_s
+        limit = 30.0 + 20.0 + 10.0 + 3.0 + 30.0
+        assert took < limit, took
+        assert_tree_gone(rec)
+        assert 0 not in live.answers and set(live.answers) == {200}, live.answers
+        drain = [e for e in d.events() if e["event"] == "shutdown_drain"]
+        assert drain[-1]["drained"] is True
+    finally:
+        live.halt.set()
+
+
+@pytest.mark.vllm
+def test_real_engine_death_ending_failed_exits_nonzero_with_the_message(
+    tmp_path: Path, pid1: list[Pid1]
+) -> None:
+    """tiny-broken loads, then its first request (the readiness canary) kills the engine. With
+    one failure allowed and no remedies, the server ends `failed`: vsup, PID 1, exits 1, the
+    termination log says why, and nothing of the tree is left."""
+    term = tmp_path / "termination-log"
+    term.touch()
+    d, _base = _real_pid1(
+        tmp_path,
+        "tiny-broken",
+        restart={"max_failures": 1},
+        remedies={"enabled": False},
+        daemon={"exit_on_failed": True, "termination_log": str(term)},
+    )
+    pid1.append(d)
+    (tmp_path / "release").touch()  # the orphan need not wait
+    d.start()
+    assert d.proc is not None
+    code = d.proc.wait(400)
+    assert code == 1, d.stderr_path.read_text()[-3000:]
+    msg = term.read_text()
+    assert msg.startswith("vsup: the vLLM server ended failed:"), msg
+    assert any(w in msg for w in ("engine", "Engine", "died", "exited")), msg
+    assert not [p for p in d.namespace_procs()]
+    from support import debris
+
+    assert not [p for p in debris()["procs"] if "tiny-broken" in p[1]]
