@@ -33,10 +33,15 @@ class Pid1:
     """`vsup run` as PID 1 of new PID and mount namespaces (a private /proc), seen from outside."""
 
     def __init__(
-        self, tmp: Path, sections: dict[str, dict[str, Any]], entry: list[str] | None = None
+        self,
+        tmp: Path,
+        sections: dict[str, dict[str, Any]],
+        entry: list[str] | None = None,
+        namespaces: tuple[str, ...] = (),
     ) -> None:
         self.tmp = tmp
         self.entry = entry or [sys.executable, "-m", "vsup"]
+        self.namespaces = namespaces  # more unshare flags, e.g. --mount --ipc
         self.kill_now = False  # a wedged vsup never acts on SIGTERM: close() kills the namespace
         self.state_dir = tmp / "state"
         self.socket = tmp / "run" / "vsup.sock"
@@ -62,6 +67,7 @@ class Pid1:
                 "--fork",
                 "--mount-proc",
                 "--kill-child",
+                *self.namespaces,
                 *self.entry,
                 "run",
                 "--config",
@@ -551,3 +557,46 @@ def test_real_engine_death_ending_failed_exits_nonzero_with_the_message(
     from support import debris
 
     assert not [p for p in debris()["procs"] if "tiny-broken" in p[1]]
+
+
+PLANT = """
+import os, sys, time
+old = time.time() - 3600
+for name in sys.argv[1:]:
+    with open("/dev/shm/" + name, "wb") as f:
+        f.write(b"x" * 1048576)
+    os.utime("/dev/shm/" + name, (old, old))
+"""
+
+
+def test_dead_containers_shm_leftovers_gone_before_the_first_start(tmp_path: Path, pid1: list[Pid1]) -> None:
+    """A container's own /dev/shm (a private tmpfs in new mount and IPC namespaces) holding a
+    dead container's segments: vsup (shm_private) unlinks them before it starts the server,
+    then serves; an object of the new tree is not touched."""
+    leftovers = ["psm_0badc0de", "sem.mp-deadbeef", "nccl-shm-old", "torch_1234_old"]
+    sections = fake_sections(tmp_path, free_port(8050, 8099))
+    sections["daemon"] = {"shm_private": True}
+    script = (
+        "mount -t tmpfs -o size=64m vsup-pod-shm /dev/shm && "
+        f'{sys.executable} -c "$VSUP_PLANT" {" ".join(leftovers)} && '
+        f'exec {sys.executable} -m vsup "$@"'
+    )
+    d = Pid1(tmp_path, sections, entry=["sh", "-c", script, "sh"], namespaces=("--mount", "--ipc"))
+    pid1.append(d)
+    os.environ["VSUP_PLANT"] = PLANT
+    try:
+        d.start()
+    finally:
+        del os.environ["VSUP_PLANT"]
+    d.wait_state("ready")
+    vsup = d.vsup_pid()
+    assert vsup is not None and d.nspid(vsup)[-1] == 1
+    shm = Path(f"/proc/{vsup}/root/dev/shm")
+    assert not set(leftovers) & set(os.listdir(shm)), os.listdir(shm)
+    (ev,) = [e for e in d.events() if e["event"] == "pod_shm"]
+    assert ev["own"] is True, ev["why"]
+    assert sorted(u["name"] for u in ev["unlinked"]) == sorted(leftovers)
+    assert ev["bytes_freed"] >= 4 << 20
+    starts = [i for i, e in enumerate(d.events()) if e["event"] == "spawned"]
+    pod_shm_at = [i for i, e in enumerate(d.events()) if e["event"] == "pod_shm"][0]
+    assert not starts or pod_shm_at < starts[0]
