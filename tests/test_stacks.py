@@ -460,3 +460,48 @@ def test_persistent_stuck_needs_the_same_frame_twice_and_the_engine_waiting():
         "processes": [idle_engine, _proc(0, "worker", "R", COLL, 10), _proc(1, "worker", "S", BLOCKED, 11)]
     }
     assert diagnose.persistent_stuck(hung, idle) == []
+
+
+# ---- through the daemon (fake OpenAI server) ----------------------------------------------------
+@needs_py_spy
+def test_a_confirmed_hang_records_stacks_into_its_incident_before_the_teardown(fake_daemon) -> None:
+    """The owner dumps the hung tree (py-spy) before tearing it down; the bundle holds the API server's frames."""
+    from support import wait_for
+
+    d = fake_daemon("hang_after_ready")
+    first = d.wait_state("ready", timeout=30)
+    ev = d.wait_event(
+        lambda e: e["event"] == "incident" and e.get("kind") == "hang", 60, "the hang's incident"
+    )
+    dumped = next(e for e in d.events() if e["event"] == "stacks")
+    assert dumped["mechanism"] == "py-spy" and dumped["complete"], dumped
+    assert dumped["seconds"] < 3.0
+    evs = d.events()
+    hung = next(
+        i for i, e in enumerate(evs) if e["event"] == "state" and "hang confirmed" in (e["reason"] or "")
+    )
+    after = [e["event"] for e in evs[hung:]]
+    assert after.index("stacks") < after.index("teardown"), after  # before the kill, not after
+    report = json.loads((Path(ev["path"]) / "stacks.json").read_text())
+    api = next(p for p in report["processes"] if p["pid"] == first["pid"])
+    assert api["role"] == "api_server" and api["threads"] and api["state"] in ("R", "S")
+    wait_for(lambda: d.status()["restarts"] >= 1, 40, "the restart after the hang")
+
+
+@needs_py_spy
+def test_vsup_stacks_over_the_socket_leaves_the_server_serving(fake_daemon) -> None:
+    """`vsup stacks` (read permission) prints every process's stacks; the server stays ready; no tree: a clear error."""
+    d = fake_daemon()
+    s = d.wait_state("ready", timeout=30)
+    out = d.cli("stacks", "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["mechanism"] == "py-spy" and r["complete"]
+    assert any(p["pid"] == s["pid"] and p["threads"] for p in r["processes"])
+    text = d.cli("stacks", timeout=60)
+    assert text.returncode == 0 and f"pid {s['pid']}" in text.stdout
+    assert d.status()["state"] == "ready" and d.status()["pid"] == s["pid"]
+    d.call("stop", timeout=60)
+    d.wait_state("stopped", timeout=30)
+    gone = d.cli("stacks", timeout=60)
+    assert gone.returncode == 1 and "no vLLM server is running" in gone.stderr
