@@ -174,6 +174,16 @@ def test_processes_older_than_the_tree_are_never_members() -> None:
     assert any("started before the tree" in s["reason"] for s in rep.skipped), rep.skipped
 
 
+def test_tree_is_still_ours_after_a_clock_step() -> None:
+    """The daemon's create times come from the btime it read at start: after the clock was
+    stepped forward they precede started_at by the step, and the tree is still found whole."""
+    h = FakeHost()
+    pids, rec = add_vllm_tree(h, 500, api_alive=False)
+    rec.started_at += 30.0
+    rep = cleanup_mod.cleanup([rec], host=h, grace_s=0.1)
+    assert not set(pids.values()) & set(h.procs), rep.skipped
+
+
 def test_record_of_another_uid_is_refused() -> None:
     """A record of a tree another user started is not acted on by root without all_users."""
     h = FakeHost()

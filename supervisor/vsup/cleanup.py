@@ -40,6 +40,7 @@ from vsup.proctree import (
     is_vllm_titled,
     looks_like_vllm,
     same_boot,
+    tree_epoch,
     tree_members,
 )
 
@@ -124,18 +125,18 @@ def _label(p: ProcInfo) -> str:
     return f"pid {p.pid} ({p.title})"
 
 
-def refusal(rec: TreeRecord, now: float, may_touch: Callable[[int], bool]) -> str | None:
+def refusal(rec: TreeRecord, may_touch: Callable[[int], bool]) -> str | None:
     """Why a ledger record must not be acted on at all, or None. vsup writes none of these; a
     record that says them was damaged, forged or is not ours, and a SIGKILL on its word could
-    hit anything (a record naming pid 1 once meant every process of the machine)."""
+    hit anything (a record naming pid 1 once meant every process of the machine). Clock
+    readings are not judged against `now`: a clock stepped back since the spawn would disown a
+    real tree."""
     refs = [rec.leader, *rec.procs]
     if min(rec.sid, rec.pgid, *(r.pid for r in refs)) <= 1:
         return "it names pid, session or group 0 or 1"
-    if rec.started_at > now + RECORD_CLOCK_SLACK_S:
-        return "the tree starts in the future"
-    older = [r.pid for r in refs if r.create_time < rec.started_at - RECORD_CLOCK_SLACK_S]
+    older = [r.pid for r in rec.procs if r.create_time < tree_epoch(rec) - RECORD_CLOCK_SLACK_S]
     if older:
-        return f"pid(s) {older[:5]} started before the tree did"
+        return f"pid(s) {older[:5]} started before the tree did (before its leader)"
     if rec.uid is not None and not may_touch(rec.uid):
         return f"the tree was started by uid {rec.uid}; only that user (or root with all_users) cleans it"
     return None
@@ -238,7 +239,7 @@ def cleanup(
     # 0. records that must not be acted on ------------------------------------------------
     sane: list[TreeRecord] = []
     for rec in dead:
-        why = refusal(rec, host.time(), may_touch)
+        why = refusal(rec, may_touch)
         if why is None:
             sane.append(rec)
         else:

@@ -47,9 +47,9 @@ TREE_TMPDIR = re.compile(r"^vsup-tree-[0-9a-f]{12}$")
 # cannot make it remove /etc/...). A tree dir made under another $TMPDIR leaked and its ledger
 # entry was dropped as clean (issue 20, finding 9).
 TREE_TMP_ROOT = "/tmp"  # noqa: S108 - a root: each tree's dir in it is a fresh random-named mkdir 0700
-# A recorded create time may precede the tree's `started_at` by this much and still be the
-# tree's: started_at is time.time() just before the spawn, a create time is starttime/CLK_TCK +
-# an integer btime (host.CREATE_TIME_TOLERANCE_S), plus a small clock step.
+# A process is the tree's only if it started no earlier than the tree (tree_epoch) less this:
+# a create time is starttime/CLK_TCK + /proc/stat's btime, an integer (up to 1 s early), and
+# host.CREATE_TIME_TOLERANCE_S allows a small clock step on top.
 RECORD_CLOCK_SLACK_S = CREATE_TIME_TOLERANCE_S + 1.0
 # A session or group whose leader is gone is the tree's only if a live recorded member is in it,
 # or its oldest live process was born within this long of the tree's start (the tree's own
@@ -234,6 +234,15 @@ def procref(info: ProcInfo, host: Host) -> ProcRef:
 ALWAYS_PROTECTED = frozenset({0, 1})
 
 
+def tree_epoch(rec: TreeRecord) -> float:
+    """When the tree started, on the clock of /proc create times: the earlier of `started_at`
+    (time.time() before the spawn) and the leader's create time. A daemon computes create times
+    with the btime its Host read at start; after a clock step since then they are off from
+    time.time() by the step, but not from each other, and the leader was recorded the same way
+    as its members: comparing members with started_at alone would then disown the whole tree."""
+    return min(rec.started_at, rec.leader.create_time)
+
+
 def tree_members(
     rec: TreeRecord, snap: dict[int, ProcInfo], protected: Iterable[int] = ALWAYS_PROTECTED
 ) -> list[ProcInfo]:
@@ -257,7 +266,7 @@ def tree_members(
     if not same_boot(rec):
         return []
     guard = ALWAYS_PROTECTED | set(protected)
-    floor = rec.started_at - RECORD_CLOCK_SLACK_S
+    floor = tree_epoch(rec) - RECORD_CLOCK_SLACK_S
     recorded = {p.pid: p for p in rec.procs}
     recorded.setdefault(rec.leader.pid, rec.leader)
 
@@ -282,7 +291,7 @@ def tree_members(
         if any(is_recorded(p) for p in inside):
             return True
         oldest = min((p.create_time for p in inside), default=None)
-        return oldest is not None and oldest <= rec.started_at + SESSION_ANCHOR_WINDOW_S
+        return oldest is not None and oldest <= tree_epoch(rec) + SESSION_ANCHOR_WINDOW_S
 
     sid_ok = anchored(rec.sid, "sid")
     pgid_ok = anchored(rec.pgid, "pgid")
