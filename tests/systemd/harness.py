@@ -210,6 +210,10 @@ def _stage(staging: Path, units: dict[str, str], etc: dict[str, str]) -> None:
     script = venv / "bin" / "vsup"
     script.write_text("#!/opt/vsup/bin/python\nimport sys\nfrom vsup.cli import main\nsys.exit(main())\n")
     script.chmod(0o755)
+    # The stack dumper, where `pip install 'vsup[stacks]'` puts it: beside vsup's interpreter.
+    spy = Path(sys.executable).parent / "py-spy"
+    if spy.exists():
+        shutil.copy2(spy, venv / "bin" / "py-spy")
     # Everything the vsup user reads must be readable by it.
     for p in [staging, *staging.rglob("*")]:
         if not p.is_symlink():

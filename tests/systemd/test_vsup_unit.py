@@ -162,6 +162,21 @@ def test_start_is_active_with_status_as_user_vsup(sd: Systemd, running: dict[str
     assert any(e["event"] == "ready" and e["model"] == "fake-model" for e in events)
 
 
+def test_vsup_stacks_reads_the_tree_as_user_vsup_under_the_units_hardening(
+    sd: Systemd, running: dict[str, Any]
+) -> None:
+    """Issue 17: py-spy, spawned by vsup as user vsup with no capability, reads every process's stacks."""
+    r = sd.run(f"{VSUP} stacks --json --config {CONFIG}", check=False, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["mechanism"] == "py-spy" and report["complete"], report["reason"]
+    procs = {p["pid"]: p for p in report["processes"]}
+    assert running["pid"] in procs and len(procs) >= 2
+    assert all(p["threads"] and p["state"] in ("R", "S") for p in procs.values()), report
+    assert sd.show("vsup.service", "ActiveState") == "active"
+    assert ready(sd) is not None
+
+
 def test_pings_keep_the_unit_alive_past_its_watchdog(sd: Systemd, running: dict[str, Any]) -> None:
     """With WatchdogSec=3s, vsup stays active (same pid, no restart) for three deadlines."""
     main = sd.show("vsup.service", "MainPID")
