@@ -218,6 +218,27 @@ class ProxyConfig:
         "every stream in flight without a byte this long: tell the owner (one strike, as a canary)",
         min=1,
     )
+    # Issue 16. Off by default: an off-load frees the GPUs, and the next request then waits a cold
+    # start (held, never refused). Ollama's keep_alive is 5 min; llama-swap's ttl is off by default.
+    idle_unload_s: float | None = _f(
+        None,
+        "off-load (drain, stop, clean, GPU memory freed) after no request for this long; the next "
+        "request loads the last model again, held meanwhile; unset = never",
+        min=1,
+    )
+    swap_on_request: bool = _f(
+        False,
+        "a request naming the served_model_name of another configured model ([vllm] or [models.NAME]) "
+        "swaps to it (a reload), held meanwhile; GET /v1/models lists every configured model",
+    )
+    # Against thrashing: a cold start costs ~25-45 s here (minutes for a large model); a model that
+    # was worth loading serves at least this long while its clients keep asking for it.
+    min_resident_s: float = _f(
+        30.0,
+        "swap_on_request: no swap away from a model ready for less than this while requests for it "
+        "keep arriving; the other model's requests wait (oldest waiting model first)",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -519,6 +540,41 @@ def _proxy_checks(cfg: Config) -> None:
         raise ConfigError(cfg.path, "proxy.listen", f"port {port} is vllm.port (vLLM listens there)")
     if port == cfg.daemon.metrics_port:
         raise ConfigError(cfg.path, "proxy.listen", f"port {port} is daemon.metrics_port")
+    if cfg.proxy.swap_on_request:
+        # A request names its model by served name: each configured model needs one, and one
+        # name must mean one model.
+        named = [("vllm", cfg.vllm.served_model_name)] + [
+            (f"models.{k}", m.served_model_name) for k, m in cfg.models.items()
+        ]
+        seen: dict[str, str] = {}
+        for key, served in named:
+            if not served:
+                raise ConfigError(cfg.path, f"{key}.served_model_name", "required with proxy.swap_on_request")
+            if served in seen and not _same_model(cfg, seen[served], key):
+                raise ConfigError(
+                    cfg.path,
+                    f"{key}.served_model_name",
+                    f"{served!r} is also {seen[served]}'s (proxy.swap_on_request needs one name per model)",
+                )
+            seen.setdefault(served, key)
+
+
+def served_models(cfg: Config) -> dict[str, ModelConfig]:
+    """Served name -> model, for swap_on_request: [vllm] and every [models.NAME]."""
+    out: dict[str, ModelConfig] = {}
+    for spec in [cfg.model_spec(), *cfg.models.values()]:
+        if spec.served_model_name:
+            out.setdefault(spec.served_model_name, spec)
+    return out
+
+
+def _same_model(cfg: Config, key_a: str, key_b: str) -> bool:
+    """[vllm] repeated as a [models.NAME] (same path, same name) is one model, not two."""
+
+    def model(key: str) -> str:
+        return cfg.vllm.model if key == "vllm" else cfg.models[key.split(".", 1)[1]].model
+
+    return model(key_a) == model(key_b)
 
 
 def warnings(cfg: Config) -> list[str]:
@@ -536,6 +592,13 @@ def warnings(cfg: Config) -> list[str]:
             out.append(
                 f"{cfg.path}: vllm.host: {host!r} is not loopback: with [proxy], clients could bypass "
                 "the proxy (and its hold, replay and truthful /health); use 127.0.0.1"
+            )
+        px = cfg.proxy
+        if px.swap_on_request and px.hold_timeout_s < px.min_resident_s + cfg.timeouts.start_s:
+            out.append(
+                f"{cfg.path}: proxy.hold_timeout_s: {px.hold_timeout_s:g} s is less than min_resident_s + "
+                f"timeouts.start_s ({px.min_resident_s + cfg.timeouts.start_s:g} s): a request for the "
+                "other model may get 503 while it waits for its swap"
             )
     return out
 

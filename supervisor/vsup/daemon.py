@@ -64,7 +64,7 @@ from .observations import (
     Shutdown,
     TreeSeen,
 )
-from .policy import RestartPolicy
+from .policy import RestartPolicy, swap_target
 from .probes import Prober, ProbeResult
 from .states import Snapshot, State, check
 from .watchers import FATAL_KINDS, STRIKE_KINDS, Clock
@@ -152,6 +152,14 @@ class Supervisor:
     def _publish(self, **changes: Any) -> None:
         """Replace the snapshot, and with it the proxy's route and systemd's status line."""
         self.snap = replace(self.snap, **changes)
+        # Issue 16. Off-loaded (cause: idle | operator): `stopped`, the route holding, and a
+        # request loads the model again. The on-demand numbers status shows; a load or swap in
+        # progress (what asked for it, since when); models whose swap failed (monotonic time).
+        self._unloaded: str | None = None
+        self._od: dict[str, Any] = {"unloaded": 0, "loaded": 0, "swapped": 0, "last": None}
+        self._od_pending: dict[str, Any] | None = None
+        self._swap_failed: dict[str, float] = {}
+        self._last_release: Any = None  # the GPU release report of the last teardown (NVML)
         self.events.bind(state=str(self.snap.state), model=self.snap.model, pid=self.snap.pid)
         self.gate.publish(self._route())
         self._notify_status()
@@ -163,10 +171,12 @@ class Supervisor:
             # new, at once; requests in flight finish during the shutdown drain.
             return Route(state=str(s.state), reason=s.reason or "shutting down", closing=True, model=s.model)
         ready = s.state == State.READY and self.tree is not None
+        # Off-loaded (issue 16): stopped, but a request loads the model again: hold it.
+        idle = s.state == State.STOPPED and self._unloaded is not None
         if s.state in (State.FAILED, State.STOPPED):
-            hold = False  # nothing is coming until an operator acts
+            hold = idle  # otherwise nothing is coming until an operator acts
         elif s.state == State.STOPPING:
-            hold = self._stopping_for == "restart"
+            hold = self._stopping_for in ("restart", "unload")
         else:
             hold = not ready  # starting, reloading, unhealthy: a server is (again) coming
         return Route(
@@ -176,6 +186,7 @@ class Supervisor:
             gen=self.gen if ready else 0,
             hold=hold,
             model=s.model,
+            idle=idle,
         )
 
     def _set_state(
@@ -193,6 +204,8 @@ class Supervisor:
             check(old, state)
         if state == State.FAILED and self.cfg.daemon.exit_on_failed and not self._exiting:
             self._exit_failed(reason)
+        if state != State.STOPPED:
+            self._unloaded = None  # off-loaded only while stopped
         since = self.clock.time() if state != old else self.snap.since
         self._publish(state=state, reason=reason, phase=phase, deadline=deadline, since=since, **changes)
         self.events.emit("state", old=str(old), phase=phase, reason=reason)
@@ -255,6 +268,8 @@ class Supervisor:
         if self.traffic is not None:
             with contextlib.suppress(Exception):  # the proxy's failure must not break status
                 out["traffic"] = self.traffic.stats()
+        if self.cfg.proxy is not None or self._od["last"] is not None:
+            out["on_demand"] = {**self._od, "unloaded_for": self._unloaded, "pending": self._od_pending}
         return out
 
     # -- the queue ---------------------------------------------------------------------------
@@ -291,8 +306,10 @@ class Supervisor:
             self._apply_tree(obs)
             return None
         if isinstance(obs, Demand):
-            self.events.emit("demand_ignored", model=obs.model, note="off-load is not implemented yet")
-            return None
+            if self.cfg.proxy is None or self.traffic is None:
+                self.events.emit("demand_ignored", model=obs.model, note="no [proxy]")
+                return None
+            return obs  # serve (a swap) and idle (a load) act on it; other phases drop it
         if isinstance(obs, Shutdown):
             self._exiting = True
             self._publish()  # the closing route: stop admitting now, whatever the phase
@@ -428,6 +445,8 @@ class Supervisor:
         self._publish(operation=obs.name)
         if obs.name == "stop":
             return Intent("stop", reason="operator stop", cmd=obs)
+        if obs.name == "unload":
+            return Intent("unload", reason="operator unload", failure_kind="operator", cmd=obs)
         self.policy.operator_acted(start=obs.name == "start")  # resets the crash-loop count
         if obs.name == "reload":
             return Intent("reload", spec=obs.args["spec"], reason="operator reload", cmd=obs)
@@ -451,6 +470,7 @@ class Supervisor:
             "stop": self._do_stop,
             "idle": self._do_idle,
             "reload": self._do_reload,
+            "unload": self._do_unload,
         }
         while intent.kind != "exit":
             try:
@@ -509,6 +529,8 @@ class Supervisor:
         if ok:
             self._set_state(State.READY, reason="canary completion served", phase=None)
             self._reply(it.cmd, self.status())
+            if self._od_pending is not None and self._od_pending["kind"] == "loaded":
+                self._on_demand_done()
             return Intent("serve")
         if obs is not None:  # a command interrupted the start
             what = obs.name if isinstance(obs, Cmd) else "shutdown"
@@ -705,6 +727,8 @@ class Supervisor:
                     stable_at = 0
                     if forgotten := self.policy.stable():
                         self.events.emit("stable", failures_forgotten=forgotten)
+                if (obs is None or isinstance(obs, Demand)) and (nxt := self._offload_due()) is not None:
+                    return nxt
                 if obs is None:
                     continue
                 if isinstance(obs, Exited):
@@ -933,7 +957,13 @@ class Supervisor:
 
     async def _do_idle(self, it: Intent) -> Intent:
         while not self._exiting:
-            obs = await self._next()
+            # Off-loaded: look at the proxy's held requests every heartbeat too (a Demand posted
+            # while a teardown ran was dropped by that phase).
+            obs = await self._next(HEARTBEAT_S if self._unloaded is not None else None)
+            if self._unloaded is not None and (
+                isinstance(obs, Demand) or (obs is None and self.traffic is not None and self.traffic.held())
+            ):
+                return self._load_on_demand(obs)
             if isinstance(obs, Shutdown):
                 break
             if isinstance(obs, Cmd) and obs.name == "stop":
@@ -942,13 +972,173 @@ class Supervisor:
                 if self.snap.state == State.FAILED:
                     self._set_state(State.STOPPING, reason="operator stop", phase="cleanup")
                 report = await self._cleanup_dead()
-                if self.snap.state != State.STOPPED:
+                if self.snap.state != State.STOPPED or self._unloaded is not None:
+                    self._unloaded = None  # an operator's stop: requests are refused again
                     self._set_state(State.STOPPED, reason="operator stop")
                 self._reply(obs, {"stopped": True, "note": "was not running", "cleanup": report.to_json()})
                 continue
             if isinstance(obs, Cmd):
                 return self._intent_for(obs)
         return Intent("exit")
+
+    # off-load, load on demand, swap on request (issue 16) --------------------------------
+
+    def _offload_due(self) -> Intent | None:
+        """While serving, each heartbeat and on a Demand, from the proxy's view (never posted per
+        request): a swap that held requests ask for, or an idle off-load."""
+        px, tr = self.cfg.proxy, self.traffic
+        if px is None or tr is None or self.snap.state != State.READY or self._ready_at is None:
+            return None
+        now = self.clock.monotonic()
+        if px.swap_on_request:
+            served = config_mod.served_models(self.cfg)
+            hold_s = px.hold_timeout_s
+            blocked = {m for m, t in self._swap_failed.items() if now - t < hold_s}
+            loaded = self.snap.model
+            choice = swap_target(
+                now=now,
+                loaded=loaded,
+                ready_at=self._ready_at,
+                waiting=tr.waiting(),
+                models=set(served),
+                last_use=tr.last_activity_at(loaded),
+                in_flight=tr.in_flight(self.gen),
+                min_resident_s=px.min_resident_s,
+                blocked=blocked,
+            )
+            if choice.model is not None:
+                self._od_pending = {
+                    "kind": "swapped",
+                    "cause": "request",
+                    "from": loaded,
+                    "to": choice.model,
+                    "since": _iso(self.clock.time()),
+                    "t0": now,
+                    "waited_s": round(now - tr.waiting().get(choice.model, now), 3),
+                }
+                self.events.emit("swap", model=loaded, to=choice.model, why=choice.why, cause="request")
+                return Intent(
+                    "reload",
+                    spec=served[choice.model],
+                    reason=f"swap on request ({choice.model} asked)",
+                    failure_kind="swap",
+                )
+        idle_s = px.idle_unload_s
+        if idle_s is not None and tr.in_flight() == 0 and tr.held() == 0:
+            last = max(self._ready_at, tr.last_activity_at() or 0.0)
+            if now - last >= idle_s:
+                return Intent("unload", reason=f"no request for {now - last:.0f}s", failure_kind="idle")
+        return None
+
+    def _load_on_demand(self, obs: Demand | None) -> Intent:
+        """Off-loaded, and a request waits: start the last loaded model, or, with swap_on_request,
+        the configured model the oldest held request asks for. The proxy holds it until ready."""
+        spec, cause = self.spec, self._unloaded or "idle"
+        px = self.cfg.proxy
+        if px is not None and px.swap_on_request and self.traffic is not None:
+            served = config_mod.served_models(self.cfg)
+            asked = {m: t for m, t in self.traffic.waiting().items() if m in served}
+            if isinstance(obs, Demand) and obs.model in served and not asked:
+                asked = {obs.model: 0.0}
+            if asked:
+                spec = served[str(min(asked, key=lambda m: (asked[m], str(m))))]
+        served_name = spec.served_model_name or spec.name
+        now = self.clock.monotonic()
+        self._od_pending = {
+            "kind": "loaded",
+            "cause": cause,
+            "to": served_name,
+            "since": _iso(self.clock.time()),
+            "t0": now,
+        }
+        held = self.traffic.held() if self.traffic is not None else 0
+        self.events.emit("load_on_demand", model=served_name, cause=cause, held=held)
+        return Intent("start", spec=spec, reason=f"on demand: a request after the {cause} off-load")
+
+    def _on_demand_done(self) -> None:
+        """A load on demand or a swap reached ready: its event, status and metrics."""
+        p, self._od_pending = self._od_pending, None
+        if p is None:
+            return
+        secs = round(self.clock.monotonic() - p.pop("t0"), 3)
+        self._od_record(p.pop("kind"), seconds=secs, **p)
+
+    def _od_record(self, kind: str, *, seconds: float, cause: str, **fields: Any) -> None:
+        self._od[kind] += 1
+        self._od["last"] = {
+            "kind": kind,
+            "cause": cause,
+            "seconds": seconds,
+            "at": _iso(self.clock.time()),
+            **fields,
+        }
+        self.events.emit(kind, cause=cause, seconds=seconds, **fields)
+        if self.metrics is not None:
+            self.metrics.on_demand(kind, cause, seconds)
+
+    async def _do_unload(self, it: Intent) -> Intent:
+        """Off-load (`vsup unload`, or idle_unload_s): drain the requests in flight (bounded by
+        timeouts.drain_s; new ones are held), tear down, clean, prove the machine clean (port,
+        ledger, GPU memory where NVML sees it), then `stopped` with reason `idle` or `unloaded`
+        and the route holding: the next request loads the model again. Debris left: `failed`."""
+        cause = it.failure_kind or "operator"
+        t0 = self.clock.monotonic()
+        model = self.snap.model
+        serving = self.snap.state in (State.READY, State.UNHEALTHY) and self.tree is not None
+        phases: dict[str, float] = {}
+        self._stopping_for = "unload"
+        self._last_release = None
+        reason = f"unload ({cause}): {it.reason}" if it.reason else f"unload ({cause})"
+        if serving and self.traffic is not None:
+            drain_s = self.cfg.timeouts.drain_s
+            self._set_state(
+                State.STOPPING, reason=reason, phase="drain", deadline=self.clock.time() + drain_s
+            )
+            interrupt, result = await self._watch(self._drain())
+            if interrupt is not None:  # a shutdown: every command is busy while stopping
+                what = interrupt.name if isinstance(interrupt, Cmd) else "daemon shutdown"
+                self._reply(it.cmd, error=OperationFailed(f"unload cancelled by {what}"))
+                return self._intent_for(interrupt)
+            drained, busiest = result
+            self.events.emit("drained", ok=drained, max_running=busiest)
+            phases["drain"] = round(self.clock.monotonic() - t0, 3)
+            self._set_phase("teardown")
+        else:
+            self._set_state(State.STOPPING, reason=reason, phase="teardown")
+        t1 = self.clock.monotonic()
+        report = await self._teardown(reason, grace=self.cfg.timeouts.stop_grace_s)
+        phases["stop"] = round(self.clock.monotonic() - t1, 3)
+        verify = await self._verify_clean()
+        rel = self._last_release
+        problem = (
+            verify
+            or (None if report.clean else f"debris remains: {_remaining(report)}")
+            or (None if rel is None or rel.released else f"GPU memory not released: {rel.reason}")
+        )
+        if problem:
+            self._set_state(
+                State.FAILED, reason=f"unload: {problem}", phase=None, pid=None, workers=0, operation=None
+            )
+            self._reply(it.cmd, error=OperationFailed(f"unloaded, but {problem}"))
+            return Intent("exit") if self._exiting else Intent("idle")
+        secs = round(self.clock.monotonic() - t0, 3)
+        if not self._exiting:
+            self._unloaded = cause  # the route holds and posts Demand from here on
+        self._set_state(
+            State.STOPPED,
+            reason="idle" if cause == "idle" else "unloaded",
+            phase=None,
+            pid=None,
+            workers=0,
+            operation=None,
+        )
+        gpu = None if rel is None else _as_dict(rel)
+        self._od_record("unloaded", seconds=secs, cause=cause, model=model, phases=phases)
+        self._reply(
+            it.cmd,
+            {"unloaded": True, "model": model, "seconds": secs, "cleanup": report.to_json(), "gpu": gpu},
+        )
+        return Intent("exit") if self._exiting else Intent("idle")
 
     # teardown and cleanup ------------------------------------------------------------------
 
@@ -1024,6 +1214,7 @@ class Supervisor:
                 before=gpu_before,
             )
             self.events.emit("gpu_release", **_as_dict(rel))
+            self._last_release = rel
         if report.clean:
             self._ledger("remove", tree.id)
         self.tree, self.leader = None, None
@@ -1182,6 +1373,8 @@ class Supervisor:
             return cancelled(obs)
         if ok:
             self._serving(new, f"{it.reason}: serving {new.name}")
+            if self._od_pending is not None and self._od_pending["kind"] == "swapped":
+                self._on_demand_done()
             phase_at = {k: round(v - t0, 3) for k, v in phases.items()}
             self._reply(
                 cmd, {"model": new.name, "seconds": round(self.clock.monotonic() - t0, 3), "phases": phase_at}
@@ -1189,6 +1382,10 @@ class Supervisor:
             self.policy.operator_acted()
             return Intent("serve")
         # Clean what the new model left; roll back to the previous model if it was serving.
+        if it.failure_kind == "swap":  # not tried again while its held requests could still wait
+            self._swap_failed[new.served_model_name or new.name] = self.clock.monotonic()
+            self._od_pending = None
+            self.events.emit("swap_failed", model=new.served_model_name or new.name, reason=detail)
         lines, tree = self.log.since_spawn(), self.tree
         await phase("rollback" if serving else "teardown")
         report = await self._teardown(f"reload of {new.name} failed", grace=FAILED_STOP_GRACE_S)
