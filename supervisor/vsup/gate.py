@@ -29,7 +29,9 @@ class Route:
     gen: int = 0  # generation of the tree behind `upstream` (stale routes are ignored)
     hold: bool = False  # no upstream: True = requests wait (a server is coming), False = 503 now
     model: str | None = None  # served model name of the current or coming server
-    idle: bool = False  # stopped because idle (off-load): a request should wake it
+    # Off-loaded (idle or `vsup unload`): held requests ask for a load (Demand); /health is 200
+    # (it will serve, after a load: a balancer that saw 503 would never send the waking request).
+    idle: bool = False
     # vsup is shutting down (SIGTERM): every request not yet forwarded, held or new, gets 503
     # with Retry-After at once and its connection is closed; requests in flight finish.
     closing: bool = False
@@ -75,6 +77,13 @@ class Traffic(Protocol):
     def oldest_held_s(self) -> float | None: ...
 
     def last_success_at(self) -> float | None: ...  # monotonic time of the last 2xx completion
+
+    # Issue 16 (idle off-load, swap on request): the monotonic time a request (for served name
+    # `model`, or for any when None) last arrived or ended; and, per model name asked for
+    # (None: no model in the body), when the oldest request held now began waiting.
+    def last_activity_at(self, model: str | None = None) -> float | None: ...
+
+    def waiting(self) -> dict[str | None, float]: ...
 
     def stats(self) -> dict[str, object]: ...
 

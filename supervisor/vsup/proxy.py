@@ -38,7 +38,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -113,11 +113,12 @@ class _NothingSent(Exception):
 
 
 class _Req:
-    __slots__ = ("id", "method", "path", "arrived", "gen", "attempts", "last_byte")
+    __slots__ = ("id", "method", "path", "arrived", "gen", "attempts", "last_byte", "model")
 
     def __init__(self, rid: int, method: str, path: str, arrived: float) -> None:
         self.id, self.method, self.path, self.arrived = rid, method, path, arrived
         self.gen: int | None = None
+        self.model: str | None = None  # the body's "model", read only with swap_on_request
         self.attempts = 0
         self.last_byte = arrived  # of a stream in flight: when its upstream last sent a byte
 
@@ -139,7 +140,11 @@ class Proxy:
         emit: Callable[..., None],
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        models: Collection[str] = (),
+        api_key: str | None = None,
     ) -> None:
+        """``models``: the served names of the configured models (swap_on_request routes and
+        lists them); ``api_key``: vLLM's --api-key, which the proxy's own /v1/models demands too."""
         self.cfg = cfg
         self.gate = gate
         self._post = post
@@ -149,6 +154,10 @@ class Proxy:
         self.host, self.port = parse_listen(cfg.listen, allow_zero=True)  # 0: any free port (tests)
         self._ids = itertools.count(1)
         self._held: dict[int, float] = {}  # request id -> held since (monotonic)
+        self._held_model: dict[int, str | None] = {}  # request id -> the model it asked for
+        self._last_use: dict[str | None, float] = {}  # model asked (None: any) -> last arrival or end
+        self._models = tuple(models)
+        self._api_key = api_key
         self._in_flight: dict[int, int] = {}  # gen -> requests forwarded and not finished
         self._streams: dict[int, _Req] = {}  # request id -> SSE streams in flight
         self._stall_task: asyncio.Task[None] | None = None
@@ -156,9 +165,11 @@ class Proxy:
         self._last_success: float | None = None
         self._counts = {"requests": 0, "replays": 0, "rejected": 0, "hold_timeouts": 0, "refused_conns": 0}
         self._local: dict[str, Handler] = {"/health": self._health}
+        if cfg.swap_on_request:
+            self._local["/v1/models"] = self._list_models  # every configured model, loaded or not
         self._episode_full = False  # one "queue full" event per hold episode
         self._released: list[float] = []  # waits of requests released since the last event
-        self._demanded: Route | None = None
+        self._demanded: tuple[Route, set[str | None]] | None = None  # models asked of this route
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -166,7 +177,9 @@ class Proxy:
         self.max_connections = self._connection_cap(cfg.max_connections)
         self.address: tuple[str, int] | None = None  # bound (host, port), once listening
         self.bound = asyncio.Event()
+        self._pending: list[Any] = []  # client handlers created, not yet connected (see _bind)
         self.bind_retry_s = 5.0
+        self._started = time.time()
 
     # ---- hooks --------------------------------------------------------------------------------
 
@@ -223,10 +236,16 @@ class Proxy:
         handler_factory = self._runner.server
 
         def factory() -> asyncio.BaseProtocol:
-            if len(handler_factory.connections) >= self.max_connections:
+            # The loop accepts a burst of connections before any handler's connection_made
+            # registers it with the server: count the handlers made but not yet connected too
+            # (a handler whose connection was lost has no manager any more).
+            self._pending = [h for h in self._pending if h.transport is None and h._manager is not None]
+            if len(handler_factory.connections) + len(self._pending) >= self.max_connections:
                 self._counts["refused_conns"] += 1
                 return _TooMany()
-            return handler_factory()
+            h = handler_factory()
+            self._pending.append(h)
+            return h
 
         self._server = await loop.create_server(
             factory, self.host, self.port, reuse_address=True, backlog=1024
@@ -287,13 +306,34 @@ class Proxy:
     def last_success_at(self) -> float | None:
         return self._last_success
 
+    def last_activity_at(self, model: str | None = None) -> float | None:
+        return self._last_use.get(model)
+
+    def waiting(self) -> dict[str | None, float]:
+        out: dict[str | None, float] = {}
+        for rid, since in self._held.items():
+            m = self._held_model.get(rid)
+            if m not in out or since < out[m]:
+                out[m] = since
+        return out
+
+    def _touch(self, model: str | None) -> None:
+        now = self._clock()
+        self._last_use[None] = now
+        if model is not None:
+            self._last_use[model] = now
+
     def stats(self) -> dict[str, object]:
         oldest = self.oldest_held_s()
+        now = self._clock()
+        last = self._last_use.get(None)
         return {
             "listen": self.cfg.listen,
             "in_flight": self.in_flight(),
             "held": self.held(),
             "oldest_held_s": None if oldest is None else round(oldest, 3),
+            "idle_s": None if last is None else round(now - last, 3),
+            "waiting": {str(m): round(now - t, 3) for m, t in self.waiting().items()},
             "connections": len(self._runner.server.connections)
             if self._runner and self._runner.server
             else 0,
@@ -308,8 +348,12 @@ class Proxy:
             return await local(request)
         self._counts["requests"] += 1
         req = _Req(next(self._ids), request.method, request.path, self._clock())
+        self._touch(None)  # a request held or in flight is activity; so are its arrival and end
         try:
             body = await self._read_body(request)
+            if self.cfg.swap_on_request:
+                req.model = _model_of(body)
+                self._touch(req.model)
             return await self._serve(request, req, body)
         except _Refuse as r:
             self._counts["rejected"] += 1
@@ -321,6 +365,8 @@ class Proxy:
         except Exception as e:  # a bug here answers one request with a 502, never more
             log.exception("proxy: %s %s failed", req.method, req.path)
             return error_response(502, f"vsup proxy error: {type(e).__name__}", "BadGateway")
+        finally:
+            self._touch(req.model)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.cfg.max_body_bytes
@@ -383,7 +429,14 @@ class Proxy:
                 now = self._clock()
                 if route.closing:
                     raise _Refuse("shutting_down", self._closing(route))
-                if route.upstream is not None and (avoid is None or route.gen != avoid[0] or now >= avoid[1]):
+                # swap_on_request: a request for another configured model waits for its swap;
+                # requests for the loaded one keep flowing until the swap begins (issue 16).
+                other = req.model is not None and req.model != route.model and req.model in self._models
+                if (
+                    route.upstream is not None
+                    and not other
+                    and (avoid is None or route.gen != avoid[0] or now >= avoid[1])
+                ):
                     return route
                 if route.upstream is None and not route.hold:
                     raise _Refuse(
@@ -399,6 +452,8 @@ class Proxy:
                     )
                 if deadline is None:
                     deadline = self._hold(req, route, now, body)
+                if route.idle or other:
+                    self._demand(route, req.model if other else _model_of(body))
                 wait = deadline - now
                 if avoid is not None and route.upstream is not None:
                     wait = min(wait, avoid[1] - now)
@@ -462,14 +517,23 @@ class Proxy:
         if not self._held:
             self._emit("proxy_hold", state=route.state, reason=route.reason)
         self._held[req.id] = now
+        self._held_model[req.id] = req.model
         if self._metrics is not None:
             self._metrics.proxy_held(len(self._held))
-        if route.idle and self._demanded is not route:
-            self._demanded = route
-            self._post(Demand(_model_of(body)))
         return now + self.cfg.hold_timeout_s
 
+    def _demand(self, route: Route, model: str | None) -> None:
+        """Ask the owner for a server (off-loaded) or a swap: once per route and model. The
+        owner also reads ``waiting()``, so a Demand lost in a busy phase is not a lost request."""
+        if self._demanded is None or self._demanded[0] is not route:
+            self._demanded = (route, set())
+        asked = self._demanded[1]
+        if model not in asked:
+            asked.add(model)
+            self._post(Demand(model))
+
     def _unhold(self, req: _Req) -> None:
+        self._held_model.pop(req.id, None)
         since = self._held.pop(req.id, None)
         if since is None:
             return
@@ -651,10 +715,41 @@ class Proxy:
         return resp
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        """200 only while vsup's state is ready; a hung server's own /health says 200 too."""
+        """200 only while vsup's state is ready, or off-loaded (it will serve after a load: a
+        balancer that saw 503 would never send the request that wakes it); a hung server's own
+        /health says 200 too."""
         r = self.gate.route
-        status = 200 if r.state == "ready" else 503
-        return web.json_response({"state": r.state, "reason": r.reason}, status=status)
+        status = 200 if r.state == "ready" or (r.idle and not r.closing) else 503
+        body: dict[str, Any] = {"state": r.state, "reason": r.reason}
+        if r.idle:
+            body["idle"] = True
+        return web.json_response(body, status=status)
+
+    async def _list_models(self, request: web.Request) -> web.StreamResponse:
+        """swap_on_request: every configured model, each with ``loaded`` (serving now) and
+        ``status`` (loaded, loading, unloaded), so clients see what they may ask for. Answered
+        here, loaded or not, with vLLM's key check when vLLM has one."""
+        if request.method not in ("GET", "HEAD"):
+            return error_response(405, "method not allowed", "MethodNotAllowed")
+        if self._api_key and request.headers.get("Authorization") != f"Bearer {self._api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        r = self.gate.route
+        data = []
+        for name in self._models:
+            here = name == r.model
+            loaded = here and r.upstream is not None
+            status = "loaded" if loaded else "loading" if here and r.hold and not r.idle else "unloaded"
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(self._started),
+                    "owned_by": "vsup",
+                    "loaded": loaded,
+                    "status": status,
+                }
+            )
+        return web.json_response({"object": "list", "data": data})
 
 
 def for_supervisor(sup: Any) -> Proxy | None:
@@ -664,7 +759,19 @@ def for_supervisor(sup: Any) -> Proxy | None:
     the control socket and stops it after the owner."""
     if sup.cfg.proxy is None:
         return None
-    proxy = Proxy(sup.cfg.proxy, sup.gate, post=sup.post, emit=sup.events.emit, metrics=sup.metrics)
+    from . import probes
+    from .config import served_models
+
+    cfg = sup.cfg
+    proxy = Proxy(
+        cfg.proxy,
+        sup.gate,
+        post=sup.post,
+        emit=sup.events.emit,
+        metrics=sup.metrics,
+        models=list(served_models(cfg)) if cfg.proxy.swap_on_request else (),
+        api_key=probes.api_key(list(cfg.vllm.args), dict(cfg.vllm.env)),
+    )
     sup.traffic = proxy
     return proxy
 
