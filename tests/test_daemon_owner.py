@@ -155,6 +155,9 @@ def test_command_in_state(tmp_path: Path, where: str, cmd: str) -> None:
                 if cmd == "stop":
                     assert ok and r["stopped"], r
                     assert str(o.sup.snap.state) == "stopped"
+                elif cmd == "unload":  # issue 16: off-loaded, `stopped` with reason `unloaded`
+                    assert ok and r["unloaded"], r
+                    assert str(o.sup.snap.state) == "stopped" and o.sup.snap.reason == "unloaded"
                 else:
                     assert ok, r
                     assert str(o.sup.snap.state) == "ready"
@@ -468,6 +471,12 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
 
         def last_success_at(self) -> float | None:
             return None
+
+        def last_activity_at(self, model: str | None = None) -> float | None:
+            return None
+
+        def waiting(self) -> dict[str | None, float]:
+            return {}
 
         def stats(self) -> dict[str, object]:
             return {"in_flight": self.n, "held": 0}

@@ -29,7 +29,7 @@ class Answer(enum.Enum):
 
 A, N, B, R = Answer.ACCEPT, Answer.NOTE, Answer.BUSY, Answer.RUN
 
-LIFECYCLE = ("start", "stop", "restart", "reload", "cleanup")
+LIFECYCLE = ("start", "stop", "restart", "reload", "cleanup", "unload")
 READS = ("status", "events", "diagnose")
 
 # state -> command -> answer. Why each non-obvious cell is what it is:
@@ -40,14 +40,19 @@ READS = ("status", "events", "diagnose")
 # - anything but stop while reloading, anything while stopping: one operation at a time.
 # - stop while reloading cancels the reload (its reply: failed, cancelled by stop).
 # - cleanup while stopping/reloading: the teardown's own cleanup runs; asking again races it.
+# - unload (issue 16): off-load now (drain, stop, clean, GPU memory freed), then `stopped` with
+#   the proxy holding: the next request loads the model again. Nothing loaded (stopped): a note.
+#   While starting it cancels the start, as stop does. While reloading: busy (a swap, operator's
+#   or a request's, finishes first; stop is the command that cancels it). In failed: the dead
+#   trees' debris is cleaned, and the next request may start the model again.
 TABLE: dict[State, dict[str, Answer]] = {
-    State.STOPPED: {"start": A, "stop": A, "restart": A, "reload": A, "cleanup": R},
-    State.STARTING: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R},
-    State.READY: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R},
-    State.UNHEALTHY: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R},
-    State.STOPPING: {"start": B, "stop": B, "restart": B, "reload": B, "cleanup": B},
-    State.FAILED: {"start": A, "stop": A, "restart": A, "reload": A, "cleanup": R},
-    State.RELOADING: {"start": B, "stop": A, "restart": B, "reload": B, "cleanup": B},
+    State.STOPPED: {"start": A, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": N},
+    State.STARTING: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": A},
+    State.READY: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": A},
+    State.UNHEALTHY: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": A},
+    State.STOPPING: {"start": B, "stop": B, "restart": B, "reload": B, "cleanup": B, "unload": B},
+    State.FAILED: {"start": A, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": A},
+    State.RELOADING: {"start": B, "stop": A, "restart": B, "reload": B, "cleanup": B, "unload": B},
 }
 
 # Where an accepted command takes the state first (the oracle's expectation; the owner's
@@ -58,6 +63,7 @@ FIRST_STATE: dict[str, State | None] = {
     "restart": State.RELOADING,
     "reload": State.RELOADING,
     "cleanup": None,
+    "unload": State.STOPPING,
 }
 
 

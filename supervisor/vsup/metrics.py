@@ -112,6 +112,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # issue 16: off-loads (idle, operator), loads on demand, swaps on request
+        self._on_demand = _prom.Counter(
+            "vsup_on_demand",
+            "off-loads (unloaded), loads on demand (loaded) and swaps (swapped), by cause",
+            ["kind", "cause"],
+            registry=r,
+        )
+        self._on_demand_s = _prom.Histogram(
+            "vsup_on_demand_seconds",
+            "how long each off-load, load on demand (request to ready) and swap took",
+            ["kind"],
+            buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+            registry=r,
+        )
 
     # -- endpoint -------------------------------------------------------------------------------
 
@@ -220,3 +234,9 @@ class Metrics:
         """reason: full, hold_timeout, refused (failed/stopped), too_large, body_timeout."""
         if self.available:
             self._proxy_rejected.labels(reason=reason).inc()
+
+    def on_demand(self, kind: str, cause: str, seconds: float) -> None:
+        """kind: unloaded, loaded, swapped; cause: idle, operator, request."""
+        if self.available:
+            self._on_demand.labels(kind=kind, cause=cause).inc()
+            self._on_demand_s.labels(kind=kind).observe(seconds)

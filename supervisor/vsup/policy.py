@@ -85,3 +85,49 @@ class RestartPolicy:
             self._kind_failures.clear()
             return rc.ladder[self.remedy_level - 1]
         return None
+
+
+# ---- swap on request (issue 16) -------------------------------------------------------------
+
+# "Requests for it keep arriving": one arrived or ended this recently, or one is in flight. Longer
+# than the gap between a steady client's requests (a client that stops asking frees the model
+# before min_resident_s); short against a cold start, so an abandoned model is swapped away soon.
+IN_USE_S = 5.0
+
+
+@dataclass(frozen=True)
+class SwapChoice:
+    model: str | None  # the served name to swap to now, or None (wait, or nothing waits)
+    why: str
+
+
+def swap_target(
+    *,
+    now: float,
+    loaded: str | None,
+    ready_at: float,
+    waiting: dict[str | None, float],
+    models: frozenset[str] | set[str],
+    last_use: float | None,
+    in_flight: int,
+    min_resident_s: float,
+    blocked: frozenset[str] | set[str] = frozenset(),
+) -> SwapChoice:
+    """Which model to swap to, from the proxy's held requests (`waiting`: model -> when its oldest
+    request began waiting). Anti-thrash: no swap away from `loaded` before it has been ready
+    `min_resident_s`, while requests for it keep arriving (IN_USE_S). Fairness: once it may go,
+    the model whose oldest request has waited longest goes first (FIFO by oldest waiting request),
+    so a waiting model is never passed over by one asked for later, and no model waits more than
+    (models - 1) x (min_resident_s + one swap). `blocked`: models whose swap just failed."""
+    cands = {m: t for m, t in waiting.items() if m is not None and m != loaded and m in models}
+    cands = {m: t for m, t in cands.items() if m not in blocked}
+    if not cands:
+        return SwapChoice(None, "no request waits for another model")
+    resident = now - ready_at
+    in_use = in_flight > 0 or (last_use is not None and now - last_use < IN_USE_S)
+    if resident < min_resident_s and in_use:
+        return SwapChoice(
+            None, f"{loaded} ready {resident:.0f}s of min_resident_s {min_resident_s:g}s and still in use"
+        )
+    target = min(cands, key=lambda m: (cands[m], m))
+    return SwapChoice(target, f"oldest waiting request: {now - cands[target]:.1f}s for {target}")

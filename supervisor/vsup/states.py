@@ -10,6 +10,12 @@ raises), and the tests use it as an oracle for the sequences they observe in eve
                  │
                  └──▶ failed (crash loop)           reloading: drain → stop → cleanup → start → ready
                                                     (from ready, unhealthy, starting, stopped, failed)
+
+Off-load (issue 16: `vsup unload`, [proxy] idle_unload_s) uses the stop's edges: ready, unhealthy,
+starting or failed -> stopping (drain, teardown, cleanup, proven clean) -> stopped, reason `idle`
+or `unloaded`, the route holding; a request then takes stopped -> starting (load on demand). A swap
+on request is a reload (ready -> reloading -> ready). A model whose off-load leaves debris ends
+stopping -> failed, as a reload that cannot prove the machine clean.
 """
 
 from __future__ import annotations
