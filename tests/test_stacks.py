@@ -505,3 +505,33 @@ def test_vsup_stacks_over_the_socket_leaves_the_server_serving(fake_daemon) -> N
     d.wait_state("stopped", timeout=30)
     gone = d.cli("stacks", timeout=60)
     assert gone.returncode == 1 and "no vLLM server is running" in gone.stderr
+
+
+def test_faulthandler_before_a_hang_teardown_changes_neither_kind_nor_ladder_nor_root_cause(
+    fake_daemon,
+) -> None:
+    """daemon.stacks = faulthandler: the SIGABRT exit and 'Fatal Python error' lines stay part of the hang's teardown."""
+    from support import wait_for
+
+    d = fake_daemon("hang_after_ready", extra={"daemon": {"stacks": "faulthandler"}})
+    first = d.wait_state("ready", timeout=30)
+    ev = d.wait_event(
+        lambda e: e["event"] == "incident" and e.get("kind") == "hang", 60, "the hang's incident"
+    )
+    wait_for(lambda: d.status()["restarts"] >= 1, 40, "the restart after the hang")
+    evs = d.events()
+    dumped = next(e for e in evs if e["event"] == "stacks")
+    assert dumped["mechanism"] == "faulthandler" and dumped["complete"], dumped
+    report = json.loads((Path(ev["path"]) / "stacks.json").read_text())
+    api = next(p for p in report["processes"] if p["pid"] == first["pid"])
+    assert any(t["frames"] for t in api["threads"]), api
+    assert "Fatal Python error: Aborted" in d.log_file.read_text()  # the dump really went through the log
+    stops = [e for e in evs if e["event"] == "state" and e["state"] == "stopping"]
+    assert len(stops) == 1 and stops[0]["reason"].startswith("hang confirmed"), stops
+    remedies = [e for e in evs if e["event"] == "remedy_applied"]
+    assert [r["failure_kind"] for r in remedies] == ["hang"], remedies
+    summary = json.loads((Path(ev["path"]) / "incident.json").read_text())
+    assert summary["kind"] == "hang" and summary["findings"].get("verdict") != "engine_dead", summary[
+        "findings"
+    ]
+    assert "Aborted" not in (summary["findings"].get("root_cause") or "")
