@@ -295,10 +295,10 @@ class LedgerWatch(threading.Thread):
         self.procs: dict[tuple[int, float], str] = {}
         self.shm: set[str] = set()
         self.files: set[str] = set()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._done.wait(self.interval):
             self.poll()
 
     def poll(self) -> None:
@@ -313,8 +313,9 @@ class LedgerWatch(threading.Thread):
             self.files |= set(t.get("files", []))
 
     def close(self) -> None:
-        self._stop.set()
-        self.join(2)
+        self._done.set()
+        if self.is_alive():
+            self.join(2)
         self.poll()
 
     def left(self) -> dict[str, list[Any]]:
