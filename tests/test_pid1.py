@@ -30,18 +30,25 @@ def _require_unshare() -> None:
 
 
 class Pid1:
-    """`vsup run` as PID 1 of new PID and mount namespaces (a private /proc), seen from outside."""
+    """`vsup run` as PID 1 of new PID, mount and IPC namespaces (a private /proc, and a private
+    tmpfs on /dev/shm), seen from outside.
+
+    The private /dev/shm is not optional: a vsup in a PID namespace of its own cannot see the
+    processes that hold the host's segments, so its cleanup would take live segments of every
+    vLLM outside for dead ones (it did, to a real server beside these tests). `shm_setup` runs
+    in the namespace after the mount, before vsup (e.g. to plant a dead container's leftovers).
+    """
 
     def __init__(
         self,
         tmp: Path,
         sections: dict[str, dict[str, Any]],
         entry: list[str] | None = None,
-        namespaces: tuple[str, ...] = (),
+        shm_setup: str = "true",
     ) -> None:
         self.tmp = tmp
         self.entry = entry or [sys.executable, "-m", "vsup"]
-        self.namespaces = namespaces  # more unshare flags, e.g. --mount --ipc
+        self.shm_setup = shm_setup
         self.kill_now = False  # a wedged vsup never acts on SIGTERM: close() kills the namespace
         self.state_dir = tmp / "state"
         self.socket = tmp / "run" / "vsup.sock"
@@ -67,7 +74,12 @@ class Pid1:
                 "--fork",
                 "--mount-proc",
                 "--kill-child",
-                *self.namespaces,
+                "--mount",
+                "--ipc",
+                "sh",
+                "-c",
+                f'mount -t tmpfs -o size=2g vsup-pid1-shm /dev/shm && {{ {self.shm_setup}; }} && exec "$@"',
+                "sh",
                 *self.entry,
                 "run",
                 "--config",
@@ -157,6 +169,18 @@ class Pid1:
             self._stderr.close()
 
 
+def port(lo: int, hi: int) -> int:
+    """A free port from a random point of [lo, hi): consecutive tests do not race for the one a
+    namespace that is still ending holds."""
+    import random
+
+    start = random.randrange(lo, hi)  # noqa: S311 - not cryptography
+    try:
+        return free_port(start, hi)
+    except RuntimeError:
+        return free_port(lo, hi)
+
+
 def fake_sections(tmp: Path, port: int, *, python: str = sys.executable, mode: str = "ok") -> dict[str, Any]:
     return {
         "vllm": {
@@ -206,7 +230,7 @@ def _orphan_maker(tmp: Path, python: str = sys.executable) -> Path:
 def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, pid1: list[Pid1]) -> None:
     """As PID 1 vsup gets the orphan of a process it never started (its parent exited) and reaps
     it when it exits: no zombie stays. SIGTERM then ends vsup with 0 and nothing of the tree."""
-    d = Pid1(tmp_path, fake_sections(tmp_path, free_port(8050, 8099), python=str(_orphan_maker(tmp_path))))
+    d = Pid1(tmp_path, fake_sections(tmp_path, port(8050, 8099), python=str(_orphan_maker(tmp_path))))
     pid1.append(d)
     d.start()
     vsup = d.vsup_pid()
@@ -256,7 +280,7 @@ def test_failed_server_ends_pid1_nonzero_with_the_termination_message(
     mounts it)."""
     term = tmp_path / "termination-log"
     term.touch()
-    sections = fake_sections(tmp_path, free_port(8050, 8099), mode="exit_at_start")
+    sections = fake_sections(tmp_path, port(8050, 8099), mode="exit_at_start")
     sections["daemon"] = {"exit_on_failed": True, "termination_log": str(term)}
     d = Pid1(tmp_path, sections)
     pid1.append(d)
@@ -285,25 +309,33 @@ def probe(base: str, path: str, timeout: float = 5.0) -> int:
 
 
 def with_proxy(sections: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    port = free_port(18600, 18699)
-    sections["proxy"] = {"listen": f"127.0.0.1:{port}", "hold_timeout_s": 30.0}
-    return sections, f"http://127.0.0.1:{port}"
+    listen = port(18600, 18699)
+    sections["proxy"] = {"listen": f"127.0.0.1:{listen}", "hold_timeout_s": 30.0}
+    return sections, f"http://127.0.0.1:{listen}"
 
 
 def test_probes_while_loading_ready_and_hung(tmp_path: Path, pid1: list[Pid1]) -> None:
     """Loading: /readyz and /startupz 503, /livez 200. Ready: all 200. A hung server (canaries
     time out, /health still 200): /readyz 503 while vsup confirms the hang, /livez 200 throughout,
     /startupz stays 200."""
-    sections = fake_sections(tmp_path, free_port(8050, 8099), mode="hang_after_ready")
+    sections = fake_sections(tmp_path, port(8050, 8099), mode="hang_after_ready")
     sections["vllm"]["env"]["FAKE_VLLM_DELAY_S"] = "3"
     sections, base = with_proxy(sections)
     d = Pid1(tmp_path, sections)
     pid1.append(d)
     d.start()
-    wait_for(lambda: probe(base, "/livez") == 200, 10, "the probes to answer")
-    assert d.status()["state"] == "starting"
-    assert (probe(base, "/readyz"), probe(base, "/startupz")) == (503, 503)
-    wait_for(lambda: probe(base, "/startupz") == 200, 30, "the first model ready")
+    loading: dict[str, set[int]] = {"/livez": set(), "/readyz": set(), "/startupz": set()}
+
+    def loaded() -> bool:
+        state = d.status()["state"]
+        answers = {path: probe(base, path) for path in loading}
+        if state == "starting" and d.status()["state"] == "starting":  # the answers were taken while loading
+            for path, code in answers.items():
+                loading[path].add(code)
+        return state == "ready" and answers["/startupz"] == 200
+
+    wait_for(loaded, 30, "the first model ready", 0.1)
+    assert loading == {"/livez": {200}, "/readyz": {503}, "/startupz": {503}}, loading
     seen: dict[str, set[int]] = {"/livez": set(), "/readyz": set(), "/startupz": set()}
 
     def unhealthy_and_not_ready() -> bool:
@@ -348,7 +380,7 @@ def test_liveness_fails_when_vsups_loop_is_wedged(
     failure too. /livez was 200 before the wedge."""
     driver = tmp_path / "driver.py"
     driver.write_text(WEDGE_DRIVER % wedge)
-    sections, base = with_proxy(fake_sections(tmp_path, free_port(8050, 8099)))
+    sections, base = with_proxy(fake_sections(tmp_path, port(8050, 8099)))
     d = Pid1(tmp_path, sections, entry=[sys.executable, str(driver)])
     pid1.append(d)
     d.start()
@@ -364,7 +396,7 @@ def test_sigterm_drains_in_flight_refuses_the_rest_exits_0(tmp_path: Path, pid1:
     Connection: close at once, the stream finishes whole, vsup (PID 1) exits 0, tree gone."""
     import httpx
 
-    sections = fake_sections(tmp_path, free_port(8050, 8099))
+    sections = fake_sections(tmp_path, port(8050, 8099))
     sections["vllm"]["env"]["FAKE_VLLM_TOKEN_S"] = "0.1"  # noqa: S105 - seconds per token
     sections, base = with_proxy(sections)
     d = Pid1(tmp_path, sections)
@@ -398,7 +430,7 @@ def _real_pid1(tmp_path: Path, model: str = "tiny-a", **over: dict[str, Any]) ->
     from support import VLLM_PY, real_sections, require_real_vllm
 
     require_real_vllm()
-    sections = real_sections(free_port(8000, 8049), model, **over)
+    sections = real_sections(port(8000, 8049), model, **over)
     sections["vllm"]["python"] = str(_orphan_maker(tmp_path, str(VLLM_PY)))
     sections, base = with_proxy(sections)
     sections["proxy"]["hold_timeout_s"] = 120.0
@@ -574,14 +606,9 @@ def test_dead_containers_shm_leftovers_gone_before_the_first_start(tmp_path: Pat
     dead container's segments: vsup (shm_private) unlinks them before it starts the server,
     then serves; an object of the new tree is not touched."""
     leftovers = ["psm_0badc0de", "sem.mp-deadbeef", "nccl-shm-old", "torch_1234_old"]
-    sections = fake_sections(tmp_path, free_port(8050, 8099))
+    sections = fake_sections(tmp_path, port(8050, 8099))
     sections["daemon"] = {"shm_private": True}
-    script = (
-        "mount -t tmpfs -o size=64m vsup-pod-shm /dev/shm && "
-        f'{sys.executable} -c "$VSUP_PLANT" {" ".join(leftovers)} && '
-        f'exec {sys.executable} -m vsup "$@"'
-    )
-    d = Pid1(tmp_path, sections, entry=["sh", "-c", script, "sh"], namespaces=("--mount", "--ipc"))
+    d = Pid1(tmp_path, sections, shm_setup=f'{sys.executable} -c "$VSUP_PLANT" {" ".join(leftovers)}')
     pid1.append(d)
     os.environ["VSUP_PLANT"] = PLANT
     try:
