@@ -59,7 +59,7 @@ log "building $IMAGE (BASE=$BASE_IMAGE, VLLM_SPEC=$VLLM_SPEC)"
 t0=$SECONDS
 podman build --isolation chroot -f "$REPO/deploy/container/Containerfile" --build-arg "BASE=$BASE_IMAGE" \
     "${spec_args[@]}" --build-arg "EXTRAS=metrics" "${mounts[@]}" \
-    --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt ${PIP_FIND_LINKS:+--env "PIP_FIND_LINKS=$PIP_FIND_LINKS"} \
     -t "$IMAGE" "$REPO" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; die "build failed"; }
 log "built in $((SECONDS - t0)) s; $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
 
