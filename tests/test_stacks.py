@@ -264,6 +264,11 @@ def test_py_spy_collects_every_process_of_a_tree_with_a_stopped_worker(fake_tree
     v = diagnose.analyze_stacks(report.to_json()).to_json()
     assert [s["label"] for s in v["stuck"]] == ["TP1"]
     json.dumps(report.to_json())  # the bundle's stacks.json
+    t1 = time.monotonic()
+    quick = asyncio.run(
+        stacks.collect(fake_tree.rec, Host(), budget_s=3.0, mechanism="py-spy", cpu_window_s=0.1)
+    )
+    assert quick.complete and time.monotonic() - t1 < 1.0, quick.elapsed_s  # a confirmation sample
 
 
 def test_faulthandler_dumps_one_process_at_a_time_and_keeps_the_stopped_state(fake_tree: FakeTree):

@@ -458,6 +458,7 @@ async def collect(
     faulthandler_env: bool = False,
     log_path: str | Path | None = None,
     py_spy: str | None = None,
+    cpu_window_s: float = CPU_WINDOW_S,
 ) -> StacksReport:
     """Stacks and facts of every live process of `tree` (a proctree.TreeRecord), within budget_s.
 
@@ -482,6 +483,7 @@ async def collect(
         faulthandler_env=faulthandler_env,
         log_path=log_path,
         py_spy=py_spy,
+        cpu_window_s=cpu_window_s,
     )
 
 
@@ -496,7 +498,10 @@ async def collect_pids(
     faulthandler_env: bool = False,
     log_path: str | Path | None = None,
     py_spy: str | None = None,
+    cpu_window_s: float = CPU_WINDOW_S,
 ) -> StacksReport:
+    """collect() for given processes. `cpu_window_s`: how long CPU use is measured before the
+    dumps (a hang confirmation that samples twice can afford less than the incident's 1 s)."""
     t0 = time.monotonic()
     deadline = t0 + max(0.1, budget_s)
     choice = (
@@ -520,7 +525,7 @@ async def collect_pids(
         # Facts: two samples CPU_WINDOW_S apart (a third of the budget at most), before anything
         # is done to the processes, so a SIGSTOPped worker is reported as T and a spinning rank
         # shows its 100 %.
-        window = min(CPU_WINDOW_S, budget_s / 3)
+        window = min(max(0.0, cpu_window_s), budget_s / 3)
         before = {p.pid: host.proc_facts(p.pid) for p in procs}
         await asyncio.sleep(window)
         t_window = window
