@@ -24,8 +24,10 @@ def _proxy(fake_daemon: Callable[..., Daemon], mode: str = "ok", **proxy: Any) -
     env = proxy.pop("env", {})
     args = proxy.pop("vllm_args", None)
     extra: dict[str, dict[str, Any]] = {"proxy": {"listen": f"127.0.0.1:{port}", **proxy}}
+    # vLLM's port outside 8050-8099, where every helper's fake daemons take the lowest free one
+    extra["vllm"] = {"port": free_port(18600, 18699)}
     if args:
-        extra["vllm"] = {"args": ["-tp", "2", *args]}
+        extra["vllm"]["args"] = ["-tp", "2", *args]
     d = fake_daemon(mode, env=env, extra=extra)
     return d, f"http://127.0.0.1:{port}"
 
@@ -112,3 +114,39 @@ def test_reload_holds_new_requests_and_releases_them_to_the_new_server(
         assert [f.result().status_code for f in futs] == [200] * 4
     rel = [e for e in d.events() if e["event"] == "proxy_release"]
     assert rel and all(e["max_wait_s"] <= took for e in rel)
+
+
+def test_a_flood_of_idle_connections_is_capped_and_supervision_goes_on(
+    fake_daemon: Callable[..., Daemon],
+) -> None:
+    """600 idle client connections against max_connections=300: those past the cap get one 503
+    and are closed (their fds freed); the server stays `ready` through several canaries, the
+    control socket answers, and the proxy serves again once the idle ones leave."""
+    import socket
+
+    d, base = _proxy(fake_daemon, max_connections=300)
+    d.wait_state("ready", timeout=60)
+    n = len(d.events())
+    port = int(base.rsplit(":", 1)[1])
+    socks, refused = [], 0
+    try:
+        for _ in range(600):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+        wait_for(lambda: d.status()["traffic"]["refused_conns"] >= 300, 30, "300 connections refused")
+        assert d.status()["traffic"]["connections"] == 300
+        for s in socks:
+            s.setblocking(False)
+            try:
+                refused += s.recv(64).startswith(b"HTTP/1.1 503")
+            except BlockingIOError:
+                pass  # an idle connection the proxy kept
+        assert refused == 300, refused
+        time.sleep(4)  # several canaries (canary_interval_s = 1) while the proxy is at its cap
+        assert d.status()["state"] == "ready"
+    finally:
+        for s in socks:
+            s.close()
+    assert not [e for e in d.events()[n:] if e["event"] == "state" and e["state"] != "ready"]
+    wait_for(lambda: d.status()["traffic"]["connections"] == 0, 20, "idle connections gone")
+    assert _chat(base).status_code == 200
