@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vsup import podshm
 from vsup.host import FileStat, Host, ProcInfo, SignalResult, same_process
 from vsup.proctree import (
     DIST_FILE,
@@ -228,6 +229,11 @@ def cleanup(
     say = progress or (lambda _msg: None)
     live = list(live)
     rep = Report(dry_run=dry_run)
+    # In a PID namespace of its own vsup cannot see every holder of the real /dev/shm: only
+    # what the ledger recorded as its trees' is removed then (podshm.blind_reason, issue 18).
+    blind = None
+    if str(getattr(host, "shm_root", "")) == podshm.SHM_ROOT:
+        blind = podshm.blind_reason(podshm.SHM_ROOT, str(getattr(host, "proc_root", "/proc")))
     euid = host.euid()
 
     def may_touch(uid: int) -> bool:
@@ -389,6 +395,9 @@ def cleanup(
             rep.skipped.append(
                 {"name": name, "reason": f"created after live {first_live[1]} started; presumed its"}
             )
+            continue
+        if not ours and blind is not None:
+            rep.skipped.append({"name": name, "reason": blind})
             continue
         kind = ipc_kind(name)
         if not dry_run:
