@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from .host import Host
 
 log = logging.getLogger(__name__)
 
@@ -116,82 +117,46 @@ class ProcView(Protocol):
 
 
 class LinuxProcs:
-    """ProcView over /proc."""
+    """ProcView over the OS seam (host.Host): /proc is read in one place."""
 
-    def __init__(self, root: str = "/proc") -> None:
+    def __init__(self, root: str = "/proc", host: Host | None = None) -> None:
         self.root = root
+        self.host = host or Host(proc_root=root)
 
     def exists(self, pid: int) -> bool:
-        return os.path.exists(f"{self.root}/{pid}")
+        return self.host.exists(pid)
 
     def alive(self, pid: int) -> bool:
-        try:
-            with open(f"{self.root}/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        # The state follows the last ')' (the comm may hold spaces and parentheses).
-        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-        return state not in (b"Z", b"X", b"")
+        info = self.host.process(pid, cmdline=False)
+        return info is not None and not info.zombie
 
     def describe(self, pid: int) -> tuple[str, str] | None:
-        try:
-            uid = os.stat(f"{self.root}/{pid}").st_uid
-            with open(f"{self.root}/{pid}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:
+        info = self.host.process(pid)
+        if info is None:
             return None
-        try:
-            user = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = str(uid)
-        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        argv = [a for a in (info.cmdline or ()) if a]
         if not argv:
             # Kernel threads and zombies have no cmdline; comm is better than nothing.
-            try:
-                with open(f"{self.root}/{pid}/comm", "rb") as f:
-                    argv = [f"[{f.read().decode(errors='replace').strip()}]"]
-            except OSError:
-                argv = ["?"]
-        return user, redact_cmdline(argv)
+            argv = [f"[{self.host.comm(pid) or info.comm}]"]
+        return self.host.username(info.uid), redact_cmdline(argv)
 
     def nvidia_devices(self, pid: int) -> frozenset[str] | None:
-        fd_dir = f"{self.root}/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
+        targets = self.host.fd_targets(pid)
+        if targets is None:
             return None
-        found = set()
-        for name in names:
-            try:
-                target = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue  # closed between listdir and readlink
-            if target.startswith("/dev/nvidia"):
-                found.add(target[len("/dev/") :])
-        return frozenset(found)
+        return frozenset(t[len("/dev/") :] for t in targets if t.startswith("/dev/nvidia"))
 
     def nspid_map(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for pid in self.pids():
-            try:
-                with open(f"{self.root}/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("NSpid:"):
-                            chain = [int(x) for x in line.split()[1:]]
-                            for inner in chain[1:]:
-                                out.setdefault(inner, []).append(chain[0])
-                            break
-            except (OSError, ValueError):
-                continue
+            chain = self.host.ns_pids(pid)
+            if chain:
+                for inner in chain[1:]:
+                    out.setdefault(inner, []).append(chain[0])
         return out
 
     def pids(self) -> Iterable[int]:
-        try:
-            names = os.listdir(self.root)
-        except OSError:
-            return []
-        return [int(n) for n in names if n.isdigit()]
+        return self.host.pids()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class Host:
         self._shm_prefix = str(self.shm_root).rstrip("/") + "/"
         self._tmp_prefix = str(self.tmp_root).rstrip("/") + "/"
         self._clk_tck = os.sysconf("SC_CLK_TCK")
-        self._btime = self._read_btime()
+        self._btime_cache: float | None = None  # read at first use: gpu's fake /proc roots have no stat
         self._real_shm = self.shm_root == Path("/dev/shm")  # noqa: S108 - a comparison
 
     # ---- clock -------------------------------------------------------------------------------
@@ -194,6 +194,12 @@ class Host:
             return str(uid)
 
     # ---- processes ---------------------------------------------------------------------------
+    @property
+    def _btime(self) -> float:
+        if self._btime_cache is None:
+            self._btime_cache = self._read_btime()
+        return self._btime_cache
+
     def _read_btime(self) -> float:
         with open(f"{self._proc}/stat", "rb") as f:
             for line in f:
@@ -252,6 +258,50 @@ class Host:
             if info is not None:
                 out[info.pid] = info
         return out
+
+    def pids(self) -> list[int]:
+        """Every pid now listed under the proc root."""
+        try:
+            return [int(n) for n in os.listdir(self._proc) if n.isdigit()]
+        except OSError:
+            return []
+
+    def exists(self, pid: int) -> bool:
+        """The pid is listed (a zombie included)."""
+        return os.path.exists(f"{self._proc}/{pid}")
+
+    def fd_targets(self, pid: int) -> list[str] | None:
+        """Where each open file descriptor of `pid` points; None when its fds cannot be read."""
+        fd_dir = f"{self._proc}/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            return None
+        out = []
+        for name in names:
+            try:
+                out.append(os.readlink(f"{fd_dir}/{name}"))
+            except OSError:
+                continue  # closed between listdir and readlink
+        return out
+
+    def ns_pids(self, pid: int) -> list[int] | None:
+        """`pid`'s NSpid chain (this namespace's pid first, then each inner one), None if unknown."""
+        try:
+            with open(f"{self._proc}/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        return [int(x) for x in line.split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def comm(self, pid: int) -> str | None:
+        try:
+            with open(f"{self._proc}/{pid}/comm", "rb") as f:
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return None
 
     # ---- what a process holds ----------------------------------------------------------------
     def holdings(self, pid: int) -> Holdings | None:
