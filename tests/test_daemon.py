@@ -303,7 +303,9 @@ def test_stable_serving_forgets_old_failures(fake_daemon) -> None:
         mark = len(d.events())
         os.kill(s["pid"], signal.SIGKILL)
         wait_for(
-            lambda: (x := d.status())["restarts"] == n + 1 and x["state"] == "ready", 30, f"restart {n + 1}"
+            lambda: (x := d.status())["restarts"] == n + 1 and x["state"] == "ready",  # noqa: B023 - polled in this iteration only
+            30,
+            f"restart {n + 1}",
         )
     assert d.status()["state"] == "ready"
 
@@ -311,7 +313,7 @@ def test_stable_serving_forgets_old_failures(fake_daemon) -> None:
 def test_crash_loop_counts_unstable_failures(fake_daemon) -> None:
     """Failures while never stable do add up to `failed`."""
     d = fake_daemon(extra={"restart": {"max_failures": 2, "stable_s": 60.0}})
-    for n in range(2):
+    for _ in range(2):
         s = d.wait_state("ready", timeout=30)
         os.kill(s["pid"], signal.SIGKILL)
         d.wait_state("starting", "failed", timeout=30)

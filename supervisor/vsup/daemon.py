@@ -39,10 +39,10 @@ import functools
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from . import cleanup as cleanup_mod
 from . import commands, incidents, launch, probes, proctree, stacks, watchers
@@ -50,7 +50,7 @@ from . import config as config_mod
 from .commands import Answer
 from .config import Config, ModelConfig
 from .events import EventLog
-from .gate import Demand, Gate, Route, UpstreamRefused, UpstreamStalled
+from .gate import Demand, Gate, Route, Traffic, UpstreamRefused, UpstreamStalled
 from .host import Host
 from .observations import (
     Cmd,
@@ -68,6 +68,21 @@ from .policy import RestartPolicy, swap_target
 from .probes import Prober, ProbeResult
 from .states import Snapshot, State, check
 from .watchers import FATAL_KINDS, STRIKE_KINDS, Clock
+
+if TYPE_CHECKING:  # imported where used: both are optional (NVML, prometheus-client)
+    from .gpu import Gpus
+    from .metrics import Metrics
+    from .sdnotify import Notifier
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Offload(Protocol):
+    """How the owner runs blocking host work off the loop: asyncio.to_thread's signature."""
+
+    def __call__(self, func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]: ...
+
 
 # Stopping a failed server (hung, engine dead, failed reload): its clients' requests will never
 # complete, and vLLM 0.32 blocks in "Waiting for connections to close" while they are open, so
@@ -102,14 +117,14 @@ class Supervisor:
         *,
         events: EventLog | None = None,
         autostart: bool = True,
-        notifier: Any = None,
+        notifier: Notifier | None = None,
         host: Host | None = None,
         clock: Clock | None = None,
         prober: ProberFactory | None = None,
         spawner: launch.Spawner | None = None,
-        offload: Callable[..., Any] | None = None,
+        offload: Offload | None = None,
         gate: Gate | None = None,
-        traffic: Any = None,
+        traffic: Traffic | None = None,
     ) -> None:
         self.cfg = cfg
         self.autostart = autostart
@@ -119,9 +134,9 @@ class Supervisor:
         self.clock = clock or Clock()
         self.make_prober: ProberFactory = prober or _default_prober
         self.spawner: launch.Spawner = spawner or launch.RealSpawner(self.host)
-        self.offload = offload or asyncio.to_thread  # blocking host work, off the loop
+        self.offload: Offload = offload or asyncio.to_thread  # blocking host work, off the loop
         self.gate = gate or Gate()
-        self.traffic = traffic  # the proxy's read-only view (gate.Traffic), when there is one
+        self.traffic = traffic  # the proxy's read-only view, when there is one
         self.snap = Snapshot()
         self.ledger = proctree.Ledger(cfg.state_dir)
         self.spec: ModelConfig = cfg.model_spec()
@@ -143,8 +158,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpu_baseline: dict[int, int] | None = None
         self._ready_at: float | None = None  # monotonic time the current tree became ready
-        self.metrics: Any = None
-        self.gpus: Any = None
+        self.metrics: Metrics | None = None
+        self.gpus: Gpus | None = None
         self.vllm_version = incidents.vllm_version(cfg.vllm.python)
 
     # -- the one place state changes ---------------------------------------------------------
@@ -369,7 +384,7 @@ class Supervisor:
                 continue
             return obs
 
-    async def _run(self, work: Any, bound_s: float) -> Any:
+    async def _run(self, work: Coroutine[Any, Any, R], bound_s: float) -> R:
         """Await `work`, a step that must not stop half-way and lasts at most `bound_s`, while
         answering commands (busy, notes); what the next phase must see waits in the backlog."""
         task = asyncio.get_running_loop().create_task(work)
@@ -415,14 +430,14 @@ class Supervisor:
         self._backlog.extendleft(reversed(keep))
         return found
 
-    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn_task(self, coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
         return t
 
     @contextlib.contextmanager
-    def _bounded(self, seconds: float) -> Any:
+    def _bounded(self, seconds: float) -> Iterator[None]:
         """Mark a step that waits without reading the queue, with the bound it cannot outlast."""
         prev = self._bounded_until
         self._bounded_until = max(prev, time.monotonic() + seconds)
@@ -475,7 +490,7 @@ class Supervisor:
         while intent.kind != "exit":
             try:
                 intent = await phases[intent.kind](intent)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a bug in a phase ends in failed and a clean machine, not a dead owner
                 intent = await self._internal_error(e, intent)
         if self.tree is not None:
             await self._teardown("daemon shutdown", grace=self.cfg.timeouts.stop_grace_s)
@@ -500,7 +515,7 @@ class Supervisor:
             report = await self._teardown(reason, grace=FAILED_STOP_GRACE_S)
             self._incident(reason, "internal_error", lines, tree, report)
             self._set_state(State.FAILED, reason=reason, phase=None, operation=None, pid=None, workers=0)
-        except Exception as e2:
+        except Exception as e2:  # noqa: BLE001 - the teardown after a bug may fail too: said, then failed
             self.events.emit("internal_error", error=f"{type(e2).__name__}: {e2}", intent="teardown")
             self._publish(state=State.FAILED, reason=f"{reason}; teardown failed: {e2}", phase=None)
         return Intent("exit") if self._exiting else Intent("idle")
@@ -673,7 +688,7 @@ class Supervisor:
             try:
                 rec = await self.offload(proctree.refresh, copy.deepcopy(self.tree), self.host)
                 live = await self.offload(proctree.live_members, rec, self.host)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a failed refresh is said; the next one may work
                 self.events.emit("refresh_error", error=f"{type(e).__name__}: {e}")
             else:
                 workers = sum(1 for p in live if "Worker" in " ".join(p.cmdline))
@@ -797,6 +812,7 @@ class Supervisor:
         )
 
     def _detected(self, what: LogSignal | ProbeResult) -> None:
+        info: dict[str, Any]
         if isinstance(what, LogSignal):
             info = {
                 "source": "log",
@@ -903,8 +919,8 @@ class Supervisor:
         reason: str,
         kind: str | None,
         lines: list[str],
-        tree: Any,
-        report: Any,
+        tree: proctree.TreeRecord | None,
+        report: cleanup_mod.Report,
         stacks: dict[str, Any] | None = None,
     ) -> None:
         """Write the incident bundle of a failed tree and announce it as an event."""
@@ -947,7 +963,7 @@ class Supervisor:
             self._reply(it.cmd, error=OperationFailed(f"stopped, but debris remains: {_remaining(report)}"))
         return Intent("exit") if self._exiting else Intent("idle")
 
-    async def _shutdown_drain(self, traffic: Any, limit: float) -> tuple[bool, int]:
+    async def _shutdown_drain(self, traffic: Traffic, limit: float) -> tuple[bool, int]:
         """SIGTERM: the proxy already refuses what it has not forwarded; wait up to `limit` for
         the requests in flight to finish. Returns (all finished, how many were left)."""
         end = self.clock.monotonic() + limit
@@ -1153,7 +1169,9 @@ class Supervisor:
         t = self.cfg.timeouts
         return grace + 2 * t.kill_wait_s + cleanup_mod.TRACKER_GRACE_S + SCAN_BOUND_S
 
-    async def _cleanup(self, recs: list[proctree.TreeRecord], *, grace: float, **kw: Any) -> Any:
+    async def _cleanup(
+        self, recs: list[proctree.TreeRecord], *, grace: float, **kw: Any
+    ) -> cleanup_mod.Report:
         """The cleanup engine on `recs`, off the loop, with the configured kill wait."""
         return await self.offload(
             cleanup_mod.cleanup,
@@ -1164,12 +1182,12 @@ class Supervisor:
             **kw,
         )
 
-    async def _teardown(self, reason: str, *, grace: float) -> Any:
+    async def _teardown(self, reason: str, *, grace: float) -> cleanup_mod.Report:
         t = self.cfg.timeouts
         bound = grace + self._cleanup_bound(ORPHAN_GRACE_S) + t.gpu_release_s + SCAN_BOUND_S
         return await self._run(self._teardown_work(reason, grace=grace), bound)
 
-    async def _teardown_work(self, reason: str, *, grace: float) -> Any:
+    async def _teardown_work(self, reason: str, *, grace: float) -> cleanup_mod.Report:
         """Bounded stop: SIGTERM the API server, wait `grace`, then the cleanup engine kills
         whatever of the tree remains (engine core and workers before the resource_tracker, so
         the tracker unlinks what it registered) and unlinks what is left. Returns its report."""
@@ -1188,7 +1206,9 @@ class Supervisor:
             # The API server shuts its engine core and workers down on SIGTERM: give them what
             # is left of the grace to follow it.
             end = t0 + grace
-            while self.clock.monotonic() < end and await self.offload(proctree.live_members, tree, self.host):
+            while self.clock.monotonic() < end:
+                if not await self.offload(proctree.live_members, tree, self.host):
+                    break
                 await self.clock.sleep(0.1)
             # The grace is spent: what is left (a server waiting on a hung request, a stopped
             # worker) is SIGKILLed now, as stop_grace_s promises, not given a second grace.
@@ -1221,12 +1241,12 @@ class Supervisor:
         self._publish(pid=None, workers=0)
         return report
 
-    async def _cleanup_dead(self) -> Any:
+    async def _cleanup_dead(self) -> cleanup_mod.Report:
         """Clean every tree the ledger knows except the live one (if any)."""
         bound = self._cleanup_bound(self.cfg.timeouts.cleanup_grace_s)
         return await self._run(self._cleanup_dead_work(), bound)
 
-    async def _cleanup_dead_work(self) -> Any:
+    async def _cleanup_dead_work(self) -> cleanup_mod.Report:
         recs = [r for r in self.ledger.load() if self.tree is None or r.id != self.tree.id]
         live = [self.tree] if self.tree is not None else []
         report = await self._cleanup(recs, grace=self.cfg.timeouts.cleanup_grace_s, live=live)
@@ -1244,7 +1264,7 @@ class Supervisor:
         bound = self._cleanup_bound(t.cleanup_grace_s) + t.gpu_release_s
         try:
             result = await self._run(self._cmd_cleanup_work(a), bound)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the operator gets the error as the reply
             cmd.reply(error=OperationFailed(f"cleanup failed: {type(e).__name__}: {e}"))
             return
         cmd.reply(result)
@@ -1276,7 +1296,7 @@ class Supervisor:
                     self._ledger("remove", r.id)
         return {**report.to_json(), **({"gpu": gpu_freed} if gpu_freed else {})}
 
-    def _cleanup_event(self, why: str, report: Any, **extra: Any) -> None:
+    def _cleanup_event(self, why: str, report: cleanup_mod.Report, **extra: Any) -> None:
         j = report.to_json()
         self.events.emit(
             "cleanup",
@@ -1459,7 +1479,7 @@ class Supervisor:
             d = diagnose.analyze(self.log.since_spawn())
             if d.root_cause and d.root_cause.strip() != fallback.strip():
                 return f"{fallback}; root cause: {d.root_cause}"
-        except Exception:
+        except Exception:  # noqa: BLE001 - the root cause is a bonus; the reason stands without it
             return fallback
         return fallback
 
@@ -1480,7 +1500,7 @@ def _only_canary(strikes: list[str]) -> bool:
     return all(s.startswith("canary:") for s in strikes)
 
 
-def _remaining(report: Any) -> str:
+def _remaining(report: cleanup_mod.Report) -> str:
     items = report.to_json().get("remaining", [])
     return ", ".join(str(i.get("name") or i.get("pid")) + f" ({i.get('reason')})" for i in items[:5]) or "?"
 

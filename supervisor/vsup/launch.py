@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from . import proctree
 from .config import Config, ModelConfig, Remedy
+from .host import Host
 
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
@@ -98,10 +100,10 @@ class Spawned:
 
     pid: int
     tree: proctree.TreeRecord
-    handle: Any = None  # subprocess.Popen for the real spawner (the reaper sets its returncode)
+    handle: subprocess.Popen[bytes] | None = None  # the real spawner's (the reaper sets its returncode)
 
     def reaped(self, code: int) -> None:
-        if self.handle is not None and hasattr(self.handle, "returncode"):
+        if self.handle is not None:
             self.handle.returncode = code
 
 
@@ -115,7 +117,7 @@ class RealSpawner:
     """vLLM in its own session, with its own TMPDIR (unless the config sets one), its output
     appended to the log file."""
 
-    def __init__(self, host: Any = None) -> None:
+    def __init__(self, host: Host | None = None) -> None:
         self.host = host
 
     def spawn(

@@ -27,13 +27,17 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import cleanup as cleanup_mod
 from . import commands, proctree, stacks
 from .config import Config
 from .daemon import HEARTBEAT_S, Supervisor
 from .observations import Shutdown
+
+if TYPE_CHECKING:
+    from .logtail import LogTailer
+    from .proxy import Proxy
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 IGNORED_SIGNALS = tuple(
@@ -70,7 +74,7 @@ class Runtime:
         self.sup = sup
         self.signals_seen = 0
         self._log_handler = _EventLogHandler(sup)
-        self.proxy: Any = None
+        self.proxy: Proxy | None = None
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -164,7 +168,7 @@ class Runtime:
         if self.proxy is not None:
             self._add_probes(self.proxy)
 
-    def _add_probes(self, proxy: Any) -> None:
+    def _add_probes(self, proxy: Proxy) -> None:
         """/livez, /readyz and /startupz on the proxy's port, for the kubelet (issue 18; pod.py
         says what each means). They read the owner's heartbeat and route, never vLLM."""
         from . import pod
@@ -189,16 +193,18 @@ class Runtime:
         for path, handler in probes.aiohttp_handlers().items():
             proxy.add_local(path, handler)
 
-    def _start_tailer(self, loop: asyncio.AbstractEventLoop) -> Any:
+    def _start_tailer(self, loop: asyncio.AbstractEventLoop) -> LogTailer | None:
         try:
             from .logtail import LogTailer
         except ImportError:
             return None
         sup = self.sup
         path = Path(sup.cfg.vllm.log_file)
-        t = LogTailer(
-            path, lambda lines: loop.call_soon_threadsafe(sup.log.on_lines, lines), start_at_end=True
-        )
+
+        def on_lines(lines: list[str]) -> None:  # in the tailer's thread: hand them to the loop
+            loop.call_soon_threadsafe(sup.log.on_lines, lines)
+
+        t = LogTailer(path, on_lines, start_at_end=True)
         t.start()
         sup.log.tailer, sup.log.path = t, str(path)
         return t
@@ -364,11 +370,13 @@ class Runtime:
         # it is inside a bounded step (teardown, cleanup) that has its own deadline. A wedged
         # owner stops both, so systemd's watchdog fires even though this task could run.
         sup = self.sup
+        notifier = sup.notifier
+        assert notifier is not None  # noqa: S101 - narrows: started only with a notifier
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             if now - sup._heartbeat < max(interval, 2 * HEARTBEAT_S) or now < sup._bounded_until:
-                sup.notifier.watchdog()
+                notifier.watchdog()
 
 
 def _load(sup: Supervisor) -> list[proctree.TreeRecord]:

@@ -14,11 +14,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config, ModelConfig
 from .observations import LogSignal, NotReady, Probe, ReadyProven
 from .probes import ProbeResult
+
+if TYPE_CHECKING:  # set by the runtime, which imports them where they may fail
+    from .logparse import LogLine
+    from .logtail import LogTailer
+    from .signatures import Catalog
 
 # Signature kinds that end a server at once (engine death is acted on whether or not the API
 # server exits), kinds that are one strike against a ready server, and start-up failures.
@@ -71,9 +76,9 @@ class LogWatch:
         self.total = 0
         self._at_spawn = 0
         self.served = 0  # completions served since the current tree started
-        self.catalog: Any = None
-        self.parse: Any = None
-        self.tailer: Any = None
+        self.catalog: Catalog | None = None
+        self.parse: Callable[[str], LogLine] | None = None
+        self.tailer: LogTailer | None = None
         self.path: str | None = None
 
     def new_tree(self) -> None:
@@ -89,7 +94,7 @@ class LogWatch:
         for raw in lines:
             self.lines.append(raw)
             self.total += 1
-            if self.parse is None:
+            if self.parse is None or self.catalog is None:  # set together, or neither
                 continue
             m = self.catalog.match(self.parse(raw))
             if m is None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fakes.fake_host import FakeHost
 from support import write_config
@@ -31,6 +32,8 @@ from vsup.probes import ProbeResult
 from vsup.proctree import IpcRef, ProcRef, TreeRecord
 
 MODELS = {"a": "model-a", "b": "model-b"}
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -145,7 +148,7 @@ class FakeProber:
         return None
 
 
-async def inline(fn: Any, *args: Any, **kw: Any) -> Any:
+async def inline(fn: Callable[P, R], /, *args: P.args, **kw: P.kwargs) -> R:
     """The owner's offload, run inline: FakeHost is not thread-safe, and its clock is fake."""
     return fn(*args, **kw)
 
