@@ -292,9 +292,36 @@ def _entries(root: Path) -> list[str]:
         return []
 
 
+# Shm roots proven this container's own by `prepare` in this process (at daemon start).
+_proven: set[str] = set()
+
+
+def blind_reason(shm_root: str = SHM_ROOT, proc_root: str = "/proc") -> str | None:
+    """Why a cleanup cannot see every process that may hold objects under `shm_root`, or None.
+
+    In the host's PID namespace every process is in /proc. In a PID namespace of its own (a
+    container, `unshare --pid`), processes outside it are invisible while they may still map
+    the same /dev/shm (a host's /dev/shm bound in, `hostIPC`, a sibling container): an object
+    no *visible* process holds is then not provably unheld, and only objects the ledger
+    recorded for vsup's own trees may be unlinked. A /dev/shm proven this container's own by
+    `prepare` is the exception. (A real server beside vsup's own tests lost its semaphore to a
+    vsup in a PID namespace before this rule.)"""
+    if shm_root in _proven:
+        return None
+    ino = _ns_ino(proc_root, "self", "pid")
+    if ino is None or ino == INIT_PID_NS_INO:
+        return None
+    return (
+        "vsup runs in a PID namespace of its own: a process outside it may hold this, and "
+        f"{shm_root} is not proven this container's own ([daemon] shm_private)"
+    )
+
+
 def prepare(declared: bool, shm_root: str = SHM_ROOT, *, host: Host | None = None) -> ClearReport:
     """At daemon start: decide ownership of `shm_root` and clear a dead container's leftovers."""
     if not declared:  # the usual case (systemd, a host): nothing to read
         return ClearReport(Ownership(False, "not declared private ([daemon] shm_private = false)"))
     own = decide(gather(declared, shm_root), shm_root)
+    if own.own:
+        _proven.add(shm_root)
     return clear_leftovers(own, host=host or Host(shm_root=shm_root))
