@@ -171,3 +171,49 @@ def test_undeclared_container_shm_is_left_alone() -> None:
     out = _in_namespaces(False)
     assert not out["report"]["own"] and "not declared" in out["report"]["why"]
     assert len(out["left"]) == 5
+
+
+def test_cleanup_in_a_pid_namespace_never_takes_what_it_cannot_see_held(tmp_path: Path) -> None:
+    """A vsup in a PID namespace of its own, on the host's /dev/shm: a vLLM-named segment that a
+    process outside the namespace maps looks unheld from inside. The cleanup (a dry run, so
+    nothing of anyone's is at stake) must skip it as not provably unheld, not plan its unlink."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and util-linux unshare (this machine has both)")
+    name = f"psm_vsupblind{os.getpid():x}"
+    path = Path("/dev/shm") / name
+    path.write_bytes(b"b" * 4096)
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    code = (
+        "import json; from vsup import cleanup; "
+        "r = cleanup.cleanup([], dry_run=True).to_json(); "
+        "print(json.dumps({'skipped': r['skipped'], 'unlinked': [u['name'] for u in r['unlinked']]}))"
+    )
+    try:
+        with open(path, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            proc = subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "supervisor")},
+            )
+            # The same dry run on the host sees the holder (this test process) itself.
+            here = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "supervisor")},
+            )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert name not in out["unlinked"]
+        (why,) = [s["reason"] for s in out["skipped"] if s["name"] == name]
+        assert "PID namespace of its own" in why
+        out_here = json.loads(here.stdout.strip().splitlines()[-1])
+        assert name not in out_here["unlinked"]
+        (why_here,) = [s["reason"] for s in out_here["skipped"] if s["name"] == name]
+        assert why_here.startswith("in use by")
+    finally:
+        path.unlink(missing_ok=True)
