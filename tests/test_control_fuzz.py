@@ -51,7 +51,7 @@ async def _phases(req: Request) -> Any:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
+def live() -> Iterator[ControlServerThread]:
     directory = Path(tempfile.mkdtemp(prefix="vsup-fuzz-"))
     try:
         with LiveServer(directory / "vsup.sock") as srv:
@@ -96,7 +96,7 @@ def assert_well_formed(lines: list[dict[str, Any]]) -> None:
             assert isinstance(line["error"]["message"], str)
 
 
-def assert_status_answers(live: LiveServer) -> None:
+def assert_status_answers(live: ControlServerThread) -> None:
     reply = ControlClient(live.server.path, timeout_s=WAIT_S).call("status")
     assert reply["ok"] is True and reply["result"] == {"state": "ready"}
 
@@ -117,7 +117,7 @@ requests = st.fixed_dictionaries(
 
 @FUZZ
 @given(data=st.binary(max_size=2 * MAX_LINE))
-def test_random_bytes(live: LiveServer, data: bytes) -> None:
+def test_random_bytes(live: ControlServerThread, data: bytes) -> None:
     """Arbitrary bytes get only well-formed error lines, and status is answered afterwards."""
     assert_well_formed(exchange(live.server.path, data))
     assert_status_answers(live)
@@ -125,7 +125,7 @@ def test_random_bytes(live: LiveServer, data: bytes) -> None:
 
 @FUZZ
 @given(chunks=st.lists(st.binary(max_size=200), max_size=10))
-def test_random_lines(live: LiveServer, chunks: list[bytes]) -> None:
+def test_random_lines(live: ControlServerThread, chunks: list[bytes]) -> None:
     """Random newline-separated lines get at most one final reply each, all well formed."""
     payload = b"\n".join(chunks) + b"\n"
     lines = exchange(live.server.path, payload)
@@ -136,7 +136,7 @@ def test_random_lines(live: LiveServer, chunks: list[bytes]) -> None:
 
 @FUZZ
 @given(values=st.lists(json_values | requests, min_size=1, max_size=6))
-def test_random_json(live: LiveServer, values: list[Any]) -> None:
+def test_random_json(live: ControlServerThread, values: list[Any]) -> None:
     """Random JSON values and request-shaped objects get one well-formed reply per line."""
     payload = b"".join(json.dumps(value).encode() + b"\n" for value in values)
     lines = exchange(live.server.path, payload)
@@ -148,7 +148,7 @@ def test_random_json(live: LiveServer, values: list[Any]) -> None:
 
 @FUZZ
 @given(args=st.lists(st.dictionaries(st.text(max_size=8), json_values, max_size=4), min_size=1, max_size=5))
-def test_valid_requests_answered_in_order(live: LiveServer, args: list[dict[str, Any]]) -> None:
+def test_valid_requests_answered_in_order(live: ControlServerThread, args: list[dict[str, Any]]) -> None:
     """Pipelined valid echo requests come back in order, each with its own id and args."""
     payload = b"".join(
         json.dumps({"id": i, "cmd": "echo", "args": a}).encode() + b"\n" for i, a in enumerate(args)
@@ -163,14 +163,14 @@ def test_valid_requests_answered_in_order(live: LiveServer, args: list[dict[str,
 
 @FUZZ
 @given(size=st.integers(MAX_LINE + 1, 8 * MAX_LINE), byte=st.sampled_from([b"x", b"{", b"\x00", b"\xff"]))
-def test_oversized_lines(live: LiveServer, size: int, byte: bytes) -> None:
+def test_oversized_lines(live: ControlServerThread, size: int, byte: bytes) -> None:
     """Any line over the limit gets exactly one too_large reply, then the connection closes."""
     lines = exchange(live.server.path, byte * size + b"\n")
     assert [line["error"]["code"] for line in lines] == ["too_large"]
     assert_status_answers(live)
 
 
-def test_fuzz_server_reported_no_internal_errors(live: LiveServer) -> None:
+def test_fuzz_server_reported_no_internal_errors(live: ControlServerThread) -> None:
     """After the fuzzing above, the server logged no internal error and no loop error."""
     assert not [f for n, f in live.events if n == "control_internal_error"]
     assert not live.loop_errors

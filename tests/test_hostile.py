@@ -370,7 +370,9 @@ def test_finding3_stale_session_id_matches_nobody_elses_session() -> None:
     sleep_pid = int(p.stdout.readline())
     p.wait(10)
     try:
-        sid = Host().process(sleep_pid).sid
+        info = Host().process(sleep_pid)
+        assert info is not None
+        sid = info.sid
         assert Host().process(sid) is None  # the session's leader is gone
         yesterday = time.time() - 86400
         rec = record(sid, yesterday, yesterday)

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -57,7 +57,15 @@ def chat(d: Daemon, model: str, max_tokens: int = 4, timeout: float = 60) -> htt
     )
 
 
-def current_tree(d: Daemon) -> proctree.TreeRecord:
+class Supervised(Protocol):
+    """What these helpers read of a vsup under test (support.Daemon, test_pid1.Pid1)."""
+
+    state_dir: Path
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def current_tree(d: Supervised) -> proctree.TreeRecord:
     """The live tree's record as the daemon wrote it (members, held IPC, files)."""
     s = d.status()
     recs = [r for r in proctree.Ledger(d.state_dir).load() if r.id == s["tree"]["id"]]
@@ -65,7 +73,7 @@ def current_tree(d: Daemon) -> proctree.TreeRecord:
     return recs[0]
 
 
-def wait_tree_complete(d: Daemon) -> proctree.TreeRecord:
+def wait_tree_complete(d: Supervised) -> proctree.TreeRecord:
     """Wait until the record shows the engine core, both workers and their shm segments."""
 
     def ok() -> proctree.TreeRecord | None:

@@ -900,7 +900,7 @@ class Supervisor:
         )
         try:
             r = await self._run(work, budget + 1.0)
-        except Exception as e:  # forensics must never stop the recovery
+        except Exception as e:  # noqa: BLE001 - forensics must never stop the recovery
             self.events.emit("stacks_failed", error=f"{type(e).__name__}: {e}")
             return None
         out = r.to_json()

@@ -134,7 +134,7 @@ class FakeProber:
 
     async def canary(self, model: str, prompt: str, max_tokens: int, timeout_s: float) -> ProbeResult:
         await asyncio.sleep(0.01)
-        while self._mode() == "hung":  # answers health, never completes
+        while self._mode() == "hung":  # noqa: ASYNC110 - answers health, never completes (the test flips the mode)
             await asyncio.sleep(0.02)
         ok = self._mode() in ("ready", "stubborn")
         return ProbeResult("canary", ok, "ok" if ok else "500 engine dead", 0.01)
