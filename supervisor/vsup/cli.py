@@ -36,6 +36,7 @@ examples:
   vsup run --config deploy/vsup.toml      run the daemon in the foreground
   vsup status                             state, model, pid, restarts
   vsup reload tiny-b                      swap models (drain, stop, cleanup, start, ready)
+  vsup unload                             off-load now; with [proxy] the next request loads it again
   vsup cleanup --foreign --dry-run        show orphaned vLLM debris on this machine
   vsup diagnose /var/log/vsup/vllm.log    explain a vLLM log offline
   vsup diagnose /var/lib/vsup/incidents/X  name the stuck rank of a hang from its incident bundle
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", "start the configured model (after stop or failed)"),
         ("stop", "stop the model and clean up; the daemon stays up in `stopped`"),
         ("restart", "stop and start the current model (drain first)"),
+        (
+            "unload",
+            "off-load the model now: drain, stop, clean, GPU memory freed; with [proxy] the next "
+            "request loads it again",
+        ),
     ):
         x = add(name, help)
         x.add_argument("--json", action="store_true", help="print the final reply as JSON")
@@ -237,6 +243,19 @@ def render_status(s: dict[str, Any]) -> str:
             f"gpu {g.get('index')}:     {g.get('used_mib')}/{g.get('total_mib')} MiB used, "
             f"{g.get('model_mib', 0)} MiB by the model"
         )
+    od = s.get("on_demand") or {}
+    if od.get("unloaded_for"):
+        lines.append(f"off-load:  off-loaded ({od['unloaded_for']}); the next request loads it")
+    if od.get("pending"):
+        p = od["pending"]
+        lines.append(f"on demand: {p.get('kind')} {p.get('to')} ({p.get('cause')}) since {p.get('since')}")
+    if od.get("last"):
+        last = od["last"]
+        lines.append(
+            f"on demand: last {last.get('kind')} ({last.get('cause')}) {last.get('seconds')}s"
+            f" at {last.get('at')}; {od.get('unloaded', 0)} off-loads, {od.get('loaded', 0)} loads,"
+            f" {od.get('swapped', 0)} swaps"
+        )
     if s.get("vllm_version"):
         lines.append(f"vllm:      {s['vllm_version']}")
     return "\n".join(lines)
@@ -302,6 +321,8 @@ def _summary(cmd: str, r: Any) -> str:
     if cmd == "reload" and "model" in r:
         phases = ", ".join(f"{k} at {v:.1f}s" for k, v in (r.get("phases") or {}).items())
         return f"reload: {r['model']} serves ({r.get('seconds', 0):.1f}s; {phases})"
+    if cmd == "unload" and r.get("unloaded"):
+        return f"unload: {r.get('model')} off-loaded, machine clean ({r.get('seconds', 0):.1f}s)"
     if r.get("note"):
         return f"{cmd}: {r['note']}"
     if "state" in r:
@@ -319,6 +340,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     return _lifecycle(args, "restart")
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    return _lifecycle(args, "unload")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -501,6 +526,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stop": cmd_stop,
     "restart": cmd_restart,
     "reload": cmd_reload,
+    "unload": cmd_unload,
     "cleanup": cmd_cleanup,
     "events": cmd_events,
     "diagnose": cmd_diagnose,
