@@ -733,6 +733,7 @@ class Supervisor:
         strikes: list[str] = []
         progressed = False
         stable_at = self.clock.monotonic() + self.cfg.restart.stable_s
+        od_check = 0.0  # the next look at the proxy's view for an off-load or a swap (issue 16)
         try:
             while True:
                 obs = await self._next(HEARTBEAT_S)
@@ -742,8 +743,10 @@ class Supervisor:
                     stable_at = 0
                     if forgotten := self.policy.stable():
                         self.events.emit("stable", failures_forgotten=forgotten)
-                if (obs is None or isinstance(obs, Demand)) and (nxt := self._offload_due()) is not None:
-                    return nxt
+                if isinstance(obs, Demand) or now >= od_check:  # issue 16: once a heartbeat
+                    od_check = now + HEARTBEAT_S
+                    if (nxt := self._offload_due()) is not None:
+                        return nxt
                 if obs is None:
                     continue
                 if isinstance(obs, Exited):
