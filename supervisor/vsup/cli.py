@@ -239,9 +239,13 @@ def render_status(s: dict[str, Any]) -> str:
         d = s["last_detection"]
         lines.append(f"detected:  {d.get('kind')} via {d.get('source')} at {d.get('at')}: {d.get('message')}")
     for g in s.get("gpus") or []:
+        # Other vsup instances on this host holding memory there (issue 18).
+        held = ", ".join(f"{h['instance']!r} ({h['used_mib']} MiB)" for h in g.get("held_by") or [])
         lines.append(
             f"gpu {g.get('index')}:     {g.get('used_mib')}/{g.get('total_mib')} MiB used, "
             f"{g.get('model_mib', 0)} MiB by the model"
+            + (", not this instance's (CUDA_VISIBLE_DEVICES)" if g.get("wanted") is False else "")
+            + (f"; held by vsup instance {held}" if held else "")
         )
     od = s.get("on_demand") or {}
     if od.get("unloaded_for"):
