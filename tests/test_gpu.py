@@ -557,7 +557,6 @@ def test_instances_found_through_configs_and_ledgers(two_instances) -> None:
     found = gpu.find_instances(own, state, create_time=live.get)
     assert [(i.name, i.pids) for i in found] == [("b", frozenset({700, 701}))]
     assert found[0].config is not None
-    assert found[0].config is not None
     assert found[0].config.endswith("etc/b.toml") and found[0].state_dir.endswith("lib/b")
 
 
@@ -597,7 +596,6 @@ def test_status_says_which_instance_holds_each_gpu(two_instances) -> None:
     instances = gpu.find_instances(own, state, create_time=live.get)
     rows = gpu.status_summary(g, {900}, instances=instances, wanted={0})
     assert rows is not None
-    assert rows is not None
     assert [(r["index"], r["held_by"], r["wanted"]) for r in rows] == [
         (0, [], True),
         (1, [{"instance": "b", "used_mib": 3072}], False),
@@ -627,3 +625,42 @@ def test_neighbours_of_a_config(two_instances, monkeypatch) -> None:
     )
     found, wanted = gpu.neighbours(g, cfg)
     assert [i.name for i in found] == ["b"] and wanted == {1}
+
+
+def test_daemon_status_and_precheck_name_the_other_instance(tmp_path: Path, monkeypatch) -> None:
+    """The owner's status and GPU pre-start check, with the fake NVML: instance a (this daemon,
+    CUDA_VISIBLE_DEVICES=1) sees b's worker on GPU 1, named by b's config."""
+    from support import write_config
+    from vsup import config
+    from vsup.daemon import Supervisor
+
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    etc.mkdir()
+    _instance(etc, lib, "b", {700: 7.0})
+    cfg_path = write_config(
+        etc / "a.toml",
+        {
+            "vllm": {
+                "python": sys.executable,
+                "model": "m",
+                "env": {"CUDA_VISIBLE_DEVICES": "1"},
+                "log_file": str(tmp_path / "a.log"),
+            },
+            "daemon": {"state_dir": str(lib / "a"), "socket": str(tmp_path / "a.sock")},
+        },
+    )
+    cfg = config.load(cfg_path)
+    monkeypatch.setattr(gpu.find_instances, "__kwdefaults__", {"create_time": {700: 7.0}.get})
+    devices = [FakeDevice(minor=0), FakeDevice(minor=1, procs=[(700, 2 * GIB)])]
+    g, _, _ = open_fake(devices, {700: FakeProc(cmdline="VLLM::Worker_TP0", devices=frozenset({"nvidia1"}))})
+    sup = Supervisor(cfg)
+    sup.gpus = g
+    rows = sup.status()["gpus"]
+    assert [(r["index"], r["held_by"], r["wanted"]) for r in rows] == [
+        (0, [], False),
+        (1, [{"instance": "b", "used_mib": 2048}], True),
+    ]
+    instances, wanted = gpu.neighbours(g, cfg)
+    pre = g.precheck(set(), indices=wanted, instances=instances)
+    assert not pre.ok and "vsup instance 'b'" in pre.reason
+    sup.events.close()
