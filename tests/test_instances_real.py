@@ -123,5 +123,7 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
     finally:
         if client is not None:
             client.halt.set()
-        b.close()
-        a.close()
+        try:
+            b.close()
+        finally:
+            a.close()  # even if b's close failed: a run once outlived its test this way
