@@ -55,7 +55,7 @@ def test_idle_unload_then_a_request_loads_it_again(fake_daemon: Callable[..., Da
     s = d.wait_state("stopped", timeout=20)
     assert s["reason"] == "idle" and s["on_demand"]["unloaded_for"] == "idle"
     assert time.monotonic() - last < 10
-    assert proctree.Ledger(d.state_dir).load() == [] and _port_free(d.port)
+    assert proctree.Ledger(d.state_dir).load() == [] and _port_free(int(d.port))
     h = httpx.get(base + "/health", trust_env=False)
     assert h.status_code == 200 and h.json()["idle"] is True
     t0 = time.monotonic()
@@ -80,7 +80,7 @@ def test_vsup_unload_off_loads_now_and_the_next_request_loads_it(fake_daemon: Ca
     assert p.returncode == 0 and "off-loaded" in p.stdout, p.stdout + p.stderr
     s = d.status()
     assert s["state"] == "stopped" and s["reason"] == "unloaded" and s["tree"] is None
-    assert proctree.Ledger(d.state_dir).load() == [] and _port_free(d.port)
+    assert proctree.Ledger(d.state_dir).load() == [] and _port_free(int(d.port))
     assert "off-loaded" in d.cli("status").stdout
     p = d.cli("unload")
     assert p.returncode == 0 and "already stopped" in p.stdout
