@@ -26,6 +26,9 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	@# ruff and mypy insist that a suppression names its code; this, that it also says why.
+	@if grep -rnE --include='*.py' '# (noqa: [A-Z0-9, ]+|type: ignore\[[a-z0-9, -]+\]) *$$' supervisor tests bench scripts; \
+	then echo "a # noqa / # type: ignore above names its code but not why (say it after the code)"; exit 1; fi
 
 # The whole suite, real-vLLM tests included (they fail, never skip, when vLLM cannot run), after
 # `lint` (first, so a finding fails in seconds rather than after the vLLM setup).

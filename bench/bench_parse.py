@@ -32,10 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "supervisor"))
 
-from vsup.diagnose import diagnose_file  # noqa: E402
-from vsup.logparse import parse_line  # noqa: E402
-from vsup.logtail import LogTailer  # noqa: E402
-from vsup.signatures import Catalog  # noqa: E402
+from vsup.diagnose import diagnose_file  # noqa: E402 - after the sys.path insert
+from vsup.logparse import parse_line  # noqa: E402 - after the sys.path insert
+from vsup.logtail import LogTailer  # noqa: E402 - after the sys.path insert
+from vsup.signatures import Catalog  # noqa: E402 - after the sys.path insert
 
 API, CORE, W0, W1 = 7868, 8362, 8422, 8423
 PARAMS = (

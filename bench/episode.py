@@ -90,7 +90,7 @@ class Client:
     def first_ok_after(self, t: float) -> Req | None:
         with self._lock:
             oks = [r for r in self.reqs if r.sent >= t and r.outcome == "ok" and r.done is not None]
-        return min(oks, key=lambda r: r.done) if oks else None  # type: ignore[return-value, arg-type]
+        return min(oks, key=lambda r: r.done) if oks else None  # type: ignore[return-value, arg-type]  # done is set in oks
 
     def tally(self, t0: float, t1: float) -> dict[str, int]:
         """Requests sent in [t0, t1): completed, failed (an error answer) and hung (timed out)."""

@@ -339,7 +339,7 @@ def test_exception_in_a_phase_ends_in_failed_not_in_a_dead_daemon(tmp_path: Path
                 o.sup._set_state(State.STARTING, reason="bug")  # ready -> starting: illegal
             return await real(it)
 
-        o.sup._do_serve = buggy  # type: ignore[method-assign]
+        o.sup._do_serve = buggy  # type: ignore[method-assign]  # the planted bug
         async with o:
             await o.state("failed")
             assert len(o.evs("internal_error")) == 1
@@ -426,7 +426,7 @@ def test_gate_routes_follow_the_state(tmp_path: Path) -> None:
             routes.append(route)
             real(route)
 
-        o.sup.gate.publish = spy  # type: ignore[method-assign]
+        o.sup.gate.publish = spy  # type: ignore[method-assign]  # a recording spy
         async with o:
             await o.state("ready")
             r = o.sup.gate.route
@@ -502,8 +502,8 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
 
 # ---- random interleavings ------------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - with the section using it
+from hypothesis import strategies as st  # noqa: E402 - as above
 
 STEPS = st.one_of(
     st.tuples(

@@ -37,7 +37,7 @@ def real(tmp_path_factory: pytest.TempPathFactory):
     d = Daemon(tmp_path_factory.mktemp("owner-real"), sections)
     watch = LedgerWatch(d.state_dir)
     watch.start()
-    d.watch = watch  # type: ignore[attr-defined]
+    d.watch = watch  # type: ignore[attr-defined]  # rides along with the fixture
     try:
         d.start()
         yield d
@@ -134,7 +134,7 @@ def test_sigterm_twice_while_serving_leaves_nothing(real: Daemon) -> None:
     time.sleep(0.2)  # "0.2 s apart" is the scenario itself
     real.proc.send_signal(signal.SIGTERM)
     assert real.proc.wait(15) == 1
-    watch: LedgerWatch = real.watch  # type: ignore[attr-defined]
+    watch: LedgerWatch = real.watch  # type: ignore[attr-defined]  # set by the fixture
     watch.close()
     wait_for(lambda: not any(watch.left().values()), 5, "nothing of the tree left", 0.2)
     assert watch.shm, "the ledger recorded the tree's segments"

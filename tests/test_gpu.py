@@ -506,8 +506,8 @@ def test_cleanup_summary_reports_freed_mib_or_nothing() -> None:
 
     stub = Stub()
     assert g.cleanup_summary(None, {1}, None) is None
-    assert g.cleanup_summary(stub, set(), None) is None  # type: ignore[arg-type]
-    out = g.cleanup_summary(stub, {11, 12}, None)  # type: ignore[arg-type]
+    assert g.cleanup_summary(stub, set(), None) is None  # type: ignore[arg-type]  # a duck-typed Gpus stub
+    out = g.cleanup_summary(stub, {11, 12}, None)  # type: ignore[arg-type]  # the same stub
     assert out == {
         "released": True,
         "freed_mib": {0: 2658, 1: 2658},

@@ -163,7 +163,7 @@ def test_holdings_match_by_inode_including_temporary_semaphore_name():
 def test_holdings_of_tmp_root_file_held_open(tmp_path):
     """A file under the tmp root held open is reported with its device and inode."""
     h = Host(tmp_root=tmp_path)
-    f = open(tmp_path / "vllm_dist_x", "wb")  # noqa: SIM115
+    f = open(tmp_path / "vllm_dist_x", "wb")  # noqa: SIM115 - held open across the check
     try:
         st = os.stat(tmp_path / "vllm_dist_x")
         assert h.holdings(os.getpid()).files[(st.st_dev, st.st_ino)] == str(tmp_path / "vllm_dist_x")

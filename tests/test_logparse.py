@@ -191,7 +191,7 @@ def test_parsed_line_is_a_normal_frozen_logline() -> None:
     )
     assert hash(ll) == hash(dataclasses.replace(ll))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ll.message = "changed"  # type: ignore[misc]
+        ll.message = "changed"  # type: ignore[misc]  # the frozen dataclass must refuse it
 
 
 def test_strip_ansi_returns_same_object_without_escape():

@@ -219,7 +219,7 @@ def metered(tmp_path: Path) -> Iterator[Daemon]:
             "probes": {"interval_s": 0.2, "canary_interval_s": 1.0},
         },
     )
-    d.metrics_port = port  # type: ignore[attr-defined]
+    d.metrics_port = port  # type: ignore[attr-defined]  # for the test below
     try:
         d.start()
         yield d

@@ -203,7 +203,7 @@ def test_closing_route_refuses_held_and_new_requests_while_in_flight_ones_finish
         await up.setup()
         site = web.TCPSite(up, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started just above
         gate = Gate(Route(state="ready", upstream=("127.0.0.1", port), gen=1))
         proxy = Proxy(ProxyConfig(listen="127.0.0.1:0"), gate, post=lambda o: None, emit=lambda n, **f: None)
         await proxy.start()

@@ -210,7 +210,7 @@ def test_stream_is_forwarded_chunk_by_chunk_never_buffered(fakes: Any, tmp_path:
 
 def test_client_disconnect_aborts_the_upstream_request(fakes: Any) -> None:
     """A client that leaves mid-stream closes the proxy's upstream request: vLLM stops generating."""
-    f = fakes(token_s="0.01")  # noqa: S106
+    f = fakes(token_s="0.01")  # noqa: S106 - seconds per token, not a secret
 
     async def main() -> None:
         async with running(ready(f)) as h:
@@ -308,7 +308,7 @@ def test_held_requests_are_released_in_arrival_order_when_a_server_is_ready(fake
                 order.append(int(request.headers["X-Req"]))
                 return await forward(request, req, body, route)
 
-            h.proxy._forward = recording  # type: ignore[method-assign]
+            h.proxy._forward = recording  # type: ignore[method-assign]  # a recording wrapper
             tasks = []
             for i in range(1, 6):
                 tasks.append(asyncio.create_task(h.chat(headers={"X-Req": str(i)})))
@@ -842,7 +842,7 @@ def test_config_proxy_section(tmp_path: Path) -> None:
         _cfg(tmp_path, {"max_held": 3})
     with pytest.raises(ConfigError, match="proxy.max_held"):
         _cfg(tmp_path, {"listen": "127.0.0.1:8080", "max_held": 0})
-    w = config_mod.warnings(_cfg(tmp_path, {"listen": "127.0.0.1:8080"}, host="0.0.0.0"))  # noqa: S104
+    w = config_mod.warnings(_cfg(tmp_path, {"listen": "127.0.0.1:8080"}, host="0.0.0.0"))  # noqa: S104 - the warning under test
     assert len(w) == 1 and "vllm.host" in w[0] and "loopback" in w[0]
     explained = config_mod.explain()
     for f in dataclasses.fields(ProxyConfig):
@@ -854,7 +854,7 @@ def test_without_proxy_section_nothing_changes(tmp_path: Path) -> None:
 
     p = write_config(
         tmp_path / "c.toml",
-        {"vllm": {"python": sys.executable, "model": "m", "host": "0.0.0.0"}},  # noqa: S104
+        {"vllm": {"python": sys.executable, "model": "m", "host": "0.0.0.0"}},  # noqa: S104 - the case under test
     )
     cfg = config_mod.load(p)
     assert cfg.proxy is None and config_mod.warnings(cfg) == []

@@ -59,7 +59,7 @@ def ready(f: Fake, model: str, gen: int) -> Route:
     return Route(state="ready", upstream=f.upstream, gen=gen, model=model)
 
 
-def test_other_model_is_held_while_the_loaded_ones_flow_then_released_to_its_server(fakes: Any) -> None:  # noqa: F811
+def test_other_model_is_held_while_the_loaded_ones_flow_then_released_to_its_server(fakes: Any) -> None:  # noqa: F811 - the imported fixture
     """swap_on_request: a request for b (configured, not loaded) is held and asks for b once;
     requests for a keep flowing meanwhile; when the owner publishes b's server, the held one
     goes there. A model nobody configured is forwarded as before (the server's own 404)."""
@@ -88,7 +88,7 @@ def test_other_model_is_held_while_the_loaded_ones_flow_then_released_to_its_ser
     asyncio.run(main())
 
 
-def test_requests_for_the_old_model_after_a_swap_ask_for_it_again(fakes: Any) -> None:  # noqa: F811
+def test_requests_for_the_old_model_after_a_swap_ask_for_it_again(fakes: Any) -> None:  # noqa: F811 - the imported fixture
     """After the swap to b, a request for a is held and asks for a (a new route: a new Demand)."""
     fb = fakes(name="b")
 
@@ -146,7 +146,7 @@ def test_health_is_200_while_off_loaded_and_503_when_stopped_by_an_operator() ->
     asyncio.run(main())
 
 
-def test_models_lists_every_configured_model_with_which_is_loaded(fakes: Any) -> None:  # noqa: F811
+def test_models_lists_every_configured_model_with_which_is_loaded(fakes: Any) -> None:  # noqa: F811 - the imported fixture
     """swap_on_request: GET /v1/models through the proxy lists a and b, loaded or not, with
     `loaded` and `status`; vLLM's --api-key is demanded here too."""
     fa = fakes(name="a")
@@ -171,7 +171,7 @@ def test_models_lists_every_configured_model_with_which_is_loaded(fakes: Any) ->
     asyncio.run(main())
 
 
-def test_without_swap_on_request_models_is_forwarded_and_nothing_is_held_by_model(fakes: Any) -> None:  # noqa: F811
+def test_without_swap_on_request_models_is_forwarded_and_nothing_is_held_by_model(fakes: Any) -> None:  # noqa: F811 - the imported fixture
     """Off by default: /v1/models is the server's, and a request for another name goes to it."""
     fa = fakes(name="a")
 

@@ -45,7 +45,7 @@ def _real_report() -> dict:
             parts[i + 4],
         )
         info = types.SimpleNamespace(pid=pid, cmdline=tuple(title.split()), comm=title[:15])
-        role, rank = stacks.role_of(info, leader_pid=9983)  # type: ignore[arg-type]
+        role, rank = stacks.role_of(info, leader_pid=9983)  # type: ignore[arg-type]  # a ProcInfo-like namespace
         procs.append(
             stacks.ProcessStacks(
                 pid=pid,

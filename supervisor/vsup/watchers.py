@@ -124,7 +124,7 @@ class LogWatch:
             return
         end = self._clock.monotonic() + timeout
         # polled: the tailer is a thread with no event to wait on; 1.5 s at most, on a failure only
-        while getattr(self.tailer, "position", size) < size and self._clock.monotonic() < end:  # noqa: ASYNC110
+        while getattr(self.tailer, "position", size) < size and self._clock.monotonic() < end:  # noqa: ASYNC110 - see above
             await asyncio.sleep(0.02)
         await asyncio.sleep(0)  # let call_soon_threadsafe'd line batches run
 

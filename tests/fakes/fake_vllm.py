@@ -141,7 +141,7 @@ def engine_main(opts: dict, locks: list) -> None:
     dist = os.path.join(opts["tmp_root"], f"vllm_dist_{uuid.uuid4().hex}")
     with open(dist, "wb") as f:
         f.write(b"\0" * 64)
-    held_dist = open(dist, "rb") if opts["hold_dist"] else None  # noqa: SIM115
+    held_dist = open(dist, "rb") if opts["hold_dist"] else None  # noqa: SIM115 - held until the process ends
     sock, path = listen_uuid_socket(opts["tmp_root"])
     zombie = None
     if opts["zombie"]:

@@ -98,7 +98,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def run_holder(args: argparse.Namespace) -> None:
-    held = allocate(args.mib, args.device)  # noqa: F841
+    held = allocate(args.mib, args.device)  # noqa: F841 - kept alive by the name
     write_ready(args.ready, {"pid": os.getpid(), "mib": args.mib})
     wait_forever()
 
