@@ -403,3 +403,56 @@ def test_swap_target_policy() -> None:
         ).model
         == "b"
     )
+
+
+# ---- random interleavings with off-loads and swaps -------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+STEPS = st.one_of(
+    st.tuples(st.just("cmd"), st.sampled_from(["start", "stop", "restart", "reload-b", "unload", "cleanup"])),
+    st.tuples(st.just("ask"), st.sampled_from(["a", "b", None])),  # a request held for a model
+    st.tuples(st.just("serve"), st.just(None)),  # the held requests are answered
+    st.tuples(st.just("flight"), st.sampled_from([0, 1])),
+    st.tuples(st.just("mode"), st.sampled_from(["ready", "loading", "broken", "exit"])),
+    st.tuples(st.just("wait"), st.sampled_from([0.0, 0.05, 0.3, 1.2])),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(STEPS, min_size=1, max_size=12))
+def test_random_interleavings_with_off_loads_and_swaps_keep_the_invariants(
+    tmp_path_factory: Any, steps: list[tuple[str, Any]]
+) -> None:
+    """Commands (unload included), requests held for a, b or no model (with their Demand), the
+    held ones answered, requests in flight, server behaviours and pauses, with idle_unload_s and
+    swap_on_request on: no exception escapes the owner, every transition is in the table, at
+    most one tree is alive, every torn-down tree is cleaned, every command gets one reply."""
+    tmp = tmp_path_factory.mktemp("ondemand")
+
+    async def scenario() -> None:
+        o, tr = owner(
+            tmp, {"restart": {"max_failures": 2}}, idle_unload_s=1.0, swap_on_request=True, min_resident_s=0.2
+        )
+        async with o:
+            for kind, arg in steps:
+                if kind == "cmd":
+                    o.command("reload", model="b") if arg == "reload-b" else o.command(arg)
+                elif kind == "ask":
+                    tr.request(arg, held=True)
+                    o.sup.post(Demand(arg))
+                elif kind == "serve":
+                    tr.wait.clear()
+                elif kind == "flight":
+                    tr.flight = arg
+                elif kind == "mode":
+                    o.world.modes.update({"model-a": arg, "model-b": arg})
+                else:
+                    await asyncio.sleep(arg)
+                assert o.world.max_alive <= 1
+                assert o.task is not None and not o.task.done(), o.task
+            tr.flight = 0
+        assert_sound(o)
+
+    asyncio.run(scenario())
