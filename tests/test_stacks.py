@@ -540,3 +540,10 @@ def test_faulthandler_before_a_hang_teardown_changes_neither_kind_nor_ladder_nor
         "findings"
     ]
     assert "Aborted" not in (summary["findings"].get("root_cause") or "")
+
+
+def test_a_running_rank_outside_the_collective_is_computing_not_stuck():
+    """One sample of a busy server: TP0 in the all-reduce, TP1 in R still computing: nobody is named."""
+    busy = _proc(1, "worker", "R", [["forward", "/v/vllm/model_executor/models/llama.py", 418]], 11)
+    v = diagnose.analyze_stacks({"processes": [_proc(0, "worker", "R", COLL, 10), busy]}).to_json()
+    assert v["stuck"] == [] and "no rank stands out" in v["summary"]

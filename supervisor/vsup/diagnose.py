@@ -600,8 +600,11 @@ def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> St
     collective = in_coll[0]["frame"] if in_coll else None
     if in_coll and not any(r["role"] == "worker" for r in rows if r["pid"] in stuck):
         others = [r for r in workers if r["category"] != "collective" and r["pid"] not in stuck]
+        # A rank that runs (state R, or busy over the CPU window) is computing its way to the
+        # collective, as every rank of a busy server does between two all-reduces: not stuck.
+        blocked = [r for r in others if r["state"] != "R" and (r["cpu_pct"] or 0.0) < 20.0]
         if others:
-            for r in others:
+            for r in blocked:
                 stuck[r["pid"]] = (
                     f"not in the collective its peers wait in ({collective}): blocked at "
                     f"{r['innermost'] or 'an unknown frame'} "
@@ -611,8 +614,9 @@ def analyze_stacks(report: dict[str, Any], catalog: Catalog | None = None) -> St
             for r in in_coll:
                 stuck[r["pid"]] = (
                     f"every rank is inside the collective ({r['frame']}) and none is missing: the collective "
-                    "itself hangs (on GPUs: custom all-reduce or NCCL P2P; try --disable-custom-all-reduce, "
-                    "then NCCL_P2P_DISABLE=1)"
+                    "itself hangs if they stay there (on GPUs: custom all-reduce or NCCL P2P; try "
+                    "--disable-custom-all-reduce, then NCCL_P2P_DISABLE=1); one sample of a busy server "
+                    "can catch every rank here too"
                 )
     v = StackVerdict(mechanism=report.get("mechanism"), complete=bool(report.get("complete")))
     for r in rows:
