@@ -69,7 +69,8 @@ from .probes import Prober, ProbeResult
 from .states import Snapshot, State, check
 from .watchers import FATAL_KINDS, STRIKE_KINDS, Clock
 
-if TYPE_CHECKING:  # imported where used: both are optional (NVML, prometheus-client)
+if TYPE_CHECKING:  # gpu and metrics are imported where used: both optional (NVML, prometheus-client)
+    from .control import Request
     from .gpu import Gpus
     from .metrics import Metrics
     from .sdnotify import Notifier
@@ -293,7 +294,7 @@ class Supervisor:
         """Any source, any time (on the loop thread): hand the owner an observation."""
         self.q.put_nowait(obs)
 
-    async def submit(self, name: str, args: dict[str, Any], request: Any = None) -> Any:
+    async def submit(self, name: str, args: dict[str, Any], request: Request | None = None) -> Any:
         """A lifecycle command from a socket handler (or a test): post it, await the one reply."""
         from .control import CommandError
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .gate import Demand, UpstreamRefused, UpstreamStalled
 from .probes import ProbeResult
 from .proctree import TreeRecord
+
+if TYPE_CHECKING:
+    from .control import Request
 
 __all__ = [
     "Cmd",
@@ -98,7 +101,7 @@ class Cmd:
 
     name: str
     args: dict[str, Any]
-    request: Any | None = None  # control.Request (progress lines) or None
+    request: Request | None = None  # where progress lines go, for a command from the socket
     future: asyncio.Future[Any] | None = field(repr=False, default=None)
 
     def reply(self, result: Any = None, error: BaseException | None = None) -> bool:
