@@ -665,6 +665,45 @@ def test_probes_send_the_api_key(fakes: Any) -> None:
     run(main())
 
 
+def test_incident_bundles_never_hold_the_api_key(tmp_path: Path) -> None:
+    """The key given as --api-key (or VLLM_API_KEY) is scrubbed from every file of a bundle:
+    the config copy, the tree's command lines and vLLM's own log lines, which print it."""
+    from support import write_config
+    from vsup import incidents
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    p = write_config(
+        tmp_path / "c.toml",
+        {
+            "vllm": {"python": sys.executable, "model": "m", "args": ["-tp", "2", "--api-key", "sk-abcdef"]},
+            "daemon": {"state_dir": str(state), "socket": str(tmp_path / "s.sock")},
+            "models.b": {"model": "b", "env": {"VLLM_API_KEY": "sk-fromenv"}},
+        },
+    )
+    cfg = config_mod.load(p)
+
+    class Tree:
+        def to_json(self) -> dict[str, Any]:
+            return {"cmdline": ["python", "-m", "vllm", "--api-key", "sk-abcdef"]}
+
+    path = incidents.write_bundle(
+        cfg,
+        reason="r",
+        kind="exited",
+        lines=["INFO non-default args: {'api_key': ['sk-abcdef'], 'x': 'sk-fromenv'}"],
+        tree=Tree(),
+        events=[],
+        cleanup=None,
+        vllm_version=None,
+    )
+    assert path is not None
+    files = {f.name: f.read_text() for f in path.iterdir()}
+    assert {"config.toml", "tree.json", "log_tail.txt"} <= set(files)
+    assert not [n for n, t in files.items() if "sk-abcdef" in t or "sk-fromenv" in t]
+    assert "<redacted>" in files["config.toml"] and "<redacted>" in files["tree.json"]
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -104,10 +104,52 @@ def write_bundle(
         _write(path / "events.jsonl", "".join(json.dumps(ev, default=str) + "\n" for ev in events[-200:]))
         with contextlib.suppress(OSError):
             _write(path / "config.toml", Path(cfg.path).read_text(errors="replace"))
+        _scrub(path, _secrets(cfg))
         _prune(base)
         return path
     except OSError:
         return None
+
+
+def _secrets(cfg: Any) -> set[str]:
+    """vLLM's API keys as configured: every value after `--api-key` in [vllm] and [models.*]
+    args, and VLLM_API_KEY from their env or vsup's own environment (issue 15)."""
+    from .launch import SECRET_ENV, SECRET_FLAGS
+
+    out: set[str] = set()
+    specs = [cfg.vllm, *getattr(cfg, "models", {}).values()]
+    for spec in specs:
+        args = list(spec.args)
+        for i, a in enumerate(args):
+            flag, eq, val = a.partition("=")
+            if flag.replace("_", "-") not in SECRET_FLAGS:
+                continue
+            if eq:
+                out.add(val)
+                continue
+            for v in args[i + 1 :]:
+                if v.startswith("-"):
+                    break
+                out.add(v)
+        out |= {v for k, v in spec.env.items() if k in SECRET_ENV}
+    out |= {v for k, v in os.environ.items() if k in SECRET_ENV}
+    return {s for s in out if len(s) >= 4}  # a 1-3 character "key" would blank out ordinary text
+
+
+def _scrub(path: Path, secrets: set[str]) -> None:
+    """Replace every secret in every file of the fresh bundle: the config, the tree's command
+    lines, and vLLM's own log lines (it prints its arguments, the key among them)."""
+    if not secrets:
+        return
+    for f in path.iterdir():
+        text = f.read_text(errors="replace")
+        clean = text
+        for sec in secrets:
+            clean = clean.replace(sec, "<redacted>")
+        if clean != text:
+            fd = os.open(f, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "w", errors="replace") as fh:
+                fh.write(clean)
 
 
 def _own_dir(base: Path) -> bool:
