@@ -662,5 +662,5 @@ def test_daemon_status_and_precheck_name_the_other_instance(tmp_path: Path, monk
     ]
     instances, wanted = gpu.neighbours(g, cfg)
     pre = g.precheck(set(), indices=wanted, instances=instances)
-    assert not pre.ok and "vsup instance 'b'" in pre.reason
+    assert not pre.ok and pre.reason is not None and "vsup instance 'b'" in pre.reason
     sup.events.close()
