@@ -407,8 +407,8 @@ def test_swap_target_policy() -> None:
 
 # ---- random interleavings with off-loads and swaps -------------------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - with the section using it
+from hypothesis import strategies as st  # noqa: E402 - as above
 
 STEPS = st.one_of(
     st.tuples(st.just("cmd"), st.sampled_from(["start", "stop", "restart", "reload-b", "unload", "cleanup"])),
