@@ -607,6 +607,16 @@ class Proxy:
                         f"HTTP {up.status} from a server that was then withdrawn", gen, kept=kept
                     )
                 return kept
+            if up.content.at_eof() and request.method != "HEAD":
+                # The whole body came with the first read (a non-streaming answer): one response
+                # written at once, headers and body together, instead of three writes.
+                whole = web.Response(status=up.status, reason=up.reason, body=first)
+                for k, v in up.headers.items():
+                    if k.lower() not in _HOP:
+                        whole.headers.add(k, v)
+                if 200 <= up.status < 300:
+                    self._last_success = self._clock()
+                return whole
             resp = web.StreamResponse(status=up.status, reason=up.reason)
             for k, v in up.headers.items():
                 if k.lower() not in _HOP:
