@@ -2,8 +2,8 @@
 """`make demo`: vsup supervising a real TP=2 vLLM (CPU build) on the tiny model, with a reload.
 
 Starts `vsup run` on a demo config (.demo/), in its own session, prints its events as they
-happen, sends a chat completion through the served model, reloads to tiny-b and completes
-again. Then it keeps serving until Ctrl-C (or, without a terminal, stops by itself). Each
+happen, sends a chat completion through vsup's proxy ([proxy] listen), reloads to tiny-b and
+completes again. Then it keeps serving until Ctrl-C (or, without a terminal, stops by itself). Each
 Ctrl-C is forwarded to the daemon as exactly one SIGINT: the first stops it (teardown and
 cleanup), a second one stops it at once (SIGKILL of the tree, then its segments and files
 unlinked). The demo then checks that nothing of its trees is left: the processes, /dev/shm
@@ -43,7 +43,7 @@ def free_port(start: int = 8000) -> int:
     raise SystemExit("no free port in 8000-8099")
 
 
-def write_config(port: int) -> Path:
+def write_config(port: int, proxy_port: int) -> Path:
     DEMO.mkdir(exist_ok=True)
     cfg = DEMO / "vsup.toml"
     cfg.write_text(f"""\
@@ -63,6 +63,11 @@ socket = "{DEMO / "run" / "vsup.sock"}"
 
 [timeouts]
 start_s = 300.0
+
+# Clients connect here: vsup's proxy holds requests while a server loads or reloads and replays
+# those a dying server never answered (issue 15); vLLM itself stays on the loopback port above.
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
 
 [models.tiny-a]
 model = "{MODELS / "tiny-a"}"
@@ -170,8 +175,11 @@ def main() -> int:
             raise SystemExit(f"{p} missing: run `make vllm` (scripts/setup_vllm.sh --models) first")
     reload = os.environ.get("VSUP_DEMO_RELOAD", "1") != "0"  # the tests' short run skips it
     port = free_port()
-    cfg = write_config(port)
-    banner(f"vsup run --config {cfg}  (vLLM on 127.0.0.1:{port}, events below)")
+    proxy_port = free_port(port + 1)
+    cfg = write_config(port, proxy_port)
+    banner(
+        f"vsup run --config {cfg}  (clients: 127.0.0.1:{proxy_port}; vLLM on 127.0.0.1:{port}; events below)"
+    )
     # Its own session: the terminal's Ctrl-C reaches the demo only, which forwards exactly one
     # SIGINT per Ctrl-C. (In the demo's process group the daemon got the terminal's SIGINT and
     # the demo's forwarded one: a second signal, "force exit", on a single Ctrl-C.)
@@ -196,14 +204,14 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_sigint)
     try:
         s = wait_ready(cfg, 400)
-        banner(f"ready: {s['model']} (pid {s['pid']}); a chat completion through it:")
-        print(f"  tiny-a says: {complete(port, 'tiny-a')!r}  (random weights: gibberish is expected)")
+        banner(f"ready: {s['model']} (pid {s['pid']}); a chat completion through vsup's proxy:")
+        print(f"  tiny-a says: {complete(proxy_port, 'tiny-a')!r}  (random weights: gibberish is expected)")
         if reload:
             banner("vsup reload tiny-b  (drain, stop, cleanup, start, ready)")
             r = subprocess.run([*VSUP, "reload", "tiny-b", "--config", str(cfg)], text=True)
             if r.returncode != 0:
                 raise SystemExit("reload failed")
-            print(f"  tiny-b says: {complete(port, 'tiny-b')!r}")
+            print(f"  tiny-b says: {complete(proxy_port, 'tiny-b')!r}")
         print(vsup(cfg, "status").stdout)
         if interactive:
             banner(
