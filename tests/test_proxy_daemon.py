@@ -53,6 +53,7 @@ def test_proxy_serves_once_ready_and_status_shows_its_traffic(fake_daemon: Calla
     assert r.status_code == 200 and r.json()["choices"]
     t = d.status()["traffic"]
     assert {"in_flight", "held", "oldest_held_s"} <= set(t) and t["held"] == 0
+    assert "requests:  0 in flight, 0 held" in d.cli("status").stdout
     assert any(e["event"] == "proxy_listening" for e in d.events())
 
 

@@ -238,6 +238,13 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("last_detection"):
         d = s["last_detection"]
         lines.append(f"detected:  {d.get('kind')} via {d.get('source')} at {d.get('at')}: {d.get('message')}")
+    t = s.get("traffic")
+    if t:  # the proxy's view (issue 15)
+        oldest = f" (oldest {t['oldest_held_s']:.1f}s)" if t.get("oldest_held_s") is not None else ""
+        lines.append(
+            f"requests:  {t.get('in_flight', 0)} in flight, {t.get('held', 0)} held{oldest}; "
+            f"{t.get('replays', 0)} replayed, {t.get('rejected', 0)} refused (proxy on {t.get('listen')})"
+        )
     for g in s.get("gpus") or []:
         # Other vsup instances on this host holding memory there (issue 18).
         held = ", ".join(f"{h['instance']!r} ({h['used_mib']} MiB)" for h in g.get("held_by") or [])
