@@ -524,6 +524,36 @@ def test_stream_cut_midway_ends_with_an_sse_error_event_and_a_clean_close(fakes:
     run(main())
 
 
+def test_non_stream_cut_after_its_first_bytes_is_closed_not_completed() -> None:
+    """A plain response that dies after its status and first bytes cannot be replayed or
+    turned into a 502 (its status is out): the client's connection is closed, so it sees a
+    truncated body, never a completed one; the proxy serves the next request."""
+
+    async def main() -> None:
+        async def partial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+
+        srv = await asyncio.start_server(partial, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            async with running(Route(state="ready", upstream=("127.0.0.1", port), gen=1)) as h:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async with h.session.get(h.base + "/v1/models") as r:
+                        assert r.status == 200
+                        await r.read()
+                assert "proxy_cut" in h.names() and "proxy_replay" not in h.names()
+                async with h.session.get(h.base + "/health") as r:
+                    assert r.status == 200
+        finally:
+            srv.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_hung_server_torn_down_replays_what_had_no_byte(fakes: Any, stream: bool) -> None:
     """A hung server (no first byte; a stream's headers only) is killed by the owner's teardown:
