@@ -127,6 +127,7 @@ def test_sigterm_twice_while_serving_leaves_nothing(real: Daemon) -> None:
     segments, semaphores and files removed; nothing of any tree this daemon ran is left."""
     r = real.cli("start", timeout=READY_S)
     assert r.returncode == 0, r.stderr
+    real.wait_state("ready", timeout=READY_S)  # run alone, the fixture's own start may still load
     wait_for(lambda: len(real.status()["tree"]["pids"]) >= 4, 30, "the tree recorded", 0.5)
     time.sleep(2.5)  # one more refresh: the segments the workers map are in the ledger
     assert real.proc is not None
