@@ -24,6 +24,14 @@ pytestmark = pytest.mark.vllm
 READY_S = 300
 
 
+def _gone(rec: Any) -> bool:
+    try:
+        assert_tree_gone(rec)
+    except AssertionError:
+        return False
+    return True
+
+
 class Client(threading.Thread):
     """One completion a second against one server, each with a 60 s timeout, until stopped."""
 
@@ -88,8 +96,12 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
         cleaned = a.wait_event(
             lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 60, "a's teardown cleanup"
         )
-        assert cleaned["remaining"] == [], cleaned
+        # Gone for good once a acted: its teardown's cleanup, or the pre-start cleanup of a's
+        # next start if a process was still exiting (a run here saw the SIGKILLed engine core
+        # and workers take over 10 s to exit on the loaded 2-core machine).
+        wait_for(lambda: _gone(rec_a), 90, "a's old tree gone")
         assert_tree_gone(rec_a)
+        first_remaining = len(cleaned["remaining"])
         # a restarts beside b: b keeps serving while a's new tree loads (the worst moment for b,
         # on 2 shared cores). Whether a is ready again by then is reported, not required.
         wait_for(
@@ -110,10 +122,12 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
         record_property("b_requests", len(client.results))
         record_property("b_p99_s", round(p99, 3))
         record_property("a_after_kill", a_state["state"])
+        record_property("a_teardown_cleanup_remaining", first_remaining)
         print(
             f"\nb: {len(client.results)} requests, 0 failed, p99 {p99:.2f} s, max "
             f"{max(t for _, t, _ in client.results):.2f} s; a {'serving again' if serving_again else a_state['state']}"
-            f" {time.monotonic() - killed_at:.0f} s after the kill"
+            f" {time.monotonic() - killed_at:.0f} s after the kill; a's teardown cleanup left {first_remaining}"
+            " item(s) for its next start's cleanup"
         )
         assert p99 < 60
     except BaseException:

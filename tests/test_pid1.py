@@ -437,6 +437,18 @@ def _real_pid1(tmp_path: Path, model: str = "tiny-a", **over: dict[str, Any]) ->
     return Pid1(tmp_path, sections), base
 
 
+def titled(d: Pid1, title: str) -> int | None:
+    """The outer pid of the namespace's process whose command line starts with `title` (vLLM
+    sets VLLM::EngineCore, VLLM::Worker_TP0, ...); the ledger's pids are the namespace's own."""
+    for p in d.namespace_procs():
+        try:
+            if " ".join(p.cmdline()).startswith(title):
+                return p.pid
+        except psutil.Error:
+            continue
+    return None
+
+
 class Poller(threading.Thread):
     """Asks one probe every 0.5 s and keeps every answer, until stopped."""
 
@@ -461,8 +473,6 @@ def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
     SIGTERM while two streams run: both finish, a new request gets 503, exit 0 within
     shutdown_drain_s + the teardown, nothing of the tree left."""
     import httpx
-
-    from test_real_vllm import assert_tree_gone, pid_titled, wait_tree_complete
 
     d, base = _real_pid1(tmp_path, timeouts={"shutdown_drain_s": 30.0})
     pid1.append(d)
@@ -494,8 +504,7 @@ def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
         d.wait_state("ready", timeout=300)
         assert probe(base, "/readyz") == 200 and probe(base, "/startupz") == 200
         # A stopped worker: vsup's canary sees it, and /readyz says 503 before any teardown.
-        rec = wait_tree_complete(d)
-        worker = pid_titled(rec, "Worker_TP1")
+        worker = wait_for(lambda: titled(d, "VLLM::Worker_TP1"), 60, "worker TP1 in the namespace", 0.5)
         os.kill(worker, signal.SIGSTOP)
         try:
             wait_for(
@@ -508,7 +517,9 @@ def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
         finally:
             os.kill(worker, signal.SIGCONT)
         d.wait_state("ready", timeout=300)  # a good canary, or a restart after a confirmed hang
-        rec = wait_tree_complete(d)
+        tree = wait_for(
+            lambda: titled(d, "VLLM::Worker_TP1") and [p.pid for p in d.namespace_procs()[1:]], 60, "the tree"
+        )
         # SIGTERM with two streams in flight.
         body = {
             "model": "tiny-a",
@@ -548,11 +559,15 @@ def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
         assert d.proc is not None and d.proc.wait(120) == 0, d.stderr_path.read_text()[-3000:]
         took = time.monotonic() - t0
         assert [s for s, _ in results] == [200, 200]
-        assert all(lines[-1] == "data: [DONE]" and len(lines) > 100 for _, lines in results)
+        assert all(lines[-1] == "data: [DONE]" and len(lines) > 60 for _, lines in results)
         # shutdown_drain_s + stop_grace_s + kill_wait_s + cleanup_grace_s + gpu_release_s
         limit = 30.0 + 20.0 + 10.0 + 3.0 + 30.0
         assert took < limit, took
-        assert_tree_gone(rec)
+        # vsup itself removed the tree before exiting (the namespace's end would kill what it
+        # left, but not unlink segments on a shared /dev/shm): its last cleanup left nothing.
+        cleanups = [e for e in d.events() if e["event"] == "cleanup" and e.get("why") == "teardown"]
+        assert cleanups and cleanups[-1]["remaining"] == [], cleanups[-1:]
+        assert not [p for p in tree if psutil.pid_exists(p) and _alive_in(psutil.Process(p))]
         assert 0 not in live.answers and set(live.answers) == {200}, live.answers
         drain = [e for e in d.events() if e["event"] == "shutdown_drain"]
         assert drain[-1]["drained"] is True
@@ -584,7 +599,7 @@ def test_real_engine_death_ending_failed_exits_nonzero_with_the_message(
     assert code == 1, d.stderr_path.read_text()[-3000:]
     msg = term.read_text()
     assert msg.startswith("vsup: the vLLM server ended failed:"), msg
-    assert any(w in msg for w in ("engine", "Engine", "died", "exited")), msg
+    assert "1 failures within" in msg and "root cause:" in msg, msg
     assert not [p for p in d.namespace_procs()]
     from support import debris
 
