@@ -62,6 +62,9 @@ POLL_S = 0.05
 # tree's (timestamps have a 1-tick and clock-step fuzz): presumed its.
 LIVE_START_SLACK_S = 1.0
 
+# What a V0 engine or worker maps (vllm/_C.abi3.so), its only mark: V0 sets no process title.
+V0_MARK = "/vllm/_C."
+
 # Names vLLM (and the libraries under it) create in /dev/shm.
 SHM_PATTERN = re.compile(
     r"^(psm_.+|sem\.mp-.+|nccl-.+|torch_.+|vllm_mm_.+|VLLM_OBJECT_STORAGE_SHM_BUFFER.*"
@@ -90,18 +93,25 @@ class Report:
 
 
 # ---- find ------------------------------------------------------------------------------------
-def find_orphans(snap: dict[int, ProcInfo]) -> list[ProcInfo]:
+def find_orphans(snap: dict[int, ProcInfo], host: Host | None = None) -> list[ProcInfo]:
     """vLLM processes whose server is gone (foreign mode), and all their descendants.
 
-    A root is a process vLLM spawned (titled `VLLM::*` / `VllmWorkerProcess` in its cmdline, or
-    an untitled multiprocessing helper such as the resource_tracker in the same session as
-    titled ones) whose parent is neither a vLLM API server nor another such process. The parent
-    is what counts, not "ppid is 1": orphans may be reparented to any subreaper.
+    A root is a process vLLM spawned (titled `VLLM::*` / `VllmWorkerProcess` in its cmdline; a
+    V0 MQLLMEngine or VllmWorkerProcess, which sets no title: a multiprocessing child that maps
+    vLLM's native extension, asked of `host`; or an untitled multiprocessing helper such as the
+    resource_tracker in the same session as those) whose parent is neither a vLLM API server nor
+    another such process. The parent is what counts, not "ppid is 1": orphans may be reparented
+    to any subreaper.
     """
-    titled_sids = {p.sid for p in snap.values() if not p.zombie and is_vllm_titled(p)}
+
+    def v0(p: ProcInfo) -> bool:
+        return host is not None and is_mp_helper(p) and not is_tracker(p) and host.maps_file(p.pid, V0_MARK)
+
+    vllm = {p.pid for p in snap.values() if not p.zombie and (is_vllm_titled(p) or v0(p))}
+    titled_sids = {snap[pid].sid for pid in vllm}
 
     def spawned_by_vllm(p: ProcInfo) -> bool:
-        return not p.zombie and (is_vllm_titled(p) or (is_mp_helper(p) and p.sid in titled_sids))
+        return not p.zombie and (p.pid in vllm or (is_mp_helper(p) and p.sid in titled_sids))
 
     roots = []
     for p in snap.values():
@@ -267,7 +277,7 @@ def cleanup(
             candidates.setdefault(p.pid, p)
     tree_pids = set(candidates)
     if foreign:
-        for p in find_orphans(snap):
+        for p in find_orphans(snap, host):
             candidates.setdefault(p.pid, p)
     targets: list[ProcInfo] = []
     for p in candidates.values():

@@ -360,6 +360,17 @@ class Host:
                 h.files.setdefault((st.st_dev, st.st_ino), target)
         return h
 
+    def maps_file(self, pid: int, fragment: str) -> bool:
+        """Whether `pid` maps a file whose path contains `fragment`. vLLM's V0 engine and workers
+        (MQLLMEngine, VllmWorkerProcess; up to 0.10) set no process title: their command line is
+        multiprocessing's `spawn_main`, and only the native extension they map (`/vllm/_C.`) says
+        what they are. False when the process is gone or its maps are unreadable."""
+        try:
+            with open(f"{self._proc}/{pid}/maps", "rb") as f:
+                return fragment.encode() in f.read()
+        except OSError:
+            return False
+
     def unix_sockets(self) -> dict[int, str]:
         """Bound unix sockets with a path under the tmp root: inode -> path (/proc/net/unix).
 

@@ -230,6 +230,10 @@ class FakeHost(_HostBase):
             return None
         return Holdings(files=dict(p.maps), sockets=set(p.sockets))
 
+    def maps_file(self, pid: int, fragment: str) -> bool:
+        p = self.procs.get(pid)
+        return p is not None and p.state != "Z" and any(fragment in path for path in p.maps.values())
+
     def unix_sockets(self) -> dict[int, str]:
         return dict(self.bound)
 
