@@ -547,3 +547,10 @@ def test_a_running_rank_outside_the_collective_is_computing_not_stuck():
     busy = _proc(1, "worker", "R", [["forward", "/v/vllm/model_executor/models/llama.py", 418]], 11)
     v = diagnose.analyze_stacks({"processes": [_proc(0, "worker", "R", COLL, 10), busy]}).to_json()
     assert v["stuck"] == [] and "no rank stands out" in v["summary"]
+
+
+def test_stacks_is_a_read_permission_command():
+    """`stacks` is answered to read_users/read_groups, like status, events and diagnose."""
+    from vsup import control
+
+    assert "stacks" in control.DEFAULT_READ_ONLY_COMMANDS
