@@ -351,7 +351,12 @@ def test_an_incident_bundle_with_stacks_holds_them_and_the_verdict(tmp_path: Pat
     """write_bundle(stacks=...): stacks.json, stacks.txt and the stuck rank in incident.json; diagnose reads it back."""
     from vsup import incidents
 
-    cfg = types.SimpleNamespace(state_dir=str(tmp_path / "state"), path=str(tmp_path / "vsup.toml"))
+    cfg = types.SimpleNamespace(
+        state_dir=str(tmp_path / "state"),
+        path=str(tmp_path / "vsup.toml"),
+        vllm=types.SimpleNamespace(args=[], env={}),
+        models={},
+    )
     b = incidents.write_bundle(
         cfg,
         reason="hang confirmed",
