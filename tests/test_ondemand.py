@@ -376,6 +376,60 @@ def test_an_off_loaded_server_loads_the_model_the_request_asks_for(tmp_path: Pat
     run(scenario())
 
 
+def test_a_swap_waits_for_the_loaded_models_requests_in_flight(tmp_path: Path) -> None:
+    """The swap begins (new requests held) but the old server keeps serving what it has: phase
+    drain until the proxy's in-flight count for it is 0, bounded by drain_s."""
+
+    async def scenario() -> None:
+        o, tr = owner(tmp_path, {"timeouts": {"drain_s": 10.0}}, swap_on_request=True, min_resident_s=0.0)
+        async with o:
+            await o.state("ready")
+            tr.flight = 1
+            tr.request("b", held=True)
+            o.sup.post(Demand("b"))
+            await o.state("reloading", "drain")
+            await asyncio.sleep(0.3)
+            assert o.sup.snap.phase == "drain" and o.world.current() is not None
+            tr.flight = 0
+            await o.until(lambda: o.sup.snap.model == "b" and str(o.sup.snap.state) == "ready", 10, "b")
+            tr.wait.clear()
+            assert o.evs("drained")[-1]["ok"] is True
+        assert_sound(o)
+
+    run(scenario())
+
+
+def test_metrics_count_off_loads_loads_and_swaps_with_their_durations(tmp_path: Path) -> None:
+    """vsup_on_demand_total{kind,cause} and vsup_on_demand_seconds{kind} follow the events."""
+    from vsup.metrics import Metrics
+
+    m = Metrics()
+    if not m.available:
+        pytest.skip("prometheus-client not installed")
+
+    async def scenario() -> None:
+        o, tr = owner(tmp_path, swap_on_request=True, min_resident_s=0.0)
+        o.sup.metrics = m
+        async with o:
+            await o.state("ready")
+            ok, _ = await o.reply(o.command("unload"), 10)
+            assert ok
+            tr.request("a", held=True)
+            await o.state("ready")
+            tr.wait.clear()
+            tr.request("b", held=True)
+            await o.until(lambda: o.sup.snap.model == "b" and str(o.sup.snap.state) == "ready", 10, "b")
+            tr.wait.clear()
+
+    run(scenario())
+    val = m.registry.get_sample_value
+    assert val("vsup_on_demand_total", {"kind": "unloaded", "cause": "operator"}) == 1
+    assert val("vsup_on_demand_total", {"kind": "loaded", "cause": "operator"}) == 1
+    assert val("vsup_on_demand_total", {"kind": "swapped", "cause": "request"}) == 1
+    assert (val("vsup_on_demand_seconds_count", {"kind": "swapped"}) or 0) == 1
+    assert (val("vsup_on_demand_seconds_sum", {"kind": "swapped"}) or 0) > 0
+
+
 # ---- the policy alone ----------------------------------------------------------------------------
 
 
