@@ -49,6 +49,7 @@ def test_second_signal_kills_the_tree_and_cleans_at_once(fake_daemon) -> None:
     assert [n for n in shm if os.path.exists(f"/dev/shm/{n}")] == []
     assert [f for f in rec.files if os.path.lexists(f)] == []
     assert proctree.Ledger(d.state_dir).load() == []
+    assert not d.socket.exists()  # no stale control socket either
     last = d.events()[-1]
     assert last["event"] == "forced_exit" and "GPU release wait" in last["skipped"], last
     assert "not_done" not in last, last

@@ -878,6 +878,11 @@ class ControlServer:
             raise ControlSocketError(f"cannot create control socket {self.path}: {reason}") from None
         return sock
 
+    def abandon(self) -> None:
+        """The process exits now (a forced exit): remove our socket and lock file, no waiting."""
+        self._unlink_socket()
+        self._release_lock()
+
     def _unlink_socket(self) -> None:
         if self._socket_id is None:
             return

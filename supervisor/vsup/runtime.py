@@ -36,6 +36,7 @@ from .daemon import HEARTBEAT_S, Supervisor
 from .observations import Shutdown
 
 if TYPE_CHECKING:
+    from .control import ControlServer
     from .logtail import LogTailer
     from .proxy import Proxy
 
@@ -74,6 +75,7 @@ class Runtime:
         self.sup = sup
         self.signals_seen = 0
         self._log_handler = _EventLogHandler(sup)
+        self._server: ControlServer | None = None
         self.proxy: Proxy | None = None
 
     async def run(self) -> int:
@@ -94,7 +96,7 @@ class Runtime:
         tailer = self._start_tailer(loop)
         if self.proxy is not None:
             await self.proxy.start()  # never raises for a busy port: it retries and says so
-        server = await self._start_control()
+        server = self._server = await self._start_control()
         pinger = None
         try:
             sup.events.emit(
@@ -361,6 +363,9 @@ class Runtime:
                         sup.ledger.remove(rid)
             else:
                 fields["not_done"] = "debris remains (see remaining): left for the ledger"
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.abandon()  # no stale socket left for the next start to clear
         sup.events.emit("forced_exit", **fields)
         sup.events.close()
         os._exit(1)
