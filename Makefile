@@ -14,9 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test,metrics]'
 	touch $@
 
-# The real vLLM (CPU build) in its own venv and the three tiny models, cached in $(VSUP_CACHE).
+# The real vLLM (CPU build) in its own venv and the three tiny models, cached in $(VSUP_CACHE);
+# then vLLM 0.8.5 for the V0-engine tests and V0-readable copies of the models (about 10 min and
+# 6.3 GB the first time, 0.1 s cached: scripts/setup_vllm_v0.sh).
 vllm:
 	scripts/setup_vllm.sh --models
+	scripts/setup_vllm_v0.sh --models
 
 demo: venv vllm
 	$(VENV)/bin/python scripts/demo.py
