@@ -493,6 +493,35 @@ def test_5xx_followed_by_the_servers_withdrawal_counts_as_nothing_sent(fakes: An
     run(main())
 
 
+def test_stream_whose_first_event_is_an_error_from_a_dying_server_is_replayed(fakes: Any) -> None:
+    """vLLM 0.32 answers a stream in flight when its engine dies with 200 and an error event as
+    the first bytes; the owner withdraws the server moments later: the client gets the next
+    server's whole stream, no error."""
+    a, b = fakes("sse_error_then_die"), fakes()
+
+    async def main() -> None:
+        async with running(ready(a), replay_window_s=30) as h:
+            t = asyncio.create_task(h.chat(stream=True))
+            await _withdraw_then(h, a, ready(b, gen=2))
+            async with await t as r:
+                events = await sse_events(r)
+            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+            assert h.names().count("proxy_replay") == 1
+
+    run(main())
+
+
+def test_a_streams_error_event_from_a_server_that_stays_is_forwarded(fakes: Any) -> None:
+    a = fakes("sse_error_then_die", die_after_s="3600")
+
+    async def main() -> None:
+        async with running(ready(a), replay_window_s=0.2) as h, await h.chat(stream=True) as r:
+            events = await sse_events(r)
+            assert json.loads(events[0])["error"]["message"].startswith("EngineCore")
+
+    run(main())
+
+
 def test_5xx_from_a_server_that_stays_ready_is_its_answer(fakes: Any) -> None:
     """A 5xx whose server is not withdrawn within replay_window_s reaches the client as sent."""
     a = fakes("error_then_die", die_after_s="3600")

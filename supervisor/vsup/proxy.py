@@ -600,6 +600,21 @@ class Proxy:
                 first = await up.content.readany()
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _NothingSent(f"{type(e).__name__} before the first byte", gen) from None
+            sse = up.headers.get("Content-Type", "").startswith("text/event-stream")
+            if sse and self.cfg.replay and req.attempts < 2:
+                # vLLM answers a stream in flight when its engine dies with 200, then an error
+                # event as the first bytes ("EngineCore encountered an issue"): nothing the
+                # client can use, so it counts as nothing sent if the server is withdrawn, as a
+                # 5xx does. (Found by the real worker-SIGKILL acceptance: one stream failed so.)
+                try:
+                    while b"\n\n" not in first and len(first) <= _MAX_5XX_KEPT:
+                        if not (more := await up.content.readany()):
+                            break
+                        first += more
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    raise _NothingSent(f"{type(e).__name__} within the first event", gen) from None
+                if _is_error_event(first) and await self._withdrawn_soon(gen):
+                    raise _NothingSent("an error event first, from a server that was then withdrawn", gen)
             if up.status >= 500 and self.cfg.replay and req.attempts < 2:
                 kept = await self._keep_5xx(up, first, gen)
                 if await self._withdrawn_soon(gen):
@@ -784,6 +799,18 @@ def for_supervisor(sup: Any) -> Proxy | None:
     )
     sup.traffic = proxy
     return proxy
+
+
+def _is_error_event(data: bytes) -> bool:
+    """Whether an SSE body starts with an error event (vLLM: `data: {"error": {...}}`)."""
+    event = data.split(b"\n\n", 1)[0].strip()
+    if not event.startswith(b"data:"):
+        return False
+    try:
+        obj = json.loads(event[5:])
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error")
 
 
 def _model_of(body: bytes) -> str | None:

@@ -23,6 +23,8 @@ For the proxy's tests (the server alone, no daemon):
                      process exits; a non-streaming completion exits before answering
   error_then_die     completions answer 500 (as vLLM's API server when its engine died), then
                      the process exits FAKE_VLLM_DIE_AFTER_S (default 0.2) later
+  sse_error_then_die  a stream gets 200, an error event as its first bytes and its end (as
+                     vLLM 0.32 when the engine dies under it), then the process exits as above
   hang               completions never answer (a stream's 200 headers are sent first, as vLLM)
   --api-key K / VLLM_API_KEY   /v1/* need `Authorization: Bearer K`, else 401 (as vLLM)
 A request for another model than the served one gets vLLM's 404. `/_echo*` (any method) answers
@@ -155,6 +157,15 @@ def main() -> None:
             if MODE == "hang":
                 while True:
                     time.sleep(3600)
+            if MODE == "sse_error_then_die":
+                err = {
+                    "error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError"}
+                }
+                self.chunk(b"data: " + json.dumps(err).encode() + b"\n\n")
+                self.chunk(b"data: [DONE]\n\n")
+                self.chunk(b"")
+                threading.Timer(float(os.environ.get("FAKE_VLLM_DIE_AFTER_S", "0.2")), os._exit, (0,)).start()
+                return
             time.sleep(FIRST_BYTE_S)
             pause = self.headers.get("X-Fake-Pause")
             try:
