@@ -117,9 +117,9 @@ def _secrets(cfg: Any) -> set[str]:
     from .launch import SECRET_ENV, SECRET_FLAGS
 
     out: set[str] = set()
-    specs = [cfg.vllm, *getattr(cfg, "models", {}).values()]
+    specs = [getattr(cfg, "vllm", None), *getattr(cfg, "models", {}).values()]
     for spec in specs:
-        args = list(spec.args)
+        args = list(getattr(spec, "args", ()))
         for i, a in enumerate(args):
             flag, eq, val = a.partition("=")
             if flag.replace("_", "-") not in SECRET_FLAGS:
@@ -131,7 +131,7 @@ def _secrets(cfg: Any) -> set[str]:
                 if v.startswith("-"):
                     break
                 out.add(v)
-        out |= {v for k, v in spec.env.items() if k in SECRET_ENV}
+        out |= {v for k, v in getattr(spec, "env", {}).items() if k in SECRET_ENV}
     out |= {v for k, v in os.environ.items() if k in SECRET_ENV}
     return {s for s in out if len(s) >= 4}  # a 1-3 character "key" would blank out ordinary text
 
