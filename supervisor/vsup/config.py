@@ -65,6 +65,17 @@ class DaemonConfig:
     read_groups: list[str] = _f([], "groups allowed status/events/diagnose only")
     metrics_host: str = _f("127.0.0.1", "address of the Prometheus endpoint")
     metrics_port: int | None = _f(None, "Prometheus endpoint port; unset = no endpoint", min=1, max=65535)
+    # Hang forensics (stacks.py): py-spy needs same-user ptrace (Yama ptrace_scope 0 or absent);
+    # faulthandler (SIGABRT) kills what it dumps, so it serves only before a hung tree's teardown.
+    stacks: str = _f(
+        "auto",
+        "stacks of a hung tree before its teardown, and `vsup stacks`: auto (py-spy where ptrace is "
+        "allowed, else faulthandler), py-spy, faulthandler, off",
+        choices=("auto", "py-spy", "faulthandler", "off"),
+    )
+    py_spy: str | None = _f(
+        None, "py-spy binary for stack dumps; unset = beside vsup's interpreter, else PATH"
+    )
     # Under systemd vsup stays up in `failed` (the unit relies on it: status, operator commands).
     # In a pod nobody runs `vsup start`: exiting makes the kubelet restart the container.
     exit_on_failed: bool = _f(
@@ -123,6 +134,9 @@ class TimeoutsConfig:
     cleanup_grace_s: float = _f(5.0, "cleanup of orphans: SIGTERM to SIGKILL", min=0)
     probe_s: float = _f(5.0, "one HTTP probe (health, models, metrics) must answer within this", min=0.1)
     gpu_release_s: float = _f(30.0, "after teardown, wait this long for GPU memory to be released", min=0)
+    # The stack dump of a hung tree comes before its teardown: it must never delay a recovery by
+    # more than this (py-spy takes 0.05-0.3 s a process here, plus a 1 s CPU-use window).
+    stacks_s: float = _f(3.0, "hang forensics: all stacks of a hung tree within this, in total", min=0.1)
 
 
 @dataclass(frozen=True)

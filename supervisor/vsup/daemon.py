@@ -159,6 +159,14 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpu_baseline: dict[int, int] | None = None
         self._ready_at: float | None = None  # monotonic time the current tree became ready
+        # Issue 16. Off-loaded (cause: idle | operator): `stopped`, the route holding, and a
+        # request loads the model again. The on-demand numbers status shows; a load or swap in
+        # progress (what asked for it, since when); models whose swap failed (monotonic time).
+        self._unloaded: str | None = None
+        self._od: dict[str, Any] = {"unloaded": 0, "loaded": 0, "swapped": 0, "last": None}
+        self._od_pending: dict[str, Any] | None = None
+        self._swap_failed: dict[str, float] = {}
+        self._last_release: Any = None  # the GPU release report of the last teardown (NVML)
         self.metrics: Metrics | None = None
         self.gpus: Gpus | None = None
         self.vllm_version = incidents.vllm_version(cfg.vllm.python)
@@ -168,14 +176,6 @@ class Supervisor:
     def _publish(self, **changes: Any) -> None:
         """Replace the snapshot, and with it the proxy's route and systemd's status line."""
         self.snap = replace(self.snap, **changes)
-        # Issue 16. Off-loaded (cause: idle | operator): `stopped`, the route holding, and a
-        # request loads the model again. The on-demand numbers status shows; a load or swap in
-        # progress (what asked for it, since when); models whose swap failed (monotonic time).
-        self._unloaded: str | None = None
-        self._od: dict[str, Any] = {"unloaded": 0, "loaded": 0, "swapped": 0, "last": None}
-        self._od_pending: dict[str, Any] | None = None
-        self._swap_failed: dict[str, float] = {}
-        self._last_release: Any = None  # the GPU release report of the last teardown (NVML)
         self.events.bind(state=str(self.snap.state), model=self.snap.model, pid=self.snap.pid)
         self.gate.publish(self._route())
         self._notify_status()
