@@ -8,6 +8,7 @@ VLLM::Worker_TP* processes, all sleeping in S) with the real py-spy and the real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -559,3 +560,36 @@ def test_stacks_is_a_read_permission_command():
     from vsup import control
 
     assert "stacks" in control.DEFAULT_READ_ONLY_COMMANDS
+
+
+# ---- a real torch.distributed group (tests/fakes/tp_tree.py: gloo all-reduce loop) -------------
+def test_a_rank_stopped_mid_loop_leaves_its_peer_asleep_in_the_collective(tmp_path: Path) -> None:
+    """TP=2 gloo fake, TP1 SIGSTOPped: TP0 blocks inside torch's all_reduce (S, not R); diagnose names TP1."""
+    from fakes.tp_tree import start_job
+    from support import VLLM_PY, wait_for
+    from vsup import proctree
+
+    if not VLLM_PY.exists():
+        pytest.fail(f"{VLLM_PY} is missing: the TP fake needs an interpreter with torch; run `make vllm`")
+    if stacks.find_py_spy() is None:
+        pytest.skip("py-spy is not installed")
+    job = start_job(str(VLLM_PY), tmp_path, spawn=proctree.spawn, name="stacks")
+    tp0, tp1 = job.workers
+    try:
+        os.kill(tp1, signal.SIGSTOP)
+        before = job.rounds()[0]
+        wait_for(
+            lambda: job.rounds()[0] == before and job.progress()[0].phase == 1, 30, "TP0 blocked in a round"
+        )
+        assert job.record is not None
+        report = asyncio.run(stacks.collect(job.record, Host(), budget_s=3.0, mechanism="py-spy"))
+        by = {p.label: p for p in report.processes}
+        assert by["TP1"].state == "T" and by["TP0"].state == "S", report.render_text()
+        v = diagnose.analyze_stacks(report.to_json()).to_json()
+        assert [s["label"] for s in v["stuck"]] == ["TP1"]
+        tp0_row = next(w for w in v["waiting"] if w["label"] == "TP0")
+        assert tp0_row["signature"] == "torch_collective", tp0_row
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(tp1, signal.SIGCONT)
+        job.teardown()
