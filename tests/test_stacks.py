@@ -578,9 +578,12 @@ def test_a_rank_stopped_mid_loop_leaves_its_peer_asleep_in_the_collective(tmp_pa
     try:
         os.kill(tp1, signal.SIGSTOP)
         before = job.rounds()[0]
-        wait_for(
-            lambda: job.rounds()[0] == before and job.progress()[0].phase == 1, 30, "TP0 blocked in a round"
-        )
+
+        def tp0_blocked() -> bool:
+            p = job.progress()[0]
+            return p is not None and p.rounds == before and p.phase == 1  # PHASE_IN_COLLECTIVE
+
+        wait_for(tp0_blocked, 30, "TP0 blocked in a round")
         assert job.record is not None
         report = asyncio.run(stacks.collect(job.record, Host(), budget_s=3.0, mechanism="py-spy"))
         by = {p.label: p for p in report.processes}
