@@ -24,7 +24,7 @@ vllm:
 demo: venv vllm
 	$(VENV)/bin/python scripts/demo.py
 
-# Lint, format check and type check (configured in pyproject.toml); 17 s of CPU cold, 1.5 s cached.
+# Lint, format check and type check (configured in pyproject.toml); 13 s cold, 1.5 s cached.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
