@@ -27,6 +27,8 @@ vsup keeps a vLLM OpenAI server alive and its machine clean: it starts the serve
 session, proves it serves a real completion, detects hangs and engine death (log signatures,
 canary completions, token progress), tears the whole process tree down within bounds, removes
 leaked /dev/shm segments and semaphores, restarts with backoff, and swaps models with rollback.
+With [proxy], clients connect to vsup: it holds their requests while no server is proven ready,
+replays those that got nothing when a server dies, and can off-load an idle model.
 """
 
 EPILOG = """\
