@@ -93,8 +93,11 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
         before = a.status()
         killed_at = time.monotonic()
         os.kill(rec_a.leader.pid, signal.SIGKILL)
+        # 180 s: with two TP=2 servers spinning on 2 cores, the SIGKILLed API server took 38 s to
+        # be reaped in one run (its /health timed out instead of refusing meanwhile) and the
+        # teardown 22 s more; what this test asserts is b's service and a's debris, not a's speed.
         cleaned = a.wait_event(
-            lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 60, "a's teardown cleanup"
+            lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 180, "a's teardown cleanup"
         )
         # Gone for good once a acted: its teardown's cleanup, or the pre-start cleanup of a's
         # next start if a process was still exiting (a run here saw the SIGKILLed engine core

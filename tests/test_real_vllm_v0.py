@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -293,7 +295,10 @@ def test_v0_foreign_cleanup_finds_untitled_orphans(tmp_path: Path) -> None:
     extension they map, kills them and leaves none of their segments or semaphores."""
     require_v0()
     port = free_port(8200, 8249)
-    env = {**os.environ, **V0_ENV, "TMPDIR": str(tmp_path)}
+    # Its own short TMPDIR: vLLM puts its ZMQ ipc sockets there, and a Unix socket path has 107
+    # bytes at most (pytest's default tmp_path made V0 fail at start with "File name too long").
+    tmpdir = tempfile.mkdtemp(prefix="v0f-", dir="/tmp")
+    env = {**os.environ, **V0_ENV, "TMPDIR": tmpdir}
     argv = [str(V0_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(V0_MODELS / "tiny-a")]
     argv += [*REAL_ARGS, "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "vllm.log"
@@ -359,3 +364,4 @@ def test_v0_foreign_cleanup_finds_untitled_orphans(tmp_path: Path) -> None:
         wait_for(lambda: not any(alive(p) for p in session_pids(sid)), 30, "the server's session gone")
         for n in shm:  # what the test's own server made, if the cleanup under test left it
             unlink_quiet(f"/dev/shm/{n}")
+        shutil.rmtree(tmpdir, ignore_errors=True)
