@@ -31,6 +31,7 @@ import pytest
 
 from fakes.trees import ScopedHost, kill_session, session_pids, unlink_quiet
 from support import CACHE, REAL_ARGS, REAL_ENV, Daemon, alive, free_port, real_sections, wait_for
+from test_real_vllm import assert_tree_gone
 from vsup import proctree
 from vsup.cleanup import cleanup, port_holder
 from vsup.host import Host
@@ -120,22 +121,6 @@ def wait_tree_complete(d: Daemon) -> tuple[proctree.TreeRecord, dict[str, int]]:
         return (rec, roles) if complete and shm else None
 
     return wait_for(ok, 30, "the record to list tracker, MQLLMEngine, worker, segments, semaphores", 0.5)
-
-
-def assert_tree_gone(rec: proctree.TreeRecord) -> None:
-    live = [(p.pid, _cmd(p)[:60]) for p in rec.procs if alive(p.pid)]
-    assert not live, f"processes of the old tree still alive: {live}"
-    left = []
-    for i in rec.ipc:
-        try:
-            st = os.stat(f"/dev/shm/{i.name}")
-        except FileNotFoundError:
-            continue
-        if (st.st_dev, st.st_ino) == (i.dev, i.ino):
-            left.append(i.name)
-    assert not left, f"IPC objects of the old tree remain: {left}"
-    files = [f for f in rec.files if os.path.lexists(f)]
-    assert not files, f"files of the old tree remain: {files}"
 
 
 def restarted(d: Daemon, before: dict[str, Any], timeout: float = READY_S) -> dict[str, Any]:
