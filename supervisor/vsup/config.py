@@ -253,6 +253,16 @@ class ProxyConfig:
         "keep arriving; the other model's requests wait (oldest waiting model first)",
         min=0,
     )
+    # Issue 23. "never" by default: on 2 shared cores a second TP=2 tree loads 3-7x slower beside
+    # the first (126-158 s instead of ~22 s) and the reload takes that long; "auto" is for a
+    # machine with the room (spare GPUs, or memory for both), where clients then wait for nothing.
+    overlap: str = _f(
+        "never",
+        "reload: 'auto' = start the new server beside the old one when vsup can show both fit (NVML "
+        "free memory vs --gpu-memory-utilization; on CPU MemAvailable vs KV cache + weights), switch "
+        "the route once the canary proves it, then drain and stop the old; else (and 'never') sequential",
+        choices=("auto", "never"),
+    )
 
 
 @dataclass(frozen=True)

@@ -631,6 +631,22 @@ class Host:
         exit code is then kept for poll_helper(); False for every other child."""
         return deliver_child(pid, status)
 
+    # ---- memory ------------------------------------------------------------------------------
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo in bytes ({} when unreadable): the overlapped reload's CPU fit check
+        (overlap.py) reads MemAvailable and MemTotal."""
+        out: dict[str, int] = {}
+        try:
+            with open(self.proc_root / "meminfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    parts = rest.split()
+                    if parts and parts[0].isdigit():
+                        out[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+        except OSError:
+            return {}
+        return out
+
     # ---- files -------------------------------------------------------------------------------
     def stat(self, path: str | Path) -> FileStat | None:
         """lstat a path. `born` is min(atime, mtime, ctime): tmpfs keeps no birth time that

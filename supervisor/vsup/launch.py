@@ -27,8 +27,11 @@ SECRET_ENV = frozenset({"VLLM_API_KEY"})
 REDACTED = "<redacted>"
 
 
-def command(cfg: Config, spec: ModelConfig, remedies: list[Remedy]) -> tuple[list[str], dict[str, str]]:
-    """argv and environment for `spec`, with the applied remedies' flags and variables."""
+def command(
+    cfg: Config, spec: ModelConfig, remedies: list[Remedy], *, port: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for `spec`, with the applied remedies' flags and variables. `port`:
+    the tree's own port instead of [vllm].port (an overlapped reload's new tree, issue 23)."""
     v = cfg.vllm
     args = [*v.args, *spec.args]
     env = {**os.environ, **v.env, **spec.env}
@@ -41,7 +44,7 @@ def command(cfg: Config, spec: ModelConfig, remedies: list[Remedy]) -> tuple[lis
         # Issue 17: SIGABRT then writes every thread's stack to the log (the fallback stack
         # dump of a hung tree where py-spy may not attach). An operator's own value wins.
         env.setdefault("PYTHONFAULTHANDLER", "1")
-    argv = [v.python, "-m", v.module, "--model", spec.model, "--host", v.host, "--port", str(v.port)]
+    argv = [v.python, "-m", v.module, "--model", spec.model, "--host", v.host, "--port", str(port or v.port)]
     if spec.served_model_name and "--served-model-name" not in args:
         argv += ["--served-model-name", spec.served_model_name]
     return argv + args, env
@@ -109,24 +112,41 @@ class Spawned:
 
 class Spawner(Protocol):
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, *, model: str, port: int
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        model: str,
+        port: int,
+        private_tmp: bool = False,
     ) -> Spawned: ...
 
 
 class RealSpawner:
     """vLLM in its own session, with its own TMPDIR (unless the config sets one), its output
-    appended to the log file."""
+    appended to the log file. `private_tmp` (an overlapped reload's second tree, issue 23): its
+    own TMPDIR even where the config sets one (then inside that one), since the cleanup of either
+    tree removes its TMPDIR's vLLM files and must never reach the other's."""
 
     def __init__(self, host: Host | None = None) -> None:
         self.host = host
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, *, model: str, port: int
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        model: str,
+        port: int,
+        private_tmp: bool = False,
     ) -> Spawned:
         env = dict(env)
         tree_tmp = None
-        if "TMPDIR" not in env or env.get("TMPDIR") == os.environ.get("TMPDIR"):
-            tree_tmp = proctree.make_tree_tmpdir()
+        own = "TMPDIR" in env and env.get("TMPDIR") != os.environ.get("TMPDIR")
+        if not own or private_tmp:
+            tree_tmp = proctree.make_tree_tmpdir(env["TMPDIR"] if own else None)
             proctree.share_torch_caches(tree_tmp, env)
             env["TMPDIR"] = tree_tmp
         try:

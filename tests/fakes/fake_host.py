@@ -92,6 +92,8 @@ class FakeHost(_HostBase):
         self.deny_unlink: set[str] = set()
         self.users = {0: "root"}
         self._ino = 1000
+        # /proc/meminfo in bytes (overlap.py's CPU fit): 64 GiB, 48 available unless a test says
+        self.mem: dict[str, int] = {"MemTotal": 64 << 30, "MemAvailable": 48 << 30}
 
     # ---- building the world ------------------------------------------------------------------
     def add_proc(
@@ -261,6 +263,9 @@ class FakeHost(_HostBase):
             p.dies_at = self.t + p.exit_delay
         self._tick()
         return SignalResult.SENT
+
+    def meminfo(self) -> dict[str, int]:
+        return dict(self.mem)
 
     def stat(self, path) -> FileStat | None:
         f = self.files.get(str(path))

@@ -43,6 +43,8 @@ class Server:
     model: str
     mode: str
     segment: str
+    port: int = 0
+    private_tmp: bool = False
 
 
 @dataclass
@@ -82,7 +84,14 @@ class FakeSpawner:
         self.world = world
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, *, model: str, port: int
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        model: str,
+        port: int,
+        private_tmp: bool = False,
     ) -> Spawned:
         w, h = self.world, self.world.host
         pid = next(w._pids)
@@ -95,7 +104,7 @@ class FakeSpawner:
         seg = f"psm_{pid:x}"
         dev, ino = h.add_shm(seg, born=h.t)
         h.hold(pid, seg)
-        server = Server(pid, w.gen(), model, mode, seg)
+        server = Server(pid, w.gen(), model, mode, seg, port, private_tmp)
         w.servers.append(server)
         w.max_alive = max(w.max_alive, len(w.alive_trees()))
         leader = ProcRef(pid, h.t, "python", list(argv))
@@ -117,11 +126,17 @@ class FakeSpawner:
 
 
 class FakeProber:
-    def __init__(self, world: World) -> None:
+    """Probes the server listening on `port` (the newest alive one there), or, without a port,
+    the newest alive server."""
+
+    def __init__(self, world: World, port: int | None = None) -> None:
         self.world = world
+        self.port = port
 
     def _mode(self) -> str:
-        s = self.world.current()
+        w = self.world
+        s = next((s for s in reversed(w.alive_trees()) if s.port == self.port), None) if self.port else None
+        s = s or (w.current() if self.port is None else None)
         return "gone" if s is None else s.mode
 
     async def health(self) -> ProbeResult:
@@ -205,7 +220,7 @@ class Owner:
             events=self.events,
             autostart=autostart,
             host=self.world.host,
-            prober=lambda cfg, spec: FakeProber(self.world),
+            prober=lambda cfg, spec: FakeProber(self.world, cfg.vllm.port),
             spawner=FakeSpawner(self.world),
             offload=inline,
         )

@@ -1,0 +1,204 @@
+"""overlap.py: whether a reload's new server fits beside the serving one (fake NVML, fake meminfo),
+and the launch support an overlapped tree needs (its own port, its own TMPDIR)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from fakes.fake_host import FakeHost
+from test_gpu import GIB, FakeDevice, open_fake
+from toml_writer import write_config
+from vsup import config as config_mod
+from vsup import launch, overlap
+from vsup.proctree import Ledger, ProcRef, TreeRecord
+
+
+def _model_dir(tmp: Path, name: str, size: int) -> Path:
+    d = tmp / name
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "model.safetensors", "wb") as f:
+        f.truncate(size)  # sparse: the size is what counts
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _config(tmp: Path, *, overlap_mode: str = "auto", b_args=(), b_env=None, vllm_env=None):
+    b = _model_dir(tmp, "model-b", 300 << 20)
+    sections = {
+        "vllm": {
+            "python": sys.executable,
+            "model": str(_model_dir(tmp, "model-a", 300 << 20)),
+            "port": 8999,
+            "log_file": str(tmp / "vllm.log"),
+            "args": ["-tp", "2"],
+            "env": vllm_env if vllm_env is not None else {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        },
+        "daemon": {"state_dir": str(tmp / "state"), "socket": str(tmp / "vsup.sock")},
+        "models.b": {"model": str(b), "args": list(b_args), "env": b_env or {}},
+        "proxy": {"listen": "127.0.0.1:18999", "overlap": overlap_mode},
+    }
+    return config_mod.load(write_config(tmp / "vsup.toml", sections))
+
+
+# ---- the pure fit -----------------------------------------------------------------------------
+
+
+def test_gpu_fit_when_every_used_gpu_has_the_asked_share_free():
+    """Two 80 GiB GPUs, the old server holding 40 GiB of each: a new one at 0.45 fits, at 0.9 not."""
+    g, _nvml, _ = open_fake([FakeDevice(used=40 * GIB, uuid="G0"), FakeDevice(used=40 * GIB, uuid="G1")], {})
+    snap = g.snapshot()
+    assert overlap.gpu_fit(snap, None, 0.45).ok
+    no = overlap.gpu_fit(snap, None, 0.9)
+    assert not no.ok
+    assert "GPU 0: 40960 MiB free < 73728 MiB asked" in no.reason
+
+
+def test_gpu_fit_looks_only_at_the_new_servers_visible_devices():
+    """GPUs 0 and 1 full of the old model, 2 and 3 empty: CUDA_VISIBLE_DEVICES=2,3 fits at 0.9."""
+    devs = [FakeDevice(used=75 * GIB, uuid=f"G{i}") if i < 2 else FakeDevice(uuid=f"G{i}") for i in range(4)]
+    g, _nvml, _ = open_fake(devs, {})
+    snap = g.snapshot()
+    assert overlap.gpu_fit(snap, {2, 3}, 0.9).ok
+    assert not overlap.gpu_fit(snap, None, 0.9).ok
+    assert not overlap.gpu_fit(snap, {7}, 0.5).ok  # names no GPU here: cannot show it fits
+
+
+def test_cpu_fit_counts_kv_per_worker_weights_and_a_margin_per_process():
+    """TP=2, 1 GiB KV each, 1 GiB weights: 2 + 1 + 4 (margin, 4 processes) = 7 GiB needed."""
+    kw = {"total": 64 * GIB, "kv_per_worker": GIB, "weights": GIB, "tp": 2}
+    ok = overlap.cpu_fit(available=7 * GIB, **kw)
+    assert ok.ok and ok.detail["need_mib"] == 7 * 1024
+    no = overlap.cpu_fit(available=7 * GIB - 1, **kw)
+    assert not no.ok and "available < 7168 MiB" in no.reason
+
+
+def test_cpu_fit_refuses_what_it_cannot_measure():
+    """KV cache left to vLLM (0.92 of memory) never fits twice; unknown weights cannot be shown to fit."""
+    no_kv = overlap.cpu_fit(available=60 * GIB, total=64 * GIB, kv_per_worker=None, weights=GIB, tp=1)
+    assert not no_kv.ok and "VLLM_CPU_KVCACHE_SPACE unset" in no_kv.reason
+    no_w = overlap.cpu_fit(available=60 * GIB, total=64 * GIB, kv_per_worker=GIB, weights=None, tp=1)
+    assert not no_w.ok and "model size unknown" in no_w.reason
+
+
+def test_argument_readers_follow_vllms_rules():
+    """The last flag wins, `--flag=value` counts, VLLM_CPU_KVCACHE_SPACE overrides the bytes flag."""
+    assert overlap.tp_size(["-tp", "2"]) == 2
+    assert overlap.tp_size(["--tensor-parallel-size=4", "-tp", "2"]) == 2
+    assert overlap.gpu_util([]) == overlap.DEFAULT_GPU_UTIL
+    assert overlap.gpu_util(["--gpu-memory-utilization=0.4"]) == 0.4
+    assert overlap.cpu_kv_bytes(["--kv-cache-memory-bytes", "2G"], {}) == 2_000_000_000
+    assert overlap.cpu_kv_bytes(["--kv-cache-memory-bytes", "2G"], {"VLLM_CPU_KVCACHE_SPACE": "3"}) == 3 * GIB
+    assert overlap.cpu_kv_bytes([], {"VLLM_CPU_KVCACHE_SPACE": ""}) is None
+
+
+# ---- decide: the numbers gathered from the config, NVML and meminfo ------------------------------
+
+
+def test_decide_on_cpu_uses_meminfo_and_the_model_dirs_safetensors(tmp_path):
+    """The new model's own env and args count (b's KV space, its TP) with the host's MemAvailable."""
+    cfg = _config(tmp_path)
+    host = FakeHost()
+    spec = cfg.model_spec("b")
+    fit = overlap.decide(cfg, spec, [], None, host.meminfo())
+    assert fit.ok, fit.reason
+    assert fit.detail["weights_mib"] == 300 and fit.detail["kv_mib"] == 2048 and fit.detail["tp"] == 2
+    host.mem["MemAvailable"] = 3 * GIB
+    small = overlap.decide(cfg, spec, [], None, host.meminfo())
+    assert not small.ok and "does not fit" in small.reason
+    assert not overlap.decide(cfg, spec, [], None, {}).ok  # unreadable meminfo
+
+
+def test_decide_with_nvml_uses_the_new_servers_cuda_visible_devices(tmp_path):
+    """[models.b] on GPUs 2,3 at 0.9 beside [vllm] filling 0 and 1: fits; on all GPUs it does not."""
+    cfg = _config(tmp_path, b_args=["--gpu-memory-utilization", "0.9"], b_env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    devs = [FakeDevice(used=75 * GIB, uuid=f"G{i}") if i < 2 else FakeDevice(uuid=f"G{i}") for i in range(4)]
+    g, nvml, _ = open_fake(devs, {})
+    fit = overlap.decide(cfg, cfg.model_spec("b"), [], g, {})
+    assert fit.ok, fit.reason
+    assert set(fit.detail["gpus"]) == {"2", "3"}
+    cfg2 = _config(tmp_path / "all", b_args=["--gpu-memory-utilization", "0.9"])
+    assert not overlap.decide(cfg2, cfg2.model_spec("b"), [], g, {}).ok
+    nvml.fail_reads = 5
+    broken = overlap.decide(cfg, cfg.model_spec("b"), [], g, {})
+    assert not broken.ok and "not readable" in broken.reason
+
+
+def test_decide_says_never_unless_auto(tmp_path):
+    cfg = _config(tmp_path, overlap_mode="never")
+    assert cfg.proxy is not None and cfg.proxy.overlap == "never"
+    assert overlap.decide(cfg, cfg.model_spec("b"), [], None, FakeHost().meminfo()).reason == (
+        "[proxy] overlap is not auto"
+    )
+
+
+def test_overlap_defaults_to_never_and_rejects_other_values(tmp_path):
+    sections = {
+        "vllm": {"python": sys.executable, "model": "m", "log_file": str(tmp_path / "l")},
+        "daemon": {"state_dir": str(tmp_path / "s")},
+        "proxy": {"listen": "127.0.0.1:18998"},
+    }
+    cfg = config_mod.load(write_config(tmp_path / "a.toml", sections))
+    assert cfg.proxy is not None and cfg.proxy.overlap == "never"
+    sections["proxy"]["overlap"] = "always"
+    try:
+        config_mod.load(write_config(tmp_path / "b.toml", sections))
+    except config_mod.ConfigError as e:
+        assert "overlap" in str(e)
+    else:
+        raise AssertionError("overlap = 'always' was accepted")
+    assert "overlap = 'never'" in config_mod.explain()
+
+
+# ---- launch support: own port, own TMPDIR ---------------------------------------------------------
+
+
+def test_free_port_is_bindable_on_loopback():
+    port = overlap.free_port("127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_command_takes_the_trees_own_port(tmp_path):
+    cfg = _config(tmp_path)
+    argv, _ = launch.command(cfg, cfg.model_spec("b"), [], port=41234)
+    assert argv[argv.index("--port") + 1] == "41234"
+    argv, _ = launch.command(cfg, cfg.model_spec("b"), [])
+    assert argv[argv.index("--port") + 1] == "8999"
+
+
+def test_private_tmp_gets_its_own_tmpdir_even_under_a_configured_one(tmp_path):
+    """A configured TMPDIR is shared by sequential trees; an overlapped one gets a directory of
+    its own inside it (recorded in the tree, so its cleanup removes it and nothing of the other)."""
+    base = tmp_path / "cfgtmp"
+    base.mkdir()
+    argv = [sys.executable, "-c", "import os; print(os.environ['TMPDIR'])"]
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(base)}
+    sp = launch.RealSpawner()
+    shared = sp.spawn(argv, env, tmp_path / "a.log", model="m", port=1)
+    own = sp.spawn(argv, env, tmp_path / "b.log", model="m", port=2, private_tmp=True)
+    for s in (shared, own):
+        assert s.handle is not None
+        s.handle.wait(10)
+    assert (tmp_path / "a.log").read_text().strip() == str(base)
+    tree_tmp = (tmp_path / "b.log").read_text().strip()
+    assert Path(tree_tmp).parent == base and tree_tmp in own.tree.files
+    assert shared.tree.files == []
+    subprocess.run(["rm", "-rf", tree_tmp], check=True)
+
+
+def test_ledger_keeps_both_trees_of_an_overlap(tmp_path):
+    """Old and new trees are two records; removing the old leaves the new."""
+
+    def rec(tid: str, pid: int) -> TreeRecord:
+        return TreeRecord(tid, "m", 8000 + pid, 1.0, ProcRef(pid, 1.0, "python", []), pid, pid)
+
+    led = Ledger(tmp_path)
+    a, b = rec("old", 100), rec("new", 200)
+    led.upsert(a)
+    led.upsert(b)
+    assert [r.id for r in led.load()] == ["old", "new"]
+    led.remove("old")
+    assert [r.id for r in led.load()] == ["new"]
