@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fakes.fake_host import FakeHost
 from test_gpu import GIB, FakeDevice, open_fake
+from test_proxy import Fake, ready, run, running, sse_events
 from toml_writer import write_config
 from vsup import config as config_mod
 from vsup import launch, overlap
@@ -202,3 +203,37 @@ def test_ledger_keeps_both_trees_of_an_overlap(tmp_path):
     assert [r.id for r in led.load()] == ["old", "new"]
     led.remove("old")
     assert [r.id for r in led.load()] == ["new"]
+
+
+# ---- the proxy's route switch ---------------------------------------------------------------------
+
+
+def test_route_switch_sends_new_requests_to_the_new_server_while_the_old_finishes() -> None:
+    """The owner's switch (issue 23): a route naming the new server's port and generation. A stream
+    in flight on the old server runs to its end; requests from then on go to the new one; the
+    old one's in-flight count (what the drain waits for) reaches 0."""
+    old, new = Fake(token_s="0.05"), Fake()  # noqa: S106 - seconds per token, not a secret
+
+    async def main() -> None:
+        async with running(ready(old, gen=1)) as h:
+            body = {"model": "tiny", "messages": [], "max_tokens": 30, "stream": True}
+            r = await h.session.post(h.base + "/v1/chat/completions", json=body)
+            await r.content.readuntil(b"\n\n")
+            assert h.proxy.in_flight(1) == 1
+            h.gate.publish(ready(new, gen=2))  # the canary proved the new server
+            for _ in range(3):
+                async with await h.chat() as n:
+                    assert n.status == 200
+            assert new.stats()["completed"] == 3
+            assert h.proxy.in_flight(1) == 1  # the old one's stream still runs
+            events = await sse_events(r)
+            assert events[-1] == "[DONE]" and len(events) == 30
+            await h.until(lambda: h.proxy.in_flight(1) == 0, "the old server's stream to finish")
+            assert old.stats()["completed"] == 1 and old.stats()["requests"] == 1
+            assert "proxy_cut" not in h.names() and "proxy_replay" not in h.names()
+
+    try:
+        run(main())
+    finally:
+        old.kill()
+        new.kill()
