@@ -14,6 +14,7 @@ from test_proxy import Fake, ready, run, running, sse_events
 from toml_writer import write_config
 from vsup import config as config_mod
 from vsup import launch, overlap
+from vsup.host import Host
 from vsup.proctree import Ledger, ProcRef, TreeRecord
 
 
@@ -103,13 +104,19 @@ def test_decide_on_cpu_uses_meminfo_and_the_model_dirs_safetensors(tmp_path):
     cfg = _config(tmp_path)
     host = FakeHost()
     spec = cfg.model_spec("b")
-    fit = overlap.decide(cfg, spec, [], None, host.meminfo())
+    host.add_file(f"{spec.model}/model-00001.safetensors", 200 << 20)
+    host.add_file(f"{spec.model}/model-00002.safetensors", 100 << 20)
+    host.add_file(f"{spec.model}/tokenizer.json", 5 << 20)
+    fit = overlap.decide(cfg, spec, [], None, host)
     assert fit.ok, fit.reason
     assert fit.detail["weights_mib"] == 300 and fit.detail["kv_mib"] == 2048 and fit.detail["tp"] == 2
     host.mem["MemAvailable"] = 3 * GIB
-    small = overlap.decide(cfg, spec, [], None, host.meminfo())
+    small = overlap.decide(cfg, spec, [], None, host)
     assert not small.ok and "does not fit" in small.reason
-    assert not overlap.decide(cfg, spec, [], None, {}).ok  # unreadable meminfo
+    host.mem = {}
+    assert not overlap.decide(cfg, spec, [], None, host).ok  # unreadable meminfo
+    assert overlap.weights_bytes(str(tmp_path / "model-b"), Host()) == 300 << 20  # the real seam
+    assert overlap.weights_bytes("org/hub-name", Host()) is None
 
 
 def test_decide_with_nvml_uses_the_new_servers_cuda_visible_devices(tmp_path):
@@ -117,20 +124,20 @@ def test_decide_with_nvml_uses_the_new_servers_cuda_visible_devices(tmp_path):
     cfg = _config(tmp_path, b_args=["--gpu-memory-utilization", "0.9"], b_env={"CUDA_VISIBLE_DEVICES": "2,3"})
     devs = [FakeDevice(used=75 * GIB, uuid=f"G{i}") if i < 2 else FakeDevice(uuid=f"G{i}") for i in range(4)]
     g, nvml, _ = open_fake(devs, {})
-    fit = overlap.decide(cfg, cfg.model_spec("b"), [], g, {})
+    fit = overlap.decide(cfg, cfg.model_spec("b"), [], g, FakeHost())
     assert fit.ok, fit.reason
     assert set(fit.detail["gpus"]) == {"2", "3"}
     cfg2 = _config(tmp_path / "all", b_args=["--gpu-memory-utilization", "0.9"])
-    assert not overlap.decide(cfg2, cfg2.model_spec("b"), [], g, {}).ok
+    assert not overlap.decide(cfg2, cfg2.model_spec("b"), [], g, FakeHost()).ok
     nvml.fail_reads = 5
-    broken = overlap.decide(cfg, cfg.model_spec("b"), [], g, {})
+    broken = overlap.decide(cfg, cfg.model_spec("b"), [], g, FakeHost())
     assert not broken.ok and "not readable" in broken.reason
 
 
 def test_decide_says_never_unless_auto(tmp_path):
     cfg = _config(tmp_path, overlap_mode="never")
     assert cfg.proxy is not None and cfg.proxy.overlap == "never"
-    assert overlap.decide(cfg, cfg.model_spec("b"), [], None, FakeHost().meminfo()).reason == (
+    assert overlap.decide(cfg, cfg.model_spec("b"), [], None, FakeHost()).reason == (
         "[proxy] overlap is not auto"
     )
 

@@ -126,6 +126,20 @@ class Metrics:
             buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
             registry=r,
         )
+        # issue 23: an overlapped reload's two trees, and how each one ended
+        self._overlap_trees = _prom.Gauge(
+            "vsup_overlap_trees",
+            "trees of an overlapped reload now, by role: serving (gets new requests), loading "
+            "(the new one, not yet proven), retiring (the old one, draining then stopped)",
+            ["role"],
+            registry=r,
+        )
+        self._overlaps = _prom.Counter(
+            "vsup_overlap_reloads",
+            "reloads that asked to overlap, by outcome: switched, rolled_back, cancelled, fallback",
+            ["outcome"],
+            registry=r,
+        )
 
     # -- endpoint -------------------------------------------------------------------------------
 
@@ -240,3 +254,13 @@ class Metrics:
         if self.available:
             self._on_demand.labels(kind=kind, cause=cause).inc()
             self._on_demand_s.labels(kind=kind).observe(seconds)
+
+    def overlap_roles(self, roles: dict[str, int]) -> None:
+        """How many trees of an overlapped reload hold each role now ({} when none runs)."""
+        if self.available:
+            for role in ("serving", "loading", "retiring"):
+                self._overlap_trees.labels(role=role).set(roles.get(role, 0))
+
+    def overlap_outcome(self, outcome: str) -> None:
+        if self.available:
+            self._overlaps.labels(outcome=outcome).inc()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import Config, ModelConfig, Remedy
     from .gpu import GpuInfo, Gpus
+    from .host import Host
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -117,16 +118,15 @@ def _si(v: str) -> float:
     return float(s)
 
 
-def weights_bytes(model: str) -> int | None:
+def weights_bytes(model: str, host: Host) -> int | None:
     """Size of the model directory's *.safetensors (the weights a server reads into memory);
     None when `model` is not a local directory with any (a hub name, .bin weights: unknown)."""
-    p = Path(model)
     try:
-        if not p.is_dir():
-            return None
-        sizes = [e.stat().st_size for e in os.scandir(p) if e.name.endswith(".safetensors") and e.is_file()]
+        names = [n for n in host.list_names(Path(model)) if n.endswith(".safetensors")]
+        stats = [host.stat(os.path.join(model, n)) for n in names]
     except OSError:
         return None
+    sizes = [st.size for st in stats if st is not None]
     return sum(sizes) if sizes else None
 
 
@@ -191,11 +191,9 @@ def cpu_fit(
 # ---- gathering the numbers -------------------------------------------------------------------------
 
 
-def decide(
-    cfg: Config, spec: ModelConfig, remedies: Sequence[Remedy], gpus: Gpus | None, meminfo: Mapping[str, int]
-) -> Fit:
-    """Can the server of `spec` start beside the serving one? `meminfo`: /proc/meminfo in bytes
-    (Host.meminfo); `gpus`: the open NVML session, None on a machine without GPUs."""
+def decide(cfg: Config, spec: ModelConfig, remedies: Sequence[Remedy], gpus: Gpus | None, host: Host) -> Fit:
+    """Can the server of `spec` start beside the serving one? `gpus`: the open NVML session,
+    None on a machine without GPUs; `host`: /proc/meminfo and the model directory."""
     from . import gpu as gpu_mod
     from . import launch
 
@@ -209,13 +207,14 @@ def decide(
             return Fit(False, f"GPU memory not readable: {type(e).__name__}: {e}")
         indices = gpu_mod.visible_indices(gpus, env.get("CUDA_VISIBLE_DEVICES"))
         return gpu_fit(snap, indices, gpu_util(argv))
+    meminfo = host.meminfo()
     if "MemAvailable" not in meminfo or "MemTotal" not in meminfo:
         return Fit(False, "memory not readable (/proc/meminfo has no MemAvailable)")
     return cpu_fit(
         available=meminfo["MemAvailable"],
         total=meminfo["MemTotal"],
         kv_per_worker=cpu_kv_bytes(argv, env),
-        weights=weights_bytes(spec.model),
+        weights=weights_bytes(spec.model, host),
         tp=tp_size(argv),
         util=gpu_util(argv),
     )

@@ -137,6 +137,11 @@ class FakeHost(_HostBase):
         )
         return (SHM_DEV, self._ino)
 
+    def add_file(self, path: str, size: int) -> None:
+        """A plain file anywhere (a model directory's weights, for overlap.py)."""
+        self._ino += 1
+        self.files[path] = FakeFile(TMP_DEV, self._ino, size, size, 0, self.t)
+
     def add_tmp(
         self, name: str, *, socket: bool = False, uid: int = 0, born: float | None = None
     ) -> tuple[int, int]:
