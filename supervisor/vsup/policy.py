@@ -1,4 +1,5 @@
-"""Restart policy: backoff, the crash-loop window, stable serving, the remedy ladder.
+"""Restart policy: backoff, the crash-loop window, stable serving, the remedy ladder; and what
+confirms a hang (strikes, a stack check's judgement).
 
 Pure bookkeeping on an injected clock (`now` is passed in): no I/O, no state of the daemon, so
 the tests walk a crash loop or a ladder in microseconds. The owner asks it questions and reports
@@ -9,8 +10,13 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, Remedy, tensor_parallel_size
+from .diagnose import persistent_stuck
+
+if TYPE_CHECKING:
+    from .signatures import Catalog
 
 # A failure of these kinds within the first requests of a TP>1 server is what the remedy
 # ladder (the seed's --disable-custom-all-reduce) addresses.
@@ -131,3 +137,134 @@ def swap_target(
         )
     target = min(cands, key=lambda m: (cands[m], m))
     return SwapChoice(target, f"oldest waiting request: {now - cands[target]:.1f}s for {target}")
+
+
+# ---- confirming a hang (issue 17) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HangJudgement:
+    """What a stack check found: `hang` (confirmed: tear down), `progressing` (the engine
+    generated tokens meanwhile: the strikes were a slow server, not a stuck one) or `unproven`
+    (no stack evidence either way: the strike stands and the count of strikes decides)."""
+
+    verdict: str
+    why: str
+    stuck: tuple[dict[str, Any], ...] = ()
+
+
+def judge_hang(
+    first: dict[str, Any] | None,
+    second: dict[str, Any] | None,
+    tokens_before: float | None,
+    tokens_after: float | None,
+    gap_s: float,
+    catalog: Catalog | None = None,
+) -> HangJudgement:
+    """Judge two stack samples of a tree taken `gap_s` apart after a strike, with the generated
+    token counter (/metrics) read before the first and after the second.
+
+    Proof of a hang is all of: a rank stuck at the same frame in both samples while the engine
+    core waits for the workers' reply in both (diagnose.persistent_stuck), and not one token
+    generated between the two readings. A process's state alone is never proof: real hangs show
+    R (a rank spinning in a collective) or S (a rank asleep on a futex) as often as a
+    SIGSTOPped worker's T, and a T that goes away by the second sample (a debugger, a brief
+    SIGSTOP) moved. One sample is not proof either: a busy engine core waits for its workers
+    for most of every step, and every rank of a busy server passes through the all-reduce.
+    Any token generated proves the engine still steps, whatever the stacks show."""
+    if tokens_before is not None and tokens_after is not None and tokens_after > tokens_before:
+        n = tokens_after - tokens_before
+        return HangJudgement("progressing", f"{n:g} tokens generated during the {gap_s:.1f}s check")
+    if not first or not second or first.get("mechanism") is None or second.get("mechanism") is None:
+        why = (first or second or {}).get("reason") or "no stacks"
+        return HangJudgement("unproven", f"no stack sample: {why}")
+    stuck = persistent_stuck(first, second, catalog)
+    if not stuck:
+        return HangJudgement("unproven", "no rank stuck at the same frame in both samples")
+    names = ", ".join(
+        f"{s['label']} (state {s.get('state') or '?'}) at {s.get('frame') or '?'}" for s in stuck
+    )
+    tokens = "no token generated" if tokens_before is not None else "no /metrics reading"
+    return HangJudgement(
+        "hang", f"{names} in two samples {gap_s:.1f}s apart, the engine core waiting, {tokens}", tuple(stuck)
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the owner does after a strike or a check: `check` (start a stack check), `confirm`
+    (tear the hung tree down), `clear` (the server proved itself: ready again), `wait`."""
+
+    action: str
+    why: str = ""
+
+
+# With a stack sampler, strikes whose checks prove nothing either way (a hang whose stacks match
+# no signature: the API server's own event loop wedged, an engine core stuck outside the
+# executor) still confirm, by their count, once they have lasted this long: the bound the
+# canary-only confirmation met before stack checks (~24-28 s measured).
+UNPROVEN_CONFIRM_S = 30.0
+
+
+class Strikes:
+    """Strikes against a ready server and what they lead to; the owner's serve loop reports to
+    it (with monotonic `now`) and acts on the returned Step. Pure: no clock, no I/O.
+
+    With a non-killing stack sampler (py-spy), each strike starts a check (two samples about a
+    second apart and two /metrics readings) unless one runs, and the check's judgement decides:
+    that is what makes confirmation fast (one strike, then ~2 s) without confirming a slow
+    server. With no sampler, `confirm` strikes confirm, unless they are canary failures alone
+    while tokens are being generated (slow, not stuck); the same rule holds for strikes the
+    checks cannot prove, once they have lasted UNPROVEN_CONFIRM_S."""
+
+    def __init__(self, confirm: int, can_sample: bool) -> None:
+        self.confirm = confirm
+        self.can_sample = can_sample
+        self.strikes: list[str] = []
+        self.first_at: float | None = None
+        self.progressed = False
+        self.checking = False
+        self.proof: HangJudgement | None = None
+
+    def strike(self, now: float, what: str) -> Step:
+        self.strikes.append(what)
+        if self.first_at is None:
+            self.first_at = now
+        if self.checking:
+            return Step("wait", "a stack check is running")
+        if self.can_sample:
+            self.checking = True
+            return Step("check", what)
+        return self._count(now)
+
+    def progress(self) -> None:
+        """/metrics showed generated tokens since the first strike."""
+        self.progressed = True
+
+    def judged(self, now: float, j: HangJudgement) -> Step:
+        self.checking = False
+        if j.verdict == "hang":
+            self.proof = j
+            return Step("confirm", j.why)
+        if j.verdict == "progressing":
+            self.clear()
+            return Step("clear", j.why)
+        return self._count(now)
+
+    def clear(self) -> None:
+        self.strikes, self.first_at, self.progressed, self.checking, self.proof = [], None, False, False, None
+
+    def reason(self) -> str:
+        head = "hang confirmed: " + "; ".join(self.strikes[-3:])
+        return head + (f"; stacks: {self.proof.why}" if self.proof is not None else "")
+
+    def _count(self, now: float) -> Step:
+        only_canary = all(s.startswith("canary:") for s in self.strikes)
+        if len(self.strikes) < self.confirm or (self.progressed and only_canary):
+            return Step("wait", f"{len(self.strikes)} of {self.confirm} strikes")
+        lasted = now - (self.first_at if self.first_at is not None else now)
+        if self.can_sample and lasted < UNPROVEN_CONFIRM_S:
+            return Step(
+                "wait", f"strikes unproven by the stacks for {lasted:.0f}s of {UNPROVEN_CONFIRM_S:g}s"
+            )
+        return Step("confirm", f"{len(self.strikes)} strikes")

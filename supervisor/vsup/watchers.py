@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config, ModelConfig
@@ -179,15 +180,30 @@ async def readiness(
 
 
 async def probe_loop(
-    gen: int, spec: ModelConfig, cfg: Config, prober: ProberLike, post: Post, clock: Clock, confirm: bool
+    gen: int,
+    spec: ModelConfig,
+    cfg: Config,
+    prober: ProberLike,
+    post: Post,
+    clock: Clock,
+    confirm: bool,
+    served_at: Callable[[], float | None] | None = None,
 ) -> None:
-    """Canary + progress probes while ready. In confirm mode, probe again at once."""
+    """Canary + progress probes while ready. In confirm mode, probe again at once.
+
+    The periodic canary is skipped when real requests proved the engine since the last one: the
+    proxy saw a request succeed (`served_at`: monotonic time of the last success), or /metrics
+    counted tokens that were not the canary's. A request that succeeds proves the server better
+    than a canary does (GPUStack skips its inference probe so), and a saturated engine is not
+    asked to fit one more request in."""
     t, p = cfg.timeouts, cfg.probes
     name = spec.served_model_name or spec.model
     last_tokens: float | None = None
     canary_tokens = 0
     last_change = clock.monotonic()
     next_canary = clock.monotonic() + (0 if confirm else p.canary_interval_s or float("inf"))
+    last_canary = clock.monotonic()
+    generated = False  # tokens not ours since the last canary
     try:
         while True:
             m = await prober.metrics()
@@ -195,6 +211,7 @@ async def probe_loop(
             if m.ok:
                 tokens, running = m.data["generation_tokens"], m.data["running"]
                 progressed = last_tokens is not None and tokens > last_tokens + canary_tokens
+                generated = generated or progressed
                 canary_tokens = 0
                 busy = progressed or running > 0 or m.data["waiting"] > 0
                 if last_tokens is None or progressed or running == 0:
@@ -211,7 +228,18 @@ async def probe_loop(
                 h = await prober.health()
                 if not h.ok:
                     post(Probe(gen, h))
+            now = clock.monotonic()
+            ok_at = served_at() if served_at is not None else None
+            if (
+                now >= next_canary
+                and not confirm
+                and (generated or (ok_at is not None and ok_at > last_canary))
+            ):
+                # proven by real traffic since the last canary: no canary this time
+                generated, last_canary = False, now
+                next_canary = now + (p.canary_interval_s or float("inf"))
             if clock.monotonic() >= next_canary:
+                generated, last_canary = False, clock.monotonic()
                 r = await prober.canary(name, p.canary_prompt, p.canary_max_tokens, t.canary_s)
                 post(Probe(gen, r))
                 canary_tokens = p.canary_max_tokens  # its own tokens are not the engine's progress
@@ -227,6 +255,68 @@ async def probe_loop(
             await clock.sleep(max(0.05, min(period, until_canary)))
     finally:
         await prober.aclose()
+
+
+# ---- confirming a hang (issue 17) ---------------------------------------------------------------
+
+CHECK_GAP_S = 1.0  # between the starts of a check's two stack samples
+# CPU use is measured over this window before each sample: enough to tell a spinning rank (R,
+# ~100 %) from a sleeping one; the incident keeps the second sample, so it gets the longer one.
+CHECK_CPU_S = (0.2, 0.5)
+CHECK_METRICS_S = 2.0  # a /metrics reading that takes longer says nothing (None), and the check goes on
+
+# cpu window -> a stacks.StacksReport's JSON (None when there is nothing to sample)
+Sampler = Callable[[float], Awaitable[dict[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class HangEvidence:
+    """What a stack check saw (hang_check), for the owner to judge (policy.judge_hang)."""
+
+    gen: int
+    strike: str
+    first: dict[str, Any] | None
+    second: dict[str, Any] | None
+    tokens_before: float | None
+    tokens_after: float | None
+    gap_s: float  # between the two samples' starts
+    seconds: float  # the whole check
+
+
+async def hang_check(
+    gen: int,
+    strike: str,
+    prober: ProberLike,
+    sample: Sampler,
+    post: Post,
+    clock: Clock,
+    gap_s: float = CHECK_GAP_S,
+) -> None:
+    """After a strike: the generated-token counter, a stack sample, another sample `gap_s`
+    later, the counter again; posted as one HangEvidence. Reads only (py-spy changes nothing in
+    the processes it reads): a check of a healthy server costs it two pauses of a few ms a process."""
+    t0 = clock.monotonic()
+    before = asyncio.ensure_future(_tokens(prober))
+    try:
+        first = await sample(CHECK_CPU_S[0])
+        tokens_before = await before
+        await clock.sleep(max(0.0, t0 + gap_s - clock.monotonic()))
+        t2 = clock.monotonic()
+        second = await sample(CHECK_CPU_S[1])
+        tokens_after = await _tokens(prober)
+    finally:
+        before.cancel()  # done by now, unless the check itself was cancelled
+        await prober.aclose()
+    post(
+        HangEvidence(gen, strike, first, second, tokens_before, tokens_after, t2 - t0, clock.monotonic() - t0)
+    )
+
+
+async def _tokens(prober: ProberLike) -> float | None:
+    with contextlib.suppress(TimeoutError):
+        m = await asyncio.wait_for(prober.metrics(), CHECK_METRICS_S)
+        return float(m.data["generation_tokens"]) if m.ok else None
+    return None
 
 
 async def health_once(gen: int, prober: ProberLike, post: Post) -> None:
