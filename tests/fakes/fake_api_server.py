@@ -9,6 +9,9 @@ prints vLLM 0.32-format log lines. Misbehaviour comes from FAKE_VLLM_MODE:
                      canary) never answer; /health stays 200
   worker_dies_after_ready  completions after the readiness canary log a worker death and
                      answer 500; the server stays up
+FAKE_VLLM_TP=1 runs every generated token as one step of a vLLM-shaped TP=2 tree (engine core
+and two workers with vLLM's titles and frame names, fake_tp/multiproc_executor.py): SIGUSR1 to a
+worker hangs it asleep (state S) outside the all-reduce its peer then waits in.
 FAKE_VLLM_DELAY_S delays readiness; FAKE_VLLM_STALL_BEFORE_READY=1 logs the shm stall line
 while "loading"; FAKE_VLLM_CHILDREN=N starts N child processes (an engine-like subtree) that
 live until killed. FAKE_VLLM_RUNNING=N adds N to `vllm:num_requests_running` (as a long request
@@ -58,6 +61,19 @@ state: dict[str, Any] = {
     "connections": 0,
 }
 TOKEN_S = float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.01"))
+step_lock = threading.Lock()
+engine: Any = None  # (process, fd steps go to, fd replies come from) with FAKE_VLLM_TP=1
+
+
+def step() -> None:
+    """One engine step (one token), as the TP tree's API server waits for it; nothing without one."""
+    if engine is None:
+        return
+    with step_lock:
+        os.write(engine[1], b"s")
+        os.read(engine[2], 1)
+
+
 FIRST_BYTE_S = float(os.environ.get("FAKE_VLLM_FIRST_BYTE_S", "0"))
 
 
@@ -87,6 +103,13 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-c", ignore + "import time\nwhile True: time.sleep(60)"])
         for _ in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")))
     ]
+    if os.environ.get("FAKE_VLLM_TP"):
+        global engine
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_tp"))
+        import multiproc_executor
+
+        engine = multiproc_executor.start_engine()
+        children.append(engine[0])
     delay = float(os.environ.get("FAKE_VLLM_DELAY_S", "0"))
     if os.environ.get("FAKE_VLLM_STALL_BEFORE_READY"):
         log(
@@ -180,6 +203,7 @@ def main() -> None:
                         "model": name,
                         "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
                     }
+                    step()
                     self.chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
                     with lock:
                         state["tokens"] += 1
@@ -294,6 +318,8 @@ def main() -> None:
                     while True:
                         time.sleep(3600)
                 toks = int(body.get("max_tokens") or 4)
+                for _ in range(toks):
+                    step()
                 with lock:
                     state["tokens"] += toks
                 self.send(
