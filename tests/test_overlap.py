@@ -14,6 +14,7 @@ from test_proxy import Fake, ready, run, running, sse_events
 from toml_writer import write_config
 from vsup import config as config_mod
 from vsup import launch, overlap
+from vsup.gate import Route
 from vsup.host import Host
 from vsup.proctree import Ledger, ProcRef, TreeRecord
 
@@ -222,7 +223,18 @@ def test_route_switch_sends_new_requests_to_the_new_server_while_the_old_finishe
     old, new = Fake(token_s="0.05"), Fake()  # noqa: S106 - seconds per token, not a secret
 
     async def main() -> None:
-        async with running(ready(old, gen=1)) as h:
+        # the overlap: `reloading`, the old server still routed: /health stays 200 (a balancer
+        # keeps sending this replica traffic); without a routed server, 503 as before
+        overlap = Route(
+            state="reloading", reason="reload", upstream=old.upstream, gen=1, hold=True, model="tiny"
+        )
+        async with running(overlap) as h:
+            async with h.session.get(h.base + "/health") as r:
+                assert r.status == 200 and (await r.json())["state"] == "reloading"
+            h.gate.publish(Route(state="reloading", reason="old one down", hold=True, model="tiny"))
+            async with h.session.get(h.base + "/health") as r:
+                assert r.status == 503
+            h.gate.publish(ready(old, gen=1))
             body = {"model": "tiny", "messages": [], "max_tokens": 30, "stream": True}
             r = await h.session.post(h.base + "/v1/chat/completions", json=body)
             await r.content.readuntil(b"\n\n")

@@ -45,6 +45,11 @@ READS = ("status", "events", "diagnose")
 #   While starting it cancels the start, as stop does. While reloading: busy (a swap, operator's
 #   or a request's, finishes first; stop is the command that cancels it). In failed: the dead
 #   trees' debris is cleaned, and the next request may start the model again.
+# - an overlapped reload (issue 23) is `reloading`, and its row is the reload's: a second reload,
+#   a restart, an unload, a start: busy (the old model keeps serving meanwhile, the reload
+#   finishes or rolls back by itself); stop cancels it and stops both trees (the new one first);
+#   cleanup: busy, as the teardown's own cleanup may run (it never touches either live tree).
+#   Death of either tree is an observation, not a command (states.py says what follows).
 TABLE: dict[State, dict[str, Answer]] = {
     State.STOPPED: {"start": A, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": N},
     State.STARTING: {"start": N, "stop": A, "restart": A, "reload": A, "cleanup": R, "unload": A},

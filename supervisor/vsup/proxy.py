@@ -740,11 +740,13 @@ class Proxy:
         return resp
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        """200 only while vsup's state is ready, or off-loaded (it will serve after a load: a
-        balancer that saw 503 would never send the request that wakes it); a hung server's own
-        /health says 200 too."""
+        """200 only while vsup's state is ready, or a proven server is routed (an overlapped
+        reload's old server serves while the new one loads, issue 23), or off-loaded (it will
+        serve after a load: a balancer that saw 503 would never send the request that wakes it);
+        a hung server's own /health says 200 too."""
         r = self.gate.route
-        status = 200 if r.state == "ready" or (r.idle and not r.closing) else 503
+        routed = r.upstream is not None and not r.closing
+        status = 200 if r.state == "ready" or routed or (r.idle and not r.closing) else 503
         body: dict[str, Any] = {"state": r.state, "reason": r.reason}
         if r.idle:
             body["idle"] = True

@@ -16,6 +16,14 @@ starting or failed -> stopping (drain, teardown, cleanup, proven clean) -> stopp
 or `unloaded`, the route holding; a request then takes stopped -> starting (load on demand). A swap
 on request is a reload (ready -> reloading -> ready). A model whose off-load leaves debris ends
 stopping -> failed, as a reload that cannot prove the machine clean.
+
+Overlapped reload (issue 23, `[proxy] overlap = "auto"` and both fit) is `reloading` too, with
+no new edge: ready -> reloading (the old tree serves, the route upstream is still its server,
+while the new one loads beside it on its own port) -> ready (switched: the old one drained,
+stopped and cleaned; or rolled back: the new one torn down, the old one never stopped). A death
+of the old tree during it holds requests until the new one is proven; if both die: reloading ->
+stopping (recover the old model, as after any death). A stop or shutdown: reloading -> stopping
+(the new tree torn down first, then the old one as any stop does).
 """
 
 from __future__ import annotations
