@@ -58,6 +58,10 @@ def test_idle_unload_then_a_request_loads_it_again(fake_daemon: Callable[..., Da
     assert proctree.Ledger(d.state_dir).load() == [] and _port_free(int(d.port))
     h = httpx.get(base + "/health", trust_env=False)
     assert h.status_code == 200 and h.json()["idle"] is True
+    # readiness 'serving' (the default): an off-loaded pod stays in the Service, or no request
+    # would ever come to load it again
+    r = httpx.get(base + "/readyz", trust_env=False)
+    assert r.status_code == 200 and r.json()["idle"] is True and r.json()["readiness"] == "serving"
     t0 = time.monotonic()
     r = _chat(base)
     waited = time.monotonic() - t0

@@ -57,13 +57,19 @@ def test_liveness_holds_inside_a_bounded_step() -> None:
         (HUNG, 503, 200),
         (replace(READY, state="failed", routed=False), 503, 503),
         (replace(READY, state="stopped", routed=False), 503, 503),
+        (replace(READY, state="stopped", routed=False, holding=True, idle=True), 200, 200),
+        (
+            replace(READY, state="stopped", routed=False, holding=True, idle=True, shutting_down=True),
+            503,
+            503,
+        ),
         (replace(READY, shutting_down=True), 503, 503),
         (replace(LOADING, shutting_down=True), 503, 503),
     ],
 )
 def test_readiness_per_setting(view: View, serving: int, hold: int) -> None:
-    """'serving': ready only with a routed server; 'hold': also while one is coming; never
-    while shutting down or with nothing coming."""
+    """'serving': ready only with a routed server or an off-loaded model (a request loads it);
+    'hold': also while one is coming; never while shutting down or with nothing coming."""
     assert pod.readyz(view, "serving")[0] == serving
     assert pod.readyz(view, "hold")[0] == hold
 

@@ -15,8 +15,11 @@ engine is hung or dead (vllm#39863, #36960, kserve#6259):
   server is routed: during a load, a reload, a hang or a restart the Service sends clients to a
   ready replica instead of holding them here. ``hold`` (one replica) = 200 also while a server
   is coming and requests are held: with one replica a 503 would empty the Service's endpoints
-  and clients would get connection errors instead of the proxy's hold. Both say 503 once
-  shutdown has begun and while nothing is coming (stopped, failed).
+  and clients would get connection errors instead of the proxy's hold. Both say 200 while the
+  model is off-loaded (idle or `vsup unload`, issue 16): the pod takes requests, the first one
+  loads the model and is held meanwhile, like vsup's own ``/health``; a 503 there would take an
+  idle pod out of the Service for good, since only a request can wake it. Both say 503 once
+  shutdown has begun and while nothing is coming (stopped by an operator, failed).
 - ``/startupz``: has the first model been proven ready (health, model listed, a canary
   completion) since vsup started? Until then the kubelet holds back the other two probes; its
   ``failureThreshold x periodSeconds`` is the longest a first load may take.
@@ -53,6 +56,7 @@ class View:
     holding: bool  # no upstream, but requests are held: a server is coming
     loaded: bool  # a model has been proven ready since vsup started
     shutting_down: bool
+    idle: bool = False  # off-loaded: no server, but a request loads one (and is held meanwhile)
 
 
 Answer = tuple[int, dict[str, Any]]
@@ -78,6 +82,8 @@ def readyz(v: View, mode: str) -> Answer:
         return 503, {**body, "ready": False, "reason": "shutting down"}
     if v.routed:
         return 200, {**body, "ready": True}
+    if v.idle:
+        return 200, {**body, "ready": True, "idle": True}
     if mode == "hold" and v.holding:
         return 200, {**body, "ready": True, "holding": True}
     why = "a server is coming; requests go to a ready replica" if v.holding else "no server is coming"

@@ -188,6 +188,7 @@ class Runtime:
                 holding=r.hold and not r.closing,
                 loaded=False,  # pod.Probes remembers the first `ready` from the events
                 shutting_down=r.closing or self.signals_seen > 0,
+                idle=r.idle and not r.closing,
             )
 
         probes = pod.Probes(view, sup.cfg.daemon.readiness)
