@@ -1,5 +1,6 @@
-"""deploy/kubernetes/: the manifests validate offline against the Kubernetes schemas, and say
-what vsup relies on (vsup is PID 1, the probes, the pod's own /dev/shm, read-only root)."""
+"""deploy/kubernetes/: the manifests validate offline against the Kubernetes schemas, every pod
+spec meets the "restricted" Pod Security Standard, and they say what vsup relies on (vsup is
+PID 1, the probes, the pod's own /dev/shm, read-only root, directories vsup can trust)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from vsup import config
+from vsup.proctree import untrusted_dir
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
@@ -54,6 +57,120 @@ def vsup_cfg(objs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathF
     path = tmp_path_factory.mktemp("cm") / "vsup.toml"
     path.write_text(text)
     return config.parse(tomllib.loads(text), path, check_python=False)
+
+
+# ---- the "restricted" Pod Security Standard, as data ----------------------------------------
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/ (v1.29 and later; the
+# baseline's controls are part of it). No Python library checks a manifest against it offline
+# (the admission plugin is Go), so the controls are written here, one predicate each.
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+SECCOMP_OK = {"RuntimeDefault", "Localhost"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """Every control of the restricted profile this pod spec breaks (empty: it passes)."""
+    out: list[str] = []
+    psc = spec.get("securityContext") or {}
+    containers = [
+        *spec.get("containers", []),
+        *spec.get("initContainers", []),
+        *spec.get("ephemeralContainers", []),
+    ]
+
+    def csc(c: dict[str, Any]) -> dict[str, Any]:
+        return c.get("securityContext") or {}
+
+    def each(what: str, bad: Callable[[dict[str, Any]], bool]) -> None:
+        out.extend(f"{c['name']}: {what}" for c in containers if bad(csc(c)))
+
+    # baseline
+    for ns in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(ns):
+            out.append(f"{ns} is true")
+    for sc in (psc, *map(csc, containers)):
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            out.append("windowsOptions.hostProcess is true")
+    each("privileged", lambda sc: bool(sc.get("privileged")))
+    out.extend(
+        f"{c['name']}: hostPort {p['hostPort']}"
+        for c in containers
+        for p in c.get("ports", [])
+        if p.get("hostPort")
+    )
+    for sc in (psc, *map(csc, containers)):
+        ap = (sc.get("appArmorProfile") or {}).get("type")
+        if ap not in (None, "RuntimeDefault", "Localhost"):
+            out.append(f"appArmorProfile {ap}")
+        se = sc.get("seLinuxOptions") or {}
+        if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+            out.append(f"seLinuxOptions {se}")
+    each("procMount is not Default", lambda sc: sc.get("procMount", "Default") != "Default")
+    out.extend(f"sysctl {s['name']}" for s in psc.get("sysctls", []) if s["name"] not in SAFE_SYSCTLS)
+    # restricted
+    for v in spec.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            out.append(f"volume {v['name']}: type {sorted(kinds)}")
+    each("allowPrivilegeEscalation is not false", lambda sc: sc.get("allowPrivilegeEscalation") is not False)
+    if psc.get("runAsNonRoot") is False:
+        out.append("the pod's runAsNonRoot is false")
+    each("runAsNonRoot is false", lambda sc: sc.get("runAsNonRoot") is False)
+    if psc.get("runAsNonRoot") is not True:
+        each("runAsNonRoot is not true (nor the pod's)", lambda sc: sc.get("runAsNonRoot") is not True)
+    if psc.get("runAsUser") == 0:
+        out.append("the pod's runAsUser is 0")
+    each("runAsUser is 0", lambda sc: sc.get("runAsUser") == 0)
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_seccomp is not None and pod_seccomp not in SECCOMP_OK:
+        out.append(f"the pod's seccompProfile is {pod_seccomp}")
+    each(
+        "seccompProfile is not RuntimeDefault or Localhost",
+        lambda sc: (sc.get("seccompProfile") or {}).get("type", pod_seccomp) not in SECCOMP_OK,
+    )
+    each(
+        "capabilities do not drop ALL", lambda sc: "ALL" not in (sc.get("capabilities") or {}).get("drop", [])
+    )
+    each(
+        "capabilities add more than NET_BIND_SERVICE",
+        lambda sc: not set((sc.get("capabilities") or {}).get("add", [])) <= {"NET_BIND_SERVICE"},
+    )
+    return out
+
+
+def pod_specs(objs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec the manifests carry, by kind: a Pod's, a workload's template's."""
+    out = {}
+    for kind, o in objs.items():
+        spec = o.get("spec") or {}
+        if kind == "Pod":
+            out[kind] = spec
+        elif "template" in spec:
+            out[kind] = spec["template"]["spec"]
+        elif "jobTemplate" in spec:
+            out[kind] = spec["jobTemplate"]["spec"]["template"]["spec"]
+    return out
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -105,17 +222,99 @@ def test_vsup_is_the_entrypoint_and_pid1(pod: dict[str, Any], container: dict[st
     assert len(pod["containers"]) == 1
 
 
-def test_only_root_step_fixes_the_emptydir_modes(pod: dict[str, Any], container: dict[str, Any]) -> None:
-    """The one init container (root, CHOWN and FOWNER only) gives vsup's directories to its uid
-    (emptyDir roots are 0777, which vsup's path check refuses) and mounts nothing else."""
-    (init,) = pod["initContainers"]
-    sc = init["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
-    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-    mounts = {m["mountPath"] for m in init["volumeMounts"]}
-    assert mounts == {"/var/lib/vsup", "/run/vsup", "/var/log/vsup", "/tmp"}
-    uid = pod["securityContext"]["runAsUser"]
-    assert f"chown {uid}:{uid} /var/lib/vsup /run/vsup /var/log/vsup" in init["command"][-1]
+def test_every_pod_spec_meets_the_restricted_pod_security_standard(objs: dict[str, dict[str, Any]]) -> None:
+    """Every pod spec passes each control of the "restricted" profile: no root step, no
+    escalation, capabilities dropped, RuntimeDefault seccomp, allowed volume types only."""
+    specs = pod_specs(objs)
+    assert specs, "no pod spec found"
+    for kind, spec in specs.items():
+        assert restricted_violations(spec) == [], kind
+
+
+def test_the_restricted_check_is_not_vacuous(pod: dict[str, Any]) -> None:
+    """The same check catches what the manifests once had (a root init step with CHOWN and
+    FOWNER) and each control broken on its own."""
+    import copy
+
+    root_init = {
+        "name": "dirs",
+        "image": "x",
+        "securityContext": {
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+        },
+    }
+    bad = copy.deepcopy(pod)
+    bad["initContainers"] = [root_init]
+    found = " | ".join(restricted_violations(bad))
+    assert "runAsNonRoot is false" in found and "runAsUser is 0" in found and "add more than" in found
+    breaks: list[Callable[[dict[str, Any]], object]] = [
+        lambda p: [
+            p["securityContext"].pop("seccompProfile"),
+            p["containers"][0]["securityContext"].pop("seccompProfile"),
+        ],
+        lambda p: p["containers"][0]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        lambda p: p["securityContext"].update(runAsNonRoot=False),
+        lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+        lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        lambda p: p.update(hostIPC=True),
+        lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/dev/shm"}}),
+        lambda p: p["containers"][0]["ports"][0].update(hostPort=8000),
+        lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.shmmax", "value": "1"}]),
+    ]
+    for brk in breaks:
+        bad = copy.deepcopy(pod)
+        brk(bad)
+        assert restricted_violations(bad), breaks.index(brk)
+
+
+def test_vsups_directories_sit_below_sticky_memory_emptydirs(
+    pod: dict[str, Any], container: dict[str, Any], vsup_cfg: config.Config, tmp_path: Path
+) -> None:
+    """With no root in the pod, nobody can chown an emptyDir: vsup's state, socket and log
+    directories are one level below a Memory emptyDir, whose root is a tmpfs root (1777, here
+    for real) that the kubelet's fsGroup change keeps sticky, so vsup's directory check accepts
+    the directory vsup makes there. A disk emptyDir's root (0777, not sticky) it refuses."""
+    vols = {v["name"]: v for v in pod["volumes"]}
+    d = vsup_cfg.daemon
+    for path in (d.state_dir, str(Path(d.socket).parent), str(Path(vsup_cfg.vllm.log_file).parent)):
+        (m,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert vols[m["name"]]["emptyDir"].get("medium") == "Memory", path
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and util-linux unshare to mount a tmpfs (this machine has both)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # the kubelet's mount of a Memory emptyDir: tmpfs with size= only (pkg/volume/emptydir)
+    mode = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=1048576 tmpfs {mnt} && stat -c %a {mnt}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    assert mode == "1777"
+    uid, gid = pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]
+
+    def kubelet_root(name: str, mode: int) -> Path:
+        """An emptyDir root after the kubelet's fsGroup change (pkg/volume/volume_linux.go:
+        chown to the group, chmod mode | rw for the group | setgid | x)."""
+        root = tmp_path / name
+        root.mkdir()
+        os.chown(root, 0, gid)
+        os.chmod(root, mode | 0o2000 | 0o660 | 0o110)
+        return root
+
+    mem, disk = kubelet_root("memory", int(mode, 8)), kubelet_root("disk", 0o777)
+    assert untrusted_dir(mem / "state", uid) == "does not exist"  # vsup may make it
+    (mem / "state").mkdir()
+    os.chmod(mem / "state", 0o750)  # as the Ledger makes it, as uid 10001
+    os.chown(mem / "state", uid, gid)
+    assert untrusted_dir(mem / "state", uid) is None
+    assert "writable by others" in (untrusted_dir(disk / "state", uid) or "")
+    assert "writable by others" in (untrusted_dir(disk, uid) or "")
 
 
 def test_gpu_requested(container: dict[str, Any]) -> None:
