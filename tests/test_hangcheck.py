@@ -285,3 +285,23 @@ def test_requests_running_with_no_token_for_stall_s_is_a_strike() -> None:
     strikes = [t for t, p in posted if not p.result.ok and p.result.probe == "progress"]
     # the counter froze at t=10: the first strike at most stall_s + interval_s later
     assert strikes and 1010.0 + 4.0 <= strikes[0] <= 1010.0 + 4.0 + 2.0, strikes
+
+
+def test_parse_metrics_sums_each_series_over_label_sets_and_skips_lookalikes() -> None:
+    """The find-based parse: every label set summed, the first line read, NaN and longer names skipped."""
+    from vsup.probes import parse_metrics
+
+    buckets = "".join(f'vllm:e2e_seconds_bucket{{le="{b}"}} {b}.0\n' for b in range(500))
+    text = (
+        "vllm:num_requests_running 3\n"
+        + buckets
+        + 'vllm:num_requests_waiting{engine="0"} NaN\n'
+        + 'vllm:num_requests_waiting{engine="1"} 2.0\n'
+        + 'vllm:generation_tokens_total{engine="0",model_name="m"} 1234.0\n'
+        + 'vllm:generation_tokens_total{engine="1",model_name="m"} 6\n'
+        + 'vllm:generation_tokens_created{engine="1"} 1.7e9\n'
+        + "vllm:generation_tokens_total_extra 99"
+    )
+    p = parse_metrics(text)
+    assert p is not None and (p.running, p.waiting, p.generation_tokens) == (3.0, 2.0, 1240.0)
+    assert parse_metrics(buckets) is None

@@ -35,23 +35,36 @@ class Progress:
     generation_tokens: float
 
 
-_METRIC = re.compile(
-    r"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:generation_tokens_total)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$",
-    re.M,
-)
+_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total")
+_VALUE = re.compile(r"(?:\{[^}\n]*\})?[ \t]+([0-9.eE+-]+|NaN)[ \t]*$")
 
 
 def parse_metrics(text: str) -> Progress | None:
-    """Sum the three series over all label sets; None when vLLM exports none of them."""
+    """Sum the three series over all label sets; None when vLLM exports none of them.
+
+    Finds each series' lines with str.find rather than one regex over the whole text: vLLM's
+    /metrics is ~80 KB of histogram buckets, and a multi-line regex tried at every position
+    cost 0.54 ms a reading against ~0.02 ms (the probe reads it every few seconds, idle too)."""
     sums: dict[str, float] = {}
-    for name, value in _METRIC.findall(text):
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        if v != v:  # NaN
-            continue
-        sums[name] = sums.get(name, 0.0) + v
+    body = "\n" + text  # every series line then follows a newline, the first one too
+    for name in _SERIES:
+        needle = "\n" + name
+        i = body.find(needle)
+        while i >= 0:
+            start = i + len(needle)
+            end = body.find("\n", start)
+            end = len(body) if end < 0 else end
+            i = body.find(needle, end)
+            m = _VALUE.match(body, start, end)
+            if m is None:  # another series whose name begins with this one's
+                continue
+            try:
+                v = float(m.group(1))
+            except ValueError:
+                continue
+            if v != v:  # NaN
+                continue
+            sums[name] = sums.get(name, 0.0) + v
     if not sums:
         return None
     return Progress(
