@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,9 @@ def test_observation_while_ready(tmp_path: Path, obs: str) -> None:
         async with Owner(tmp_path, probes={"canary_interval_s": 0.0, "confirm": 5}) as o:
             await o.state("ready")
             expect, make = OBSERVATIONS[obs]
+            build: Callable[[Owner], Any] = make  # each builds one observation class
             mark = len(o.evs())
-            o.sup.post(make(o))
+            o.sup.post(build(o))
             if expect is None:
                 await asyncio.sleep(0.2)
                 assert [e["state"] for e in o.evs()[mark:] if e["event"] == "state"] == []

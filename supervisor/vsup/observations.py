@@ -27,6 +27,7 @@ __all__ = [
     "Intent",
     "LogSignal",
     "NotReady",
+    "Observation",
     "OperationFailed",
     "Probe",
     "ReadyProven",
@@ -128,6 +129,22 @@ class Intent:
     reason: str | None = None
     failure_kind: str | None = None
     cmd: Cmd | None = None
+
+
+# Everything that reaches the owner's queue.
+Observation = (
+    Exited
+    | LogSignal
+    | Probe
+    | ReadyProven
+    | NotReady
+    | TreeSeen
+    | Shutdown
+    | Cmd
+    | Demand
+    | UpstreamRefused
+    | UpstreamStalled
+)
 
 
 class OperationFailed(Exception):

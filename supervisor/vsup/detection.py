@@ -1,0 +1,225 @@
+"""Detection: what the owner makes of what it observes while a server serves.
+
+`serve` is the serve phase: log signatures, probe results and the proxy's reports become
+strikes; enough independent strikes (not canary timeouts alone while tokens are still being
+generated) confirm a hang and hand the owner a `recover` intent. A fatal log line or an exit
+recovers at once. `detected` records one detection (event, status, metrics); `root_cause` adds
+the log's diagnosis to a reason; `record_stacks` and `record_incident` keep the forensics of a
+failed tree. Each takes the owner as an explicit collaborator: state changes go through its
+`_set_state`/`_publish`, decisions come back as intents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from . import cleanup as cleanup_mod
+from . import incidents, launch, proctree, stacks, watchers
+from .gate import Demand, UpstreamRefused, UpstreamStalled
+from .inbox import HEARTBEAT_S
+from .observations import Cmd, Exited, Intent, LogSignal, Probe, Shutdown
+from .ondemand import iso
+from .probes import ProbeResult
+from .states import State
+from .watchers import FATAL_KINDS, STRIKE_KINDS
+
+if TYPE_CHECKING:
+    from .daemon import Supervisor
+
+
+async def serve(o: Supervisor, it: Intent) -> Intent:
+    if o.snap.state != State.READY:
+        o._set_state(State.READY, reason="canary completion served", phase=None)
+    o.events.emit("ready", model=o.snap.model, remedies=[r.name for r in o.policy.remedies()])
+    gen, p = o.gen, o.cfg.probes
+    probe_task = probe(o, gen, confirm=False)
+    strikes: list[str] = []
+    progressed = False
+    stable_at = o.clock.monotonic() + o.cfg.restart.stable_s
+    od_check = 0.0  # the next look at the proxy's view for an off-load or a swap (issue 16)
+    try:
+        while True:
+            obs = await o._next(HEARTBEAT_S)
+            now = o.clock.monotonic()
+            if stable_at and now >= stable_at and o.snap.state == State.READY:
+                # Served long enough: the next failure is a new story, not part of a crash loop.
+                stable_at = 0
+                if forgotten := o.policy.stable():
+                    o.events.emit("stable", failures_forgotten=forgotten)
+            if isinstance(obs, Demand) or now >= od_check:  # issue 16: once a heartbeat
+                od_check = now + HEARTBEAT_S
+                if (nxt := _offload_due(o)) is not None:
+                    return nxt
+            if obs is None:
+                continue
+            if isinstance(obs, Exited):
+                await o.log.catch_up()
+                reason = root_cause(o.log.since_spawn(), f"server exited with status {obs.status}")
+                return Intent("recover", reason=reason, failure_kind="exited")
+            if isinstance(obs, (Cmd, Shutdown)):
+                return o._intent_for(obs)
+            if isinstance(obs, LogSignal):
+                if obs.kind in FATAL_KINDS:
+                    detected(o, obs)
+                    kind = "engine_dead" if obs.kind in ("worker_died", "engine_dead") else obs.kind
+                    return Intent(
+                        "recover", reason=root_cause(o.log.since_spawn(), obs.message), failure_kind=kind
+                    )
+                if obs.kind not in STRIKE_KINDS:
+                    continue
+                if o._ready_at is not None and now - o._ready_at < p.startup_grace_s:
+                    o.events.emit("stall_during_startup", message=obs.message, note="startup_grace_s")
+                    continue
+                detected(o, obs)
+                strikes.append(f"log: {obs.message[:120]}")
+            elif isinstance(obs, Probe):
+                r = obs.result
+                if r.probe == "metrics" and r.ok and r.data.get("progressed"):
+                    progressed = True
+                if r.ok and r.probe == "canary" and o.snap.state == State.UNHEALTHY:
+                    o._set_state(State.READY, reason=f"recovered: {r.detail}")
+                    strikes, progressed = [], False
+                    continue
+                if r.ok:
+                    continue
+                detected(o, r)
+                strikes.append(f"{r.probe}: {r.detail}")
+            elif isinstance(obs, UpstreamStalled):
+                # every stream in flight waited without a byte: one strike, like a canary
+                detected(o, ProbeResult("proxy_stall", False, obs.detail))
+                strikes.append(f"proxy: {obs.detail}")
+            elif isinstance(obs, UpstreamRefused):
+                # the route said ready but the upstream refused: look at health now
+                o.events.emit("upstream_refused", detail=obs.detail)
+                o._spawn_task(watchers.health_once(gen, o.make_prober(o.cfg, o.spec), o.post))
+                continue
+            else:
+                continue
+            if strikes and o.snap.state == State.READY:
+                o._set_state(State.UNHEALTHY, reason=strikes[-1])
+                # Only tokens generated from now on say "slow, not stuck" (earlier ones,
+                # our own canaries' included, say nothing about the engine now).
+                progressed = False
+                probe_task.cancel()
+                probe_task = probe(o, gen, confirm=True)
+            # Confirmed by independent signals. Generated tokens still increasing means
+            # the engine is slow, not stuck: canary timeouts alone do not tear it down.
+            if len(strikes) >= p.confirm and not (progressed and only_canary(strikes)):
+                return Intent(
+                    "recover", reason="hang confirmed: " + "; ".join(strikes[-3:]), failure_kind="hang"
+                )
+    finally:
+        probe_task.cancel()
+
+
+def _offload_due(o: Supervisor) -> Intent | None:
+    return o.od.due(
+        o.cfg, o.traffic, state=o.snap.state, loaded=o.snap.model, ready_at=o._ready_at, gen=o.gen
+    )
+
+
+def probe(o: Supervisor, gen: int, *, confirm: bool) -> asyncio.Task[Any]:
+    prober = o.make_prober(o.cfg, o.spec)
+    return o._spawn_task(watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm))
+
+
+def only_canary(strikes: list[str]) -> bool:
+    return all(s.startswith("canary:") for s in strikes)
+
+
+def detected(o: Supervisor, what: LogSignal | ProbeResult) -> None:
+    """One detection: status's last_detection, an event, the metrics."""
+    info: dict[str, Any]
+    if isinstance(what, LogSignal):
+        info = {
+            "source": "log",
+            "kind": what.kind,
+            "signature": what.sig_id,
+            "message": what.message,
+            "process": what.process,
+            "log_pid": what.pid,
+            "latency_s": round(o.clock.monotonic() - what.at, 3),
+        }
+    else:
+        info = {"source": "probe", "kind": what.probe, "message": what.detail}
+    o._publish(last_detection={**info, "at": iso(o.clock.time())})
+    o.events.emit("detection", **info)
+    if o.metrics is not None:
+        o.metrics.detection(info["kind"], info.get("latency_s", 0.0))
+
+
+def root_cause(lines: list[str], fallback: str) -> str:
+    """`fallback`, with the root cause the tree's log lines name (diagnose.py) when there is one."""
+    try:
+        from . import diagnose
+
+        d = diagnose.analyze(lines)
+        if d.root_cause and d.root_cause.strip() != fallback.strip():
+            return f"{fallback}; root cause: {d.root_cause}"
+    except Exception:  # noqa: BLE001 - the root cause is a bonus; the reason stands without it
+        return fallback
+    return fallback
+
+
+async def record_stacks(o: Supervisor, tree: proctree.TreeRecord) -> dict[str, Any] | None:
+    """Stacks and facts of every process of a hung tree (stacks.py), within timeouts.stacks_s:
+    py-spy where ptrace is allowed, else faulthandler (SIGABRT: the tree dies anyway)."""
+    budget = o.cfg.timeouts.stacks_s
+    d = o.cfg.daemon
+    work = stacks.collect(
+        tree,
+        o.host,
+        budget_s=budget,
+        mechanism=d.stacks,
+        may_kill=True,
+        faulthandler_env=launch.faulthandler_env(o.cfg),
+        log_path=o.cfg.vllm.log_file,
+        py_spy=d.py_spy,
+    )
+    try:
+        r = await o._run(work, budget + 1.0)
+    except Exception as e:  # noqa: BLE001 - forensics must never stop the recovery
+        o.events.emit("stacks_failed", error=f"{type(e).__name__}: {e}")
+        return None
+    out = r.to_json()
+    o.events.emit(
+        "stacks",
+        mechanism=r.mechanism,
+        reason=r.reason,
+        seconds=round(r.elapsed_s, 3),
+        complete=r.complete,
+        processes={p.label: p.state for p in r.processes},
+    )
+    return out
+
+
+def record_incident(
+    o: Supervisor,
+    reason: str,
+    kind: str | None,
+    lines: list[str],
+    tree: proctree.TreeRecord | None,
+    report: cleanup_mod.Report,
+    stacks: dict[str, Any] | None = None,
+) -> None:
+    """Write the incident bundle of a failed tree and announce it as an event."""
+    try:
+        bundle = incidents.write_bundle(
+            o.cfg,
+            reason=reason,
+            kind=kind or "reload_failed",
+            lines=lines,
+            tree=tree,
+            events=list(o.events.recent),
+            cleanup=report.to_json(),
+            vllm_version=o.vllm_version,
+            stacks=stacks,
+        )
+    except OSError as e:  # a full disk must not turn a recovery into a crash
+        o.events.emit("incident_not_written", kind=kind, error=f"{type(e).__name__}: {e}")
+        return
+    if bundle is None:  # refused to write into a directory it cannot trust
+        o.events.emit("incident_not_written", kind=kind, error="incidents directory refused")
+        return
+    o.events.emit("incident", path=str(bundle), kind=kind)
