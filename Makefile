@@ -36,7 +36,7 @@ lint: venv
 # The whole suite, real-vLLM tests included (they fail, never skip, when vLLM cannot run), after
 # `lint` (first, so a finding fails in seconds rather than after the vLLM setup).
 test: venv lint vllm
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra -m 'not two_servers' $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra --durations=30 -m 'not two_servers' $(PYTEST_ARGS) tests
 
 # Two real TP=2 servers under two vsup instances on this 2-core machine (issue 18). Not in
 # `make test` yet: in two clean runs here the SIGKILLed instance's workers stayed alive 38 s and
