@@ -53,6 +53,11 @@ async def into(o: Owner, where: str) -> None:
     w = o.world
     if where == "stopped":
         await o.state("stopped")
+    elif where == "stopped-unloaded":  # issue 16: off-loaded by `vsup unload`, the route holding
+        await o.state("ready")
+        ok, r = await o.reply(o.command("unload"), 15)
+        assert ok and r["unloaded"], r
+        assert o.sup.snap.reason == "unloaded" and o.sup.gate.route.idle and o.sup.gate.route.hold
     elif where == "starting":  # readiness of a server that loads for ever
         await o.state("starting", "readiness")
     elif where == "starting-backoff":
@@ -84,6 +89,7 @@ async def into(o: Owner, where: str) -> None:
 # How each position is set up: owner options and the first server's mode.
 SETUP: dict[str, dict[str, Any]] = {
     "stopped": {"autostart": False},
+    "stopped-unloaded": {},
     "starting": {"mode_a": "loading"},
     "starting-backoff": {"mode_a": "exit", "restart": {"backoff_initial_s": 30.0, "backoff_max_s": 30.0}},
     "ready": {},
@@ -104,10 +110,15 @@ def owner(tmp: Path, where: str) -> Owner:
     return o
 
 
-def test_every_state_has_a_position_and_every_pair_an_answer() -> None:
+def test_every_state_has_a_position_and_every_pair_an_answer(tmp_path: Path) -> None:
     """The matrix below covers every state, and the table answers every (state, command) pair:
     a state or a command added without its row fails here."""
     assert {State(p.split("-")[0]) for p in POSITIONS} == set(State)
+    # every command of the control socket is a lifecycle command (a row of the table) or a read
+    from vsup.runtime import Runtime
+
+    sup = Owner(tmp_path).sup
+    assert set(Runtime(sup).handlers()) == set(commands.LIFECYCLE) | set(commands.READS)
     for s in State:
         assert set(commands.TABLE[s]) == set(commands.LIFECYCLE), s
     for s, row in commands.TABLE.items():
@@ -156,6 +167,7 @@ def test_command_in_state(tmp_path: Path, where: str, cmd: str) -> None:
                 if cmd == "stop":
                     assert ok and r["stopped"], r
                     assert str(o.sup.snap.state) == "stopped"
+                    assert not o.sup.gate.route.hold  # an operator's stop: requests refused again
                 elif cmd == "unload":  # issue 16: off-loaded, `stopped` with reason `unloaded`
                     assert ok and r["unloaded"], r
                     assert str(o.sup.snap.state) == "stopped" and o.sup.snap.reason == "unloaded"
@@ -298,7 +310,7 @@ def test_observation_while_ready(tmp_path: Path, obs: str) -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize("where", ["starting", "stopped", "failed"])
+@pytest.mark.parametrize("where", ["starting", "stopped", "failed", "stopped-unloaded"])
 def test_observations_outside_serving_change_nothing_unexpected(tmp_path: Path, where: str) -> None:
     """Probe results, proxy reports and stale exits while not serving are dropped or noted."""
 
@@ -502,6 +514,96 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_unload_drain_busy_for_commands_and_cancelled_by_a_shutdown(tmp_path: Path) -> None:
+    """Issue 16's unload while it drains the proxy's requests in flight: `stopping` (phase
+    drain), every lifecycle command busy, status answered, the route holding; a shutdown
+    cancels it (its reply: failed, unload cancelled by daemon shutdown), and the owner still
+    tears the tree down and cleans it."""
+
+    class Traffic:
+        def in_flight(self, gen: int | None = None) -> int:
+            return 1  # a request that never finishes
+
+        def held(self) -> int:
+            return 0
+
+        def oldest_held_s(self) -> float | None:
+            return None
+
+        def last_success_at(self) -> float | None:
+            return None
+
+        def last_activity_at(self, model: str | None = None) -> float | None:
+            return None
+
+        def waiting(self) -> dict[str | None, float]:
+            return {}
+
+        def stats(self) -> dict[str, object]:
+            return {"in_flight": 1, "held": 0}
+
+    async def scenario() -> None:
+        o = Owner(tmp_path, timeouts={"drain_s": 30.0, "shutdown_drain_s": 0.2})
+        o.sup.traffic = Traffic()
+        async with o:
+            await o.state("ready")
+            t = o.command("unload")
+            await o.state("stopping", "drain")
+            assert o.sup.gate.route.hold and o.sup.gate.route.upstream is None
+            for cmd in commands.LIFECYCLE:
+                assert commands.TABLE[State.STOPPING][cmd] is Answer.BUSY
+                ok, r = await o.reply(o.command(cmd, **({"model": "b"} if cmd == "reload" else {})), 2)
+                assert not ok and isinstance(r, CommandError) and r.code == "busy", (cmd, r)
+            assert o.sup.status()["phase"] == "drain"
+            await o.shutdown()
+            ok, r = await o.reply(t, 2)
+            assert not ok and "unload cancelled by daemon shutdown" in str(r), r
+        assert o.world.alive_trees() == []
+        assert_sound(o)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("where", POSITIONS)
+def test_stacks_is_a_read_in_every_state(tmp_path: Path, where: str, monkeypatch: Any) -> None:
+    """`vsup stacks` (issue 17) is answered in every state, like status: from the tree the owner
+    published, never posted to the owner; it changes no state, kills nothing (may_kill=False),
+    and with no tree says there is nothing to dump. The dump itself is stacks.collect's
+    (test_stacks.py); here it is a stand-in that records what it was asked."""
+    from types import SimpleNamespace
+
+    from vsup import stacks
+    from vsup.runtime import Runtime
+
+    asked: list[dict[str, Any]] = []
+
+    async def collect(tree: Any, host: Any, **kw: Any) -> Any:
+        asked.append({"tree": tree, **kw})
+        return SimpleNamespace(to_json=lambda: {"processes": [], "mechanism": "stand-in"})
+
+    monkeypatch.setattr(stacks, "collect", collect)
+
+    async def scenario() -> None:
+        async with owner(tmp_path, where) as o:
+            await into(o, where)
+            before, tree = o.sup.snap.state, o.sup.tree
+            alive = o.world.alive_trees()
+            assert "stacks" in commands.READS
+            handler = Runtime(o.sup).handlers()["stacks"]
+            try:
+                r = await asyncio.wait_for(handler(SimpleNamespace(args={})), 15)
+            except CommandError as e:
+                assert tree is None and e.code == "failed" and "no vLLM server" in e.message, e
+            else:
+                assert tree is not None and r["mechanism"] == "stand-in", r
+                assert asked[-1]["tree"].id == tree.id and asked[-1]["may_kill"] is False
+            assert o.sup.snap.state == before and o.world.alive_trees() == alive
+            assert o.evs("internal_error") == []
+        assert_sound(o)
+
+    run(scenario())
+
+
 # ---- random interleavings ------------------------------------------------------------------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402 - with the section using it
@@ -509,7 +611,8 @@ from hypothesis import strategies as st  # noqa: E402 - as above
 
 STEPS = st.one_of(
     st.tuples(
-        st.just("cmd"), st.sampled_from(["start", "stop", "restart", "reload-a", "reload-b", "cleanup"])
+        st.just("cmd"),
+        st.sampled_from(["start", "stop", "restart", "reload-a", "reload-b", "cleanup", "unload"]),
     ),
     st.tuples(
         st.just("obs"),

@@ -2,7 +2,8 @@
 
 Every (state, lifecycle command) pair has exactly one entry; the matrix test walks them all and
 fails when a state or a command is added without its row. Reads (`status`, `events`,
-`diagnose`) are answered in every state from the owner's published snapshot and never queue.
+`diagnose`, `stacks`) are answered in every state from what the owner published (its snapshot,
+its tree record) and never queue.
 
     ACCEPT  the owner runs the command: it ends the current phase where the phase waits
             (readiness, backoff, drain, serving, idle), or right after the step that cannot
@@ -30,7 +31,7 @@ class Answer(enum.Enum):
 A, N, B, R = Answer.ACCEPT, Answer.NOTE, Answer.BUSY, Answer.RUN
 
 LIFECYCLE = ("start", "stop", "restart", "reload", "cleanup", "unload")
-READS = ("status", "events", "diagnose")
+READS = ("status", "events", "diagnose", "stacks")  # every socket command is one or the other
 
 # state -> command -> answer. Why each non-obvious cell is what it is:
 # - start while starting/ready/unhealthy: already running (or coming); a second start would
