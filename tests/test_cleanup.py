@@ -106,6 +106,54 @@ def test_process_stuck_after_sigkill_is_remaining():
     assert {i.name for i in rec.ipc if i.kind == "shm"} <= h.shm_names()
 
 
+def test_sigkilled_worker_still_exiting_is_waited_for_while_it_progresses():
+    """Issue 18: a SIGKILLed worker pinned to a core full of another server's threads spends
+    40 s tearing its memory down (state R, CPU time growing). That is progress, not a process
+    that survived SIGKILL: the cleanup waits (kill_wait_s is 2 s) and then frees what it
+    mapped; the report is clean and says how long the exit took."""
+    h = FakeHost()
+    pids, rec = add_vllm_tree(h, 500, api_alive=False)
+    h.procs[pids["w0"]].on_term = "ignore"
+    h.procs[pids["w0"]].kill_exit_s = 40.0
+    t0 = h.mono
+    rep = run(h, [rec])
+    assert rep.clean, rep.remaining
+    (row,) = [r for r in rep.killed if r["pid"] == pids["w0"]]
+    assert row["how"] == "SIGKILL" and 40.0 <= row["exit_s"] < 41.0
+    assert 40.0 <= h.mono - t0 < 40.0 + FAST["grace_s"] + FAST["tracker_grace_s"] + 5
+    assert not ({i.name for i in rec.ipc if i.kind == "shm"} & h.shm_names())
+
+
+def test_an_exit_that_outlasts_the_cap_is_remaining_with_its_reason():
+    """Progress has a cap (exit_wait_s): past it the still-exiting worker is remaining, and
+    the reason says it is exiting, in which state, and for how long."""
+    h = FakeHost()
+    pids, rec = add_vllm_tree(h, 500, api_alive=False)
+    h.procs[pids["w0"]].on_term = "ignore"
+    h.procs[pids["w0"]].kill_exit_s = 1000.0
+    t0 = h.mono
+    rep = run(h, [rec], exit_wait_s=30.0)
+    (left,) = [r for r in rep.remaining if r.get("pid") == pids["w0"]]
+    assert left["reason"].startswith("still exiting 30") and "state R" in left["reason"]
+    assert 30.0 <= h.mono - t0 < 30.0 + FAST["grace_s"] + FAST["tracker_grace_s"] + 5
+
+
+def test_no_progress_after_sigkill_is_not_waited_for():
+    """D state with no CPU time moving ends the wait after kill_wait_s, whatever the cap; a
+    process that is not even dying (SIGKILL had no effect) likewise; each reason says which."""
+    h = FakeHost()
+    pids, rec = add_vllm_tree(h, 500, api_alive=False)
+    for w, how in (("w0", "stuck"), ("w1", "ignore")):
+        h.procs[pids[w]].on_term = "ignore"
+        h.procs[pids[w]].on_kill = how
+    t0 = h.mono
+    rep = run(h, [rec], exit_wait_s=600.0)
+    why = {r["pid"]: r["reason"] for r in rep.remaining if "pid" in r}
+    assert "no progress for 2 s" in why[pids["w0"]] and "state D in fake_wait" in why[pids["w0"]]
+    assert "not exiting" in why[pids["w1"]]
+    assert h.mono - t0 < 60
+
+
 def test_pid_reuse_is_never_signalled():
     """A recorded pid now owned by a different process (other create time) is left alone."""
     h = FakeHost()

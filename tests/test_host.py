@@ -73,6 +73,52 @@ def test_zombie_is_seen_and_cannot_be_signalled():
     assert h.signal(p.pid, info.create_time, signal.SIGTERM) is SignalResult.GONE
 
 
+def test_exit_facts_see_a_sigkilled_process_dying_before_it_is_gone():
+    """Issue 18: a SIGKILLed process pinned to a core beside busy threads spends a while tearing
+    its memory down. exit_facts says it is dying (SIGKILL pending or in do_exit) with its CPU
+    time moving, until it is a zombie (None); a live one is not dying; another create time is
+    another process (None)."""
+    cpu = min(os.sched_getaffinity(0))
+    pin = ["taskset", "-c", str(cpu)]
+    victim = subprocess.Popen(
+        [
+            *pin,
+            sys.executable,
+            "-c",
+            "b = bytearray(768 << 20); b[::4096] = b'x' * len(b[::4096]); "
+            "print('up', flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    busy: list[subprocess.Popen[bytes]] = []
+    h = Host()
+    try:
+        assert victim.stdout is not None and victim.stdout.readline() == b"up\n"
+        ct = h.process(victim.pid).create_time
+        live = h.exit_facts(victim.pid, ct)
+        assert live is not None and not live.dying and live.state == "S"
+        assert h.exit_facts(victim.pid, ct - 5) is None
+        # its exit competes with these for the one core (each its own session: its own share)
+        busy = [
+            subprocess.Popen([*pin, sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(6)
+        ]
+        time.sleep(0.3)
+        os.kill(victim.pid, signal.SIGKILL)
+        seen = []
+        while (f := h.exit_facts(victim.pid, ct)) is not None:
+            seen.append(f)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        assert seen, "the exit was over before one look: nothing to judge"
+        assert all(f.dying for f in seen), seen[:3]
+        assert h.exit_facts(victim.pid, ct) is None
+    finally:
+        for p in [victim, *busy]:
+            p.kill()
+            p.wait()
+
+
 def test_signal_rechecks_create_time():
     """A signal aimed at a recorded create time that no longer matches is not sent (pid reuse)."""
     p = subprocess.Popen(["sleep", "30"])

@@ -56,6 +56,18 @@ TRACKER_GRACE_S = 5.0
 # After SIGKILL the kernel tears a process down quickly unless it is stuck in D state; beyond
 # this we report it as remaining instead of waiting forever.
 KILL_WAIT_S = 5.0
+# ...unless its exit is still moving. Tearing down a vLLM worker's address space (1.7 GB for a
+# tiny TP=2 CPU server) costs 0.15 s of CPU, but a SIGKILLed process gets that CPU only in its
+# turn: a worker is pinned to its core (VLLM_CPU_OMP_THREADS_BIND) beside the OMP threads of any
+# other vLLM server bound there. Two servers on 2 cores: 2.4 s in a quiet run, and in two runs on
+# a busy machine over a minute, during which a fixed 10 s wait declared the still-exiting workers
+# "still alive after SIGKILL" four times over, and the instance ended `failed` (issue 18). A
+# dying process (SIGKILL pending or in do_exit) whose CPU time grows, or that waits for a CPU
+# (state R), is making progress: the wait goes on, each process allowed `kill_wait_s` without
+# progress, all of it at most this long after the SIGKILL. It still holds what it held (the
+# inherited listening socket of the API server, GPU memory) until its files are closed at the
+# very end, so starting the next tree before it is gone would only fail on them.
+EXIT_WAIT_S = 120.0
 # Interval of the "gone yet?" polls: /proc reads of a handful of pids.
 POLL_S = 0.05
 # An unheld object born less than this before a live vLLM tree started may still be that
@@ -168,11 +180,59 @@ def _wait_gone(host: Host, procs: list[ProcInfo], timeout: float, poll_s: float)
         host.sleep(poll_s)
 
 
+def kill_bound(kill_wait_s: float, exit_wait_s: float = EXIT_WAIT_S) -> float:
+    """The longest one SIGKILL's wait can last (see EXIT_WAIT_S): for a caller's deadline."""
+    return max(kill_wait_s, exit_wait_s)
+
+
+def _wait_exited(
+    host: Host, procs: list[ProcInfo], stall_s: float, cap_s: float, poll_s: float
+) -> tuple[list[ProcInfo], dict[int, str], dict[int, float]]:
+    """Wait for SIGKILLed `procs` to be gone while their exits make progress (EXIT_WAIT_S).
+    Returns those left, why each is left, and how long each one that went took to go."""
+    start = host.monotonic()
+    last_progress = {p.pid: start for p in procs}
+    ticks: dict[int, int] = {}
+    why: dict[int, str] = {}
+    took: dict[int, float] = {}
+    left = list(procs)
+    while True:
+        now = host.monotonic()
+        still = []
+        for p in left:
+            f = host.exit_facts(p.pid, p.create_time)
+            if f is None:  # gone, a zombie (nothing left to free) or its pid reused
+                took[p.pid] = now - start
+                continue
+            still.append(p)
+            if f.dying and (f.state == "R" or f.cpu_ticks > ticks.get(p.pid, f.cpu_ticks)):
+                last_progress[p.pid] = now
+            ticks[p.pid] = f.cpu_ticks
+            where = f"state {f.state}" + (f" in {f.wchan}" if f.wchan else "")
+            if not f.dying:
+                why[p.pid] = f"still alive {now - start:.3g} s after SIGKILL, not exiting ({where})"
+            elif now - last_progress[p.pid] >= stall_s:
+                why[p.pid] = f"exiting, but no progress for {stall_s:g} s after SIGKILL ({where})"
+            else:
+                why[p.pid] = (
+                    f"still exiting {now - start:.3g} s after SIGKILL ({where}: the kernel is freeing it)"
+                )
+        left = still
+        stalled = all(now - last_progress[p.pid] >= stall_s for p in left)
+        if not left or stalled or now - start >= cap_s:
+            return left, why, took
+        host.sleep(poll_s)
+
+
 class _Killer:
-    def __init__(self, host: Host, rep: Report, say: Callable[[str], None], poll_s: float) -> None:
+    def __init__(
+        self, host: Host, rep: Report, say: Callable[[str], None], poll_s: float, exit_wait_s: float
+    ) -> None:
         self.host, self.rep, self.say, self.poll_s = host, rep, say, poll_s
+        self.exit_wait_s = exit_wait_s
         self.how: dict[int, str] = {}
         self.stuck: dict[int, str] = {}
+        self.exit_s: dict[int, float] = {}  # how long a SIGKILLed process took to go, past a moment
 
     def send(self, procs: list[ProcInfo], sig: signal.Signals) -> list[ProcInfo]:
         """Signal each (identity re-checked); return those that still need waiting for."""
@@ -202,9 +262,13 @@ class _Killer:
             self.kill(left, kill_wait_s)
 
     def kill(self, procs: list[ProcInfo], kill_wait_s: float) -> None:
-        left = _wait_gone(self.host, self.send(procs, signal.SIGKILL), kill_wait_s, self.poll_s)
+        sent = self.send(procs, signal.SIGKILL)
+        cap = kill_bound(kill_wait_s, self.exit_wait_s)
+        left, why, took = _wait_exited(self.host, sent, kill_wait_s, cap, self.poll_s)
+        # SIGKILL to gone, for those that took long enough to be worth a look (EXIT_WAIT_S)
+        self.exit_s.update({pid: round(t, 3) for pid, t in took.items() if t >= 1.0})
         for p in left:
-            self.stuck[p.pid] = f"still alive {kill_wait_s:g} s after SIGKILL"
+            self.stuck[p.pid] = why.get(p.pid, f"still alive {kill_wait_s:g} s after SIGKILL")
 
     def report(self, targets: list[ProcInfo]) -> None:
         for p in targets:
@@ -212,7 +276,10 @@ class _Killer:
             if p.pid in self.stuck:
                 self.rep.remaining.append({"pid": p.pid, "name": p.title, "reason": self.stuck[p.pid]})
             elif how != "reused":
-                self.rep.killed.append({"pid": p.pid, "name": p.title, "sid": p.sid, "how": how})
+                row: dict[str, Any] = {"pid": p.pid, "name": p.title, "sid": p.sid, "how": how}
+                if p.pid in self.exit_s:
+                    row["exit_s"] = self.exit_s[p.pid]  # SIGKILL to gone, when it took a while
+                self.rep.killed.append(row)
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -229,11 +296,14 @@ def cleanup(
     tracker_grace_s: float = TRACKER_GRACE_S,
     kill_wait_s: float = KILL_WAIT_S,
     poll_s: float = POLL_S,
+    exit_wait_s: float = EXIT_WAIT_S,
 ) -> Report:
     """Kill the processes of the `dead` trees (and, with `foreign`, orphaned vLLM processes),
     then unlink the /dev/shm objects and remove the /tmp files they leave, as the module doc
     says. `live` trees are never touched. With `dry_run` nothing is signalled or removed and the
     report says what would have been. Blocking; run it in a thread from an event loop.
+    After a SIGKILL a process gets `kill_wait_s` without progress, and while its exit makes
+    progress up to `exit_wait_s` in all (EXIT_WAIT_S; `kill_bound` is the total).
     """
     host = host or Host()
     say = progress or (lambda _msg: None)
@@ -343,7 +413,7 @@ def cleanup(
         for p in targets:
             rep.killed.append({"pid": p.pid, "name": p.title, "sid": p.sid, "how": "would signal"})
     elif targets:
-        killer = _Killer(host, rep, say, poll_s)
+        killer = _Killer(host, rep, say, poll_s, exit_wait_s)
         trackers = [p for p in targets if is_tracker(p)]
         killer.term_then_kill([p for p in targets if not is_tracker(p)], grace_s, kill_wait_s)
         if trackers:

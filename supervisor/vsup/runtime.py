@@ -339,6 +339,7 @@ class Runtime:
                     grace_s=0.0,
                     tracker_grace_s=0.0,
                     kill_wait_s=FORCED_KILL_WAIT_S,
+                    exit_wait_s=FORCED_KILL_WAIT_S,  # out now: an exit still under way is the ledger's
                     host=sup.host,
                 )
             except Exception as e:  # noqa: BLE001 - the forced exit reports what failed, then exits

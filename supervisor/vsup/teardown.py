@@ -38,8 +38,11 @@ SCAN_BOUND_S = 5.0
 
 def cleanup_bound(t: TimeoutsConfig, grace: float) -> float:
     """How long one cleanup-engine run can take: its grace, SIGKILL's wait for the tree,
-    the resource tracker's grace and SIGKILL wait, and the scans."""
-    return grace + 2 * t.kill_wait_s + cleanup_mod.TRACKER_GRACE_S + SCAN_BOUND_S
+    the resource tracker's grace and SIGKILL wait, and the scans. A SIGKILL's wait lasts
+    kill_wait_s without progress, longer while the killed processes are still exiting
+    (cleanup.EXIT_WAIT_S: slow exits on a loaded machine, issue 18)."""
+    kill = cleanup_mod.kill_bound(t.kill_wait_s)
+    return grace + 2 * kill + cleanup_mod.TRACKER_GRACE_S + SCAN_BOUND_S
 
 
 def start_extend_s(t: TimeoutsConfig) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vsup.host import FileStat, Holdings, ProcInfo, SignalResult, same_process
+from vsup.host import ExitFacts, FileStat, Holdings, ProcInfo, SignalResult, same_process
 
 if TYPE_CHECKING:
     # To the type checker a FakeHost is a Host (the code under test takes `Host | None`), and its
@@ -40,7 +40,9 @@ class FakeProc:
     uid: int = 0
     state: str = "S"
     on_term: str = "exit"  # "exit" | "ignore"
-    on_kill: str = "exit"  # "exit" | "stuck" (uninterruptible sleep)
+    on_kill: str = "exit"  # "exit" | "stuck" (uninterruptible sleep) | "ignore" (never dying)
+    kill_exit_s: float = 0.0  # fake seconds a SIGKILLed process takes to exit, running (state R)
+    killed_at: float | None = None
     exit_delay: float = 0.0  # fake seconds between a fatal signal and the exit
     deny: bool = False  # signals fail with EPERM
     vanish_on_signal: bool = False  # exits right before the first signal reaches it
@@ -260,14 +262,29 @@ class FakeHost(_HostBase):
             return SignalResult.DENIED
         self.signals.append((pid, sig))
         if sig == signal.SIGKILL:
+            if p.on_kill != "ignore" and p.killed_at is None:
+                p.killed_at = self.t
             if p.on_kill == "stuck":
                 p.state = "D"
-            else:
-                p.dies_at = self.t if p.dies_at is None else min(p.dies_at, self.t)
+            elif p.on_kill == "exit":
+                p.state = "R" if p.kill_exit_s else p.state
+                at = self.t + p.kill_exit_s
+                p.dies_at = at if p.dies_at is None else min(p.dies_at, at)
         elif sig == signal.SIGTERM and p.on_term == "exit" and not p.tracker_names:
             p.dies_at = self.t + p.exit_delay
         self._tick()
         return SignalResult.SENT
+
+    def exit_facts(self, pid: int, create_time: float) -> ExitFacts | None:
+        p = self.procs.get(pid)
+        if p is None or p.state == "Z" or not same_process(p.create_time, create_time):
+            return None
+        dying = p.killed_at is not None
+        # a running exit uses CPU (100 ticks a fake second); a stuck one none
+        ticks = int((self.t - p.killed_at) * 100) if dying and p.state == "R" and p.killed_at else 0
+        return ExitFacts(
+            dying=dying, cpu_ticks=ticks, state=p.state, wchan="" if p.state == "R" else "fake_wait"
+        )
 
     def meminfo(self) -> dict[str, int]:
         return dict(self.mem)
