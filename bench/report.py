@@ -80,8 +80,12 @@ def markdown(res: dict[str, Any], chart: str | None = "latest.png") -> str:
 def header(res: dict[str, Any]) -> list[str]:
     m, v = res["machine"], res["versions"]
     cold = cold_start(res)
+    lw = sum(w["waited_s"] for w in (res.get("shared") or {}).get("waits", [])) / 60
+    mins = res.get("minutes", "?")
+    if lw >= 0.1 and isinstance(mins, int | float):
+        mins = f"{mins} ({mins - lw:.1f} without the waits for the real-vLLM lock)"
     out = [
-        f"- Date: {res['started']} (UTC), {res.get('minutes', '?')} min"
+        f"- Date: {res['started']} (UTC), {mins} min"
         + (
             ""
             if res.get("complete", True)
@@ -105,8 +109,8 @@ def header(res: dict[str, Any]) -> list[str]:
         busy = [s for s in sh.get("sections", []) if s.get("foreign_vllm")]
         out.append(
             "- **A shared machine**: other sessions ran their own tests on the same 2 cores during this "
-            f"run. Each section or episode that runs a real vLLM server took `{sh.get('lock') or '(no lock)'}` "
-            f"for its own duration only; it waited {sum(waits):.0f} s in all for it ({len(waits)} takes, "
+            f"run. Each section that runs a real vLLM server (the fault matrix: each fault) took "
+            f"`{sh.get('lock') or '(no lock)'}` for its own duration only; it waited {sum(waits):.0f} s in all for it ({len(waits)} takes, "
             f"longest {max(waits, default=0):.0f} s). Load average per section: "
             + ", ".join(f"{s['section']} {s['load_start']}→{s['load_end']}" for s in sh.get("sections", []))
             + (f"; other vLLM processes seen during {', '.join(s['section'] for s in busy)}" if busy else "")
@@ -498,14 +502,19 @@ def hooks_block(res: dict[str, Any]) -> list[str]:
         if not rows:
             out += ["(no rows)", ""]
             continue
-        keys: list[str] = []
+        groups: list[tuple[list[str], list[dict[str, Any]]]] = []  # rows with the same keys share a table
         for r in rows:
-            keys += [k for k in r if k not in keys]
-        out.append("| " + " | ".join(keys) + " |")
-        out.append("| " + " | ".join("---" for _ in keys) + " |")
-        for r in rows:
-            out.append("| " + " | ".join(_hook_cell(r.get(k)) for k in keys) + " |")
-        out.append("")
+            keys = list(r)
+            if groups and groups[-1][0] == keys:
+                groups[-1][1].append(r)
+            else:
+                groups.append((keys, [r]))
+        for keys, rs in groups:
+            out.append("| " + " | ".join(keys) + " |")
+            out.append("| " + " | ".join("---" for _ in keys) + " |")
+            for r in rs:
+                out.append("| " + " | ".join(_hook_cell(r.get(k)) for k in keys) + " |")
+            out.append("")
     return out
 
 
@@ -735,6 +744,53 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             r <= OFFLOAD_RATIO,
             WHY["offload"],
         )
+    hang = (res.get("hooks") or {}).get("hang") or {}
+    for row in hang.get("rows") or []:
+        if row.get("goal_s") is not None and "teardown_s" in row:
+            t, g = row.get("teardown_s"), row["goal_s"]
+            add(
+                "hang_bench",
+                f"{row.get('scenario')}: teardown within {g:g} s (issue 17)",
+                f"teardown after {_f(t)} s (detected after {_f(row.get('detected_s'))} s by "
+                f"{row.get('detected_by')}), serving again after {_f(row.get('serves_again_s'))} s",
+                t is not None and t <= g,
+                WHY["hang_bench"].format(reason=row.get("reason")),
+            )
+        elif "false_teardowns" in row:
+            add(
+                "saturation",
+                f"no teardown of a saturated, progressing server ({row.get('seconds')} s; issue 17)",
+                f"{row['false_teardowns']} teardowns; unhealthy {row.get('unhealthy_s')} s in all "
+                f"(longest {row.get('longest_unhealthy_s')} s); {row.get('completions')} completions, "
+                f"{row.get('failed')} failed",
+                row["false_teardowns"] == 0,
+                WHY["saturation"],
+            )
+        elif row.get("goal_pct") is not None and "cpu_pct" in row:
+            add(
+                "hang_idle",
+                f"vsup idle CPU < {row['goal_pct']:g} % of a core, proxy on (bench_hang.py, its own window)",
+                f"{row['cpu_pct']:.3f} % over {row.get('seconds')} s",
+                row["cpu_pct"] < row["goal_pct"],
+                WHY["idle_cpu"],
+            )
+    ov = (res.get("hooks") or {}).get("overlap") or {}
+    seq = [r for r in ov.get("rows") or [] if r.get("mode") == "sequential"]
+    for row in [r for r in ov.get("rows") or [] if r.get("mode") == "overlapped"]:
+        w = row.get("worst_wait_s")
+        add(
+            "overlap",
+            "overlapped reload: 0 failed requests, the slowest under 5 s (issue 23)",
+            f"{row.get('failed')} failed of {row.get('requests')}, slowest {_f(w)} s, reload {_f(row.get('reload_s'))} s"
+            + ("" if row.get("overlapped") else f"; did not overlap: {row.get('fallback')}")
+            + (
+                f" (sequential: {seq[0].get('failed')} failed, slowest {_f(seq[0].get('worst_wait_s'))} s)"
+                if seq
+                else ""
+            ),
+            bool(row.get("overlapped")) and row.get("failed") == 0 and w is not None and w < 5,
+            WHY["overlap"],
+        )
     for name, h in (res.get("hooks") or {}).items():
         for row in h.get("rows") or []:
             if "target" in row and "met" in row:
@@ -889,6 +945,16 @@ WHY = {
     "swap": (
         "a swap is a reload started by a held request: the same drain, proven-clean stop and start; "
         "with n=2 on a shared machine the difference is within the noise of two cold starts"
+    ),
+    "hang_bench": (
+        "the teardown waits for the hang's proof ({reason}); see the hang table for each signal's time"
+    ),
+    "saturation": (
+        "a saturated engine answers the canary late; see the hang table for what vsup saw and when"
+    ),
+    "overlap": (
+        "see the overlap table: the second tree loads beside the first on the same 2 cores, and the "
+        "first one's answers slow down while it does"
     ),
     "offload": (
         "the held request waits for the pre-start cleanup's proof and the canary before it goes "

@@ -11,10 +11,11 @@ HAProxy; clients: the `openai` package and a plain client, streaming and not), `
 stop + start vs `vsup reload`), `swap` (swap on request vs `vsup reload`), `ondemand` (first
 token after an idle off-load vs a bare cold start), `hang` (bench_hang.py: the hang's
 confirmation, false teardowns under saturation), `overlap` (bench_overlap.py: overlapped vs
-sequential reload), `parse`, `cleanup`. Every section or episode that starts a real vLLM server
-takes /tmp/vsup-real.lock for its own duration only, so other users' real tests can run between
-them; the waits are recorded. `--readme` refreshes README.md's Performance section from
-bench/results/latest.json without running anything.
+sequential reload), `parse`, `cleanup`. Every section that starts a real vLLM server takes
+/tmp/vsup-real.lock for its own duration only (the fault matrix: once per fault, for all its
+supervisors), so other users' real tests can run between them; the waits are recorded.
+`--readme` refreshes README.md's Performance section from bench/results/latest.json without
+running anything.
 """
 
 from __future__ import annotations
@@ -360,45 +361,44 @@ class Run:
         )
 
     def faults(self) -> None:
+        """Every fault x every supervisor; the lock is taken per fault (all its supervisors)."""
         a = self.args
         idle_done: set[str] = set()
         for fault in a.faults:
-            for rep in range(a.reps):
-                for name in a.supervisors:
-                    if name in ("circus", "bash-loop") and fault not in a.other_peers_faults:
-                        continue
-                    log(f"{name}: fault {fault} ({episode.FAULTS[fault]}), rep {rep + 1}")
-                    d = self.work / f"{name}-f{fault}-r{rep}"
-                    sup = sups.MATRIX[name](d, PORTS[name])
-                    front = (
-                        None if name == "vsup" else fronts.HAProxy(d / "front", PORTS[name] + 1, PORTS[name])
-                    )
-                    # the peers other than supervisord: a shorter window (the target compares vsup and supervisord)
-                    idle_s = (
-                        0 if name in idle_done else a.idle if name in ("vsup", "supervisord") else a.idle / 2
-                    )
-                    with self.lock(f"fault {fault} {name}"):
-                        ep = episode.run_episode(
-                            sup, fault, rep, hang_watch_s=a.hang_watch, idle_s=idle_s, log=log, front=front
-                        )
-                    if ep.idle:
-                        idle_done.add(name)
-                        self.res["idle"][name] = ep.idle
-                        if ep.idle_front:
-                            self.res["idle_front"][name] = ep.idle_front
-                    self.res["episodes"].append(ep.to_json())
-                    self.res["load"]["foreign_vllm_max"] = max(
-                        self.res["load"]["foreign_vllm_max"], foreign_vllm()
-                    )
-                    log(
-                        f"  -> first success {ep.first_ok_s}, serves again {ep.serve_s}, acted {ep.acted_s} "
-                        f"({ep.acted_how}), held max {ep.held_max_s}, requests {ep.requests}, debris {ep.debris}"
-                    )
-                    for k, c in (ep.clients or {}).items():
-                        log(f"     {k}: {c}")
-                    for line in ep.harness_cleanup + ep.notes:
-                        log(f"     {line}")
-                    self.checkpoint()
+            with self.lock(f"fault {fault}"):
+                for rep in range(a.reps):
+                    for name in a.supervisors:
+                        if name in ("circus", "bash-loop") and fault not in a.other_peers_faults:
+                            continue
+                        self.episode(name, fault, rep, idle_done)
+
+    def episode(self, name: str, fault: int, rep: int, idle_done: set[str]) -> None:
+        a = self.args
+        log(f"{name}: fault {fault} ({episode.FAULTS[fault]}), rep {rep + 1}")
+        d = self.work / f"{name}-f{fault}-r{rep}"
+        sup = sups.MATRIX[name](d, PORTS[name])
+        front = None if name == "vsup" else fronts.HAProxy(d / "front", PORTS[name] + 1, PORTS[name])
+        # the peers other than supervisord: a shorter window (the target compares vsup and supervisord)
+        idle_s = 0 if name in idle_done else a.idle if name in ("vsup", "supervisord") else a.idle / 2
+        ep = episode.run_episode(
+            sup, fault, rep, hang_watch_s=a.hang_watch, idle_s=idle_s, log=log, front=front
+        )
+        if ep.idle:
+            idle_done.add(name)
+            self.res["idle"][name] = ep.idle
+            if ep.idle_front:
+                self.res["idle_front"][name] = ep.idle_front
+        self.res["episodes"].append(ep.to_json())
+        self.res["load"]["foreign_vllm_max"] = max(self.res["load"]["foreign_vllm_max"], foreign_vllm())
+        log(
+            f"  -> first success {ep.first_ok_s}, serves again {ep.serve_s}, acted {ep.acted_s} "
+            f"({ep.acted_how}), held max {ep.held_max_s}, requests {ep.requests}, debris {ep.debris}"
+        )
+        for k, c in (ep.clients or {}).items():
+            log(f"     {k}: {c}")
+        for line in ep.harness_cleanup + ep.notes:
+            log(f"     {line}")
+        self.checkpoint()
 
     def reload(self) -> None:
         a = self.args
