@@ -49,7 +49,19 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from . import commands, detection, incidents, launch, ondemand, probes, proctree, starting, teardown, watchers
+from . import (
+    commands,
+    detection,
+    incidents,
+    launch,
+    ondemand,
+    overlapped,
+    probes,
+    proctree,
+    starting,
+    teardown,
+    watchers,
+)
 from . import config as config_mod
 from . import reload as reload_mod
 from .commands import Answer
@@ -117,7 +129,12 @@ class Supervisor:
         self.notifier = notifier
         self.host = host or Host()
         self.clock = clock or Clock()
-        self.make_prober: ProberFactory = prober or _default_prober
+        factory = prober or _default_prober
+        # The owner's own config means the live tree, whose port is an overlapped reload's own
+        # after one (issue 23); a config made for another tree (the old one's drain) is kept.
+        self.make_prober: ProberFactory = lambda cfg, spec: factory(
+            self._tree_cfg() if cfg is self.cfg else cfg, spec
+        )
         self.spawner: launch.Spawner = spawner or launch.RealSpawner(self.host)
         self.offload: Offload = offload or asyncio.to_thread  # blocking host work, off the loop
         self.gate = gate or Gate()
@@ -128,7 +145,10 @@ class Supervisor:
         self.policy = RestartPolicy(cfg)
         self.inbox = Inbox(self.clock, self._absorb, functools.partial(teardown.cmd_cleanup, self))
         self.gen = 0
+        self._gen_hi = 0  # the highest generation handed out: never reused (overlapped.py)
         self.tree: proctree.TreeRecord | None = None
+        # Issue 23: an overlapped reload in progress (the old tree set aside while the new loads)
+        self.overlap: overlapped.Overlap | None = None
         self.leader: launch.Spawned | None = None
         self.leader_status: int | None = None
         self._leader_gone = asyncio.Event()
@@ -164,6 +184,18 @@ class Supervisor:
             # Shutting down (issue 18): the proxy refuses what it has not forwarded yet, held or
             # new, at once; requests in flight finish during the shutdown drain.
             return Route(state=str(s.state), reason=s.reason or "shutting down", closing=True, model=s.model)
+        if s.state == State.RELOADING and self.overlap is not None:
+            # Issue 23: the old server serves until the new one is proven, then the new one;
+            # while neither can (the old one went down), requests are held.
+            up = overlapped.upstream(self)
+            return Route(
+                state=str(s.state),
+                reason=s.reason,
+                upstream=up[0] if up else None,
+                gen=up[1] if up else 0,
+                hold=True,
+                model=s.model,
+            )
         ready = s.state == State.READY and self.tree is not None
         # Off-loaded (issue 16): stopped, but a request loads the model again: hold it.
         idle = s.state == State.STOPPED and self._unloaded is not None
@@ -176,7 +208,7 @@ class Supervisor:
         return Route(
             state=str(s.state),
             reason=s.reason,
-            upstream=(v.host, v.port) if ready else None,
+            upstream=(v.host, self._port()) if ready else None,
             gen=self.gen if ready else 0,
             hold=hold,
             model=s.model,
@@ -268,6 +300,8 @@ class Supervisor:
                 out["traffic"] = self.traffic.stats()
         if self.cfg.proxy is not None or self.od.counts["last"] is not None:
             out["on_demand"] = self.od.status(self._unloaded)
+        if self.overlap is not None:  # issue 23: both trees, and which one serves
+            out["overlap"] = self.overlap.to_json(self)
         return out
 
     # -- the queue ---------------------------------------------------------------------------
@@ -294,6 +328,8 @@ class Supervisor:
     def _absorb(self, obs: Observation) -> Observation | None:
         """What the owner handles the same way in every phase. Returns what the phase must see
         (None when the observation is done with)."""
+        if self.overlap is not None and overlapped.absorb(self, obs):
+            return None  # the old tree's, during an overlapped reload (issue 23)
         if isinstance(obs, Exited) and self.leader is not None and obs.pid == self.leader.pid:
             self.leader_status = obs.status
             self._leader_gone.set()
@@ -380,11 +416,43 @@ class Supervisor:
 
     # -- the tree, the generation, the model: written here, asked for by the phases' helpers --
 
+    def _next_gen(self) -> int:
+        """A generation never handed out before (an overlap's rollback restores an older one)."""
+        self._gen_hi = max(self._gen_hi, self.gen) + 1
+        return self._gen_hi
+
+    def _port(self) -> int:
+        """The live tree's port: [vllm].port, or an overlapped reload's own port (issue 23)."""
+        return self.tree.port if self.tree is not None and self.tree.port else self.cfg.vllm.port
+
+    def _tree_cfg(self) -> Config:
+        """The config as the live tree's probes see it (its port)."""
+        port = self._port()
+        if port == self.cfg.vllm.port:
+            return self.cfg
+        return replace(self.cfg, vllm=replace(self.cfg.vllm, port=port))
+
+    def _restore_tree(
+        self,
+        leader: launch.Spawned | None,
+        tree: proctree.TreeRecord,
+        gen: int,
+        status: int | None,
+        ready_at: float | None,
+    ) -> None:
+        """An overlapped reload rolled back: the old tree, never stopped, is the live one again
+        with its own generation (what the torn-down new tree still says is stale)."""
+        self.leader, self.tree, self.gen = leader, tree, gen
+        self.leader_status, self._ready_at = status, ready_at
+        self._leader_gone = asyncio.Event()
+        if status is not None:
+            self._leader_gone.set()
+
     def _begin_generation(self, gpu_baseline: dict[int, int] | None) -> None:
         """A new tree is about to be spawned: what the old one still says is stale from now."""
         if gpu_baseline is not None:
             self._gpu_baseline = gpu_baseline
-        self.gen += 1
+        self.gen = self._next_gen()
         self._leader_gone.clear()
         self.leader_status = None
         self._ready_at = None
@@ -399,7 +467,7 @@ class Supervisor:
 
     def _retire_generation(self) -> None:
         """A teardown is cleaning the tree: everything it still says from here on is stale."""
-        self.gen += 1
+        self.gen = self._next_gen()
 
     def _tree_gone(self, release: Any = None) -> None:
         """A teardown ended: no tree, and the GPU release report (NVML) when there is one."""
@@ -421,9 +489,11 @@ class Supervisor:
         if spec is not None:
             self.spec = spec
 
-    async def _start_tree(self, spec: ModelConfig, reason: str, *, in_reload: bool) -> starting.Started:
-        """Pre-clean, spawn, prove ready: starting.py."""
-        return await starting.start_tree(self, spec, reason, in_reload=in_reload)
+    async def _start_tree(
+        self, spec: ModelConfig, reason: str, *, in_reload: bool, port: int | None = None
+    ) -> starting.Started:
+        """Pre-clean, spawn, prove ready: starting.py. `port`: an overlapped reload's own."""
+        return await starting.start_tree(self, spec, reason, in_reload=in_reload, port=port)
 
     def start_extend_s(self) -> float:
         """systemd's start/reload timeout from a spawn (teardown.start_extend_s)."""
@@ -677,7 +747,7 @@ class Supervisor:
     async def _drain(self) -> tuple[bool, float]:
         if self.traffic is not None:
             return await watchers.drain_traffic(self.cfg, self.traffic, self.gen, self.clock)
-        return await watchers.drain(self.cfg, self.make_prober(self.cfg, self.spec), self.clock)
+        return await watchers.drain(self.cfg, self.make_prober(self._tree_cfg(), self.spec), self.clock)
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from . import detection, teardown
+from . import detection, overlapped, teardown
 from .config import Config
 from .observations import Cmd, Intent, OperationFailed, Shutdown
 from .states import State
@@ -28,6 +28,12 @@ async def reload(o: Supervisor, it: Intent) -> Intent:
         o._use(cfg=cmd.args["cfg"])  # reload --current: the config read when it was accepted
     new, old = it.spec or o.spec, o.spec
     serving = o.snap.state in (State.READY, State.UNHEALTHY) and o.tree is not None
+    if o.snap.state == State.READY and o.tree is not None and o.leader_status is None:
+        # Issue 23: start the new server beside the serving one when both fit; otherwise (and
+        # the events say why) the sequential reload below.
+        fit = await overlapped.fits(o, new)
+        if fit is not None and fit.ok:
+            return await overlapped.reload(o, it, new, old, fit)
     t0 = o.clock.monotonic()
     phases: dict[str, float] = {}
     if o.notifier is not None:

@@ -45,9 +45,16 @@ class Started(NamedTuple):
     interrupt: Cmd | Shutdown | None
 
 
-async def start_tree(o: Supervisor, spec: ModelConfig, reason: str, *, in_reload: bool) -> Started:
-    """Pre-clean, spawn, prove ready."""
+async def start_tree(
+    o: Supervisor, spec: ModelConfig, reason: str, *, in_reload: bool, port: int | None = None
+) -> Started:
+    """Pre-clean, spawn, prove ready. `port`: an overlapped reload's new tree (issue 23), on
+    that port and with a TMPDIR of its own, beside the old tree, which serves meanwhile: no GPU
+    pre-check (the old tree holds GPU memory; overlap.py showed both fit) and no log rotation
+    (the old tree still appends to the log)."""
     t = o.cfg.timeouts
+    beside = port is not None
+    port = port if port is not None else o.cfg.vllm.port
     served = spec.served_model_name or spec.name
     if not in_reload:
         o._set_state(
@@ -55,20 +62,22 @@ async def start_tree(o: Supervisor, spec: ModelConfig, reason: str, *, in_reload
         )
     else:
         o._set_phase("cleanup")
-    report = await teardown.cleanup_dead(o)
+    # Beside a serving tree (issue 23) the ledger's other record is that live tree, not debris:
+    # the dead trees' cleanup ran before it started and runs again after the overlap.
+    report = cleanup_mod.Report() if beside else await teardown.cleanup_dead(o)
     if not report.clean:
         return Started(False, f"pre-start cleanup left debris: {teardown.remaining(report)}", "cleanup", None)
     if (interrupt := o._poll_interrupt()) is not None:
         return Started(False, "interrupted", None, interrupt)
-    holder = cleanup_mod.port_holder(o.cfg.vllm.port, o.host)
+    holder = cleanup_mod.port_holder(port, o.host)
     if holder is not None:
         detail = (
-            f"port {o.cfg.vllm.port} is held by pid {holder.get('pid')} "
+            f"port {port} is held by pid {holder.get('pid')} "
             f"({holder.get('name')}, user {holder.get('user')}): not ours, not touched"
         )
         return Started(False, detail, "port_busy", None)
     baseline = None
-    if o.gpus is not None:
+    if o.gpus is not None and not beside:
         # Every process of ours is gone by now: whoever still holds GPU memory is someone
         # else's, and starting beside it would fail (or OOM) later, in a worse place.
         # Only the GPUs this instance wants; a holder that is another vsup instance's tree is
@@ -81,13 +90,14 @@ async def start_tree(o: Supervisor, spec: ModelConfig, reason: str, *, in_reload
             o.events.emit("gpu_precheck", ok=False, reason=pre.reason)
             return Started(False, f"GPU pre-start check: {pre.reason}", "gpu_busy", None)
         baseline = o.gpus.baseline()
-    argv, env = launch.command(o.cfg, spec, o.policy.remedies())
+    argv, env = launch.command(o.cfg, spec, o.policy.remedies(), port=port if beside else None)
     log_path = Path(o.cfg.vllm.log_file)
-    if launch.rotate_log(log_path):
+    if not beside and launch.rotate_log(log_path):
         o.events.emit("log_rotated", path=str(log_path))
     o._begin_generation(baseline)
     try:
-        spawned = o.spawner.spawn(argv, env, log_path, model=spec.model, port=o.cfg.vllm.port)
+        own_tmp = {"private_tmp": True} if beside else {}
+        spawned = o.spawner.spawn(argv, env, log_path, model=spec.model, port=port, **own_tmp)
     except OSError as e:
         return Started(False, f"cannot start {argv[0]}: {e.strerror or e}", "spawn", None)
     o._hold_tree(spawned)
@@ -124,7 +134,7 @@ async def start_tree(o: Supervisor, spec: ModelConfig, reason: str, *, in_reload
         )
     if o.notifier is not None:
         o.notifier.extend_timeout(int(teardown.start_extend_s(t) * 1e6))
-    prober = o.make_prober(o.cfg, o.spec)
+    prober = o.make_prober(o._tree_cfg(), o.spec)
     ready_task = o._spawn_task(watchers.readiness(gen, spec, o.cfg, prober, o.post, o.events.emit))
     try:
         while True:
