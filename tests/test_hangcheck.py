@@ -6,14 +6,22 @@ canary skipped when real traffic proved the engine), on a fake clock, in-process
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support import wait_for
 from vsup import config as config_mod
 from vsup import policy, stacks, watchers
 from vsup.config import Config
+from vsup.observations import HangEvidence, Probe
 from vsup.probes import ProbeResult
 
 ENGINE_WAITS = [["get_response", "/v/vllm/v1/executor/multiproc_executor.py", 440]]
@@ -86,7 +94,7 @@ def test_an_idle_engine_core_is_not_a_hang() -> None:
 
 def test_no_stacks_is_unproven_and_says_why() -> None:
     """No sampler (or a failed sample): the judgement leaves the strike to the count."""
-    none = {"mechanism": None, "reason": "py-spy not installed", "processes": []}
+    none: dict[str, Any] = {"mechanism": None, "reason": "py-spy not installed", "processes": []}
     j = policy.judge_hang(none, none, 5.0, 5.0, 1.0)
     assert j.verdict == "unproven" and "py-spy not installed" in j.why
     assert policy.judge_hang(None, report(), None, None, 1.0).verdict == "unproven"
@@ -132,13 +140,21 @@ def test_unproven_strikes_confirm_by_count_only_after_unproven_confirm_s() -> No
     assert s.judged(policy.UNPROVEN_CONFIRM_S + 2, unproven).action == "confirm"
 
 
-def test_without_a_sampler_the_count_confirms_unless_only_canaries_failed_while_tokens_flowed() -> None:
-    """No py-spy: the confirm count as before, canary timeouts alone never confirming a progressing engine."""
+def test_without_a_sampler_the_count_confirms_unless_tokens_came_after_the_first_strike() -> None:
+    """No py-spy: the confirm count as before; a token generated after the first strike clears them all."""
     s = policy.Strikes(confirm=2, can_sample=False)
     assert s.strike(0.0, "canary: a").action == "wait"
-    s.progress()
+    assert s.progress().action == "clear" and s.strikes == []
     assert s.strike(5.0, "canary: b").action == "wait"
     assert s.strike(6.0, "proxy: stalled").action == "confirm"
+
+
+def test_tokens_seen_while_a_check_runs_wait_for_its_judgement() -> None:
+    """/metrics progress during a check does not clear under it: the check sees the same tokens."""
+    s = policy.Strikes(confirm=2, can_sample=True)
+    s.strike(0.0, "progress: 2 running, no token generated for 4s")
+    assert s.progress().action == "wait" and s.strikes
+    assert s.judged(2.0, policy.HangJudgement("unproven", "x")).action == "wait"  # progressed: no count
 
 
 # ---- watchers.hang_check -----------------------------------------------------------------------
@@ -204,7 +220,7 @@ def test_hang_check_takes_two_samples_a_gap_apart_between_two_token_readings() -
     posted: list[Any] = []
     asyncio.run(watchers.hang_check(3, "canary: x", prober, sample, posted.append, clock))
     (ev,) = posted
-    assert isinstance(ev, watchers.HangEvidence) and ev.gen == 3 and ev.strike == "canary: x"
+    assert isinstance(ev, HangEvidence) and ev.gen == 3 and ev.strike == "canary: x"
     assert [c for c, _ in taken] == [1000.0, 1000.0 + watchers.CHECK_GAP_S]
     assert ev.tokens_before == ev.tokens_after == 42.0 and ev.gap_s == pytest.approx(watchers.CHECK_GAP_S)
     assert (
@@ -305,3 +321,235 @@ def test_parse_metrics_sums_each_series_over_label_sets_and_skips_lookalikes() -
     p = parse_metrics(text)
     assert p is not None and (p.running, p.waiting, p.generation_tokens) == (3.0, 2.0, 1240.0)
     assert parse_metrics(buckets) is None
+
+
+# ---- through the daemon: the fake TP tree, a worker hung asleep (state S), default settings ------
+
+needs_py_spy = pytest.mark.skipif(
+    stacks.find_py_spy() is None, reason="py-spy is not installed (vsup[stacks])"
+)
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    """The shipped probe and canary settings (fake_daemon's fast ones replaced)."""
+    from vsup.config import ProbesConfig, TimeoutsConfig
+
+    p, t = ProbesConfig(), TimeoutsConfig()
+    return {
+        "probes": {
+            "interval_s": p.interval_s,
+            "canary_interval_s": p.canary_interval_s,
+            "stall_s": p.stall_s,
+        },
+        "timeouts": {"canary_s": t.canary_s, "probe_s": t.probe_s},
+    }
+
+
+def _worker(d: Any, rank: int) -> int:
+    """Worker TP`rank` of the daemon's live fake tree (by title, in the API server's session)."""
+    sid = os.getsid(d.status()["pid"])
+
+    def find() -> int | None:
+        for e in Path("/proc").iterdir():
+            if not e.name.isdigit():
+                continue
+            try:
+                argv0 = (e / "cmdline").read_bytes().split(b"\0")[0]
+                if argv0 == f"VLLM::Worker_TP{rank}".encode() and os.getsid(int(e.name)) == sid:
+                    return int(e.name)
+            except OSError:
+                continue
+        return None
+
+    return wait_for(find, 10, f"fake worker TP{rank}")
+
+
+def _ts(e: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp()
+
+
+def _hang_and_time_teardown(d: Any, load: Any = None) -> tuple[float, dict[str, Any]]:
+    """Hang TP1 asleep (SIGUSR1), return (seconds from the fault to the teardown event, the stop state event)."""
+    d.wait_state("ready", timeout=30)
+    tp1 = _worker(d, 1)
+    n = len(d.events())
+    if load is not None:
+        load.start()
+        time.sleep(2)  # tokens flowing before the fault
+    t0 = time.time()
+    os.kill(tp1, signal.SIGUSR1)
+    teardown = d.wait_event(lambda e: e["event"] == "teardown", 60, "the hung tree's teardown", after=n)
+    stop = next(e for e in d.events()[n:] if e["event"] == "state" and e["state"] == "stopping")
+    return _ts(teardown) - t0, stop
+
+
+@needs_py_spy
+def test_idle_worker_asleep_in_s_is_torn_down_within_15s_with_stack_proof(fake_daemon: Any) -> None:
+    """Idle, default settings: TP1 blocks in S (not T); the canary strikes, the stack check proves TP1 stuck, teardown <= 15 s."""
+    d = fake_daemon(env={"FAKE_VLLM_TP": "1"}, extra=_defaults())
+    took, stop = _hang_and_time_teardown(d)
+    assert took <= 15.0, f"teardown {took:.1f}s after the fault"
+    assert "canary:" in stop["reason"] and "stacks: TP1 (state S)" in stop["reason"], stop["reason"]
+    assert "blocked_outside_the_collective" in stop["reason"]
+    inc = wait_for(
+        lambda: next(iter((d.state_dir / "incidents").glob("*/stacks.json")), None), 30, "the bundle"
+    )
+    by = {p["label"]: p for p in json.loads(inc.read_text())["processes"]}
+    assert by["TP1"]["state"] == "S" and by["TP0"]["state"] == "S"
+    d.wait_state("ready", timeout=60)
+
+
+@needs_py_spy
+def test_worker_asleep_in_s_under_requests_is_torn_down_within_10s(fake_daemon: Any) -> None:
+    """Requests streaming (default settings, no proxy): the frozen token counter strikes, the check proves it, teardown <= 10 s."""
+    d = fake_daemon(env={"FAKE_VLLM_TP": "1", "FAKE_VLLM_TOKEN_S": "0.05"}, extra=_defaults())
+    with Streams(d.port, 2, 2000) as load:
+        took, stop = _hang_and_time_teardown(d, load)
+    assert took <= 10.0, f"teardown {took:.1f}s after the fault"
+    assert "stacks: TP1 (state S)" in stop["reason"], stop["reason"]
+
+
+@needs_py_spy
+def test_a_slow_progressing_engine_is_struck_but_never_torn_down(fake_daemon: Any) -> None:
+    """Steps of 4.5 s (a token later than stall_s=4): progress strikes and competing canaries, but
+    tokens keep coming, so every strike is cleared (ready again) and nothing is torn down."""
+    d = fake_daemon(
+        env={"FAKE_VLLM_TP": "1", "FAKE_VLLM_TOKEN_S": "0", "FAKE_TP_STEP_S": "4.5"}, extra=_defaults()
+    )
+    d.wait_state("ready", timeout=30)
+    n = len(d.events())
+    with Streams(d.port, 2, 100, read_s=30.0) as load:
+        load.start()
+        wait_for(lambda: any(e["event"] == "detection" for e in d.events()[n:]), 40, "a strike", 0.5)
+        time.sleep(30)
+        evs = d.events()[n:]
+    assert not [e for e in evs if e["event"] == "teardown"], [
+        e.get("reason") for e in evs if e["event"] == "state"
+    ]
+    assert not [e for e in evs if e["event"] == "hang_check" and e["verdict"] == "hang"]
+    states = [e for e in evs if e["event"] == "state"]
+    assert any(e["state"] == "ready" and "recovered" in (e["reason"] or "") for e in states), states
+
+
+class Streams:
+    """`n` clients streaming `max_tokens`-token completions back to back, until the block ends."""
+
+    def __init__(self, port: int, n: int, max_tokens: int, read_s: float = 5.0) -> None:
+        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.body = {
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+        self.read_s = read_s
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def __enter__(self) -> Streams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(self.read_s + 5)
+
+    def _loop(self) -> None:
+        import httpx
+
+        while not self.stop.is_set():
+            try:
+                with (
+                    httpx.Client(trust_env=False, timeout=httpx.Timeout(5.0, read=self.read_s)) as c,
+                    c.stream("POST", self.url, json=self.body) as r,
+                ):
+                    for _ in r.iter_lines():
+                        if self.stop.is_set():
+                            return
+            except httpx.HTTPError:
+                self.stop.wait(0.5)
+
+
+# ---- the owner in-process: a strike, a check, its judgement -----------------------------------------
+
+
+def _owner_with_sampler(tmp: Path, monkeypatch: Any, tokens: Any) -> Any:
+    """An in-process owner whose hang checks sample `report()` (TP1 asleep at the same frame) and
+    whose /metrics counts `tokens()` generated tokens."""
+    from fakes.owner_world import FakeProber, Owner
+    from vsup import detection
+
+    async def sample(cpu_window_s: float) -> dict[str, Any]:
+        return report()
+
+    monkeypatch.setattr(detection, "sampler", lambda o: sample)
+    o = Owner(tmp)
+
+    class Prober(FakeProber):
+        async def metrics(self) -> ProbeResult:  # answers while hung, as vLLM's API server does
+            data = {"running": 0.0, "waiting": 0.0, "generation_tokens": tokens()}
+            return ProbeResult("metrics", True, "", data=data)
+
+    o.sup.make_prober = lambda cfg, spec: Prober(o.world, cfg.vllm.port)
+    return o
+
+
+def _strike(o: Any) -> None:
+    cur = o.world.current()
+    cur.mode = "hung"  # health answers, the confirming canary never completes
+    o.sup.post(Probe(o.sup.gen, ProbeResult("canary", False, "no completion within 5s")))
+
+
+def test_owner_tears_down_on_a_proven_hang_and_keeps_the_proof_as_the_incidents_stacks(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """One strike, one check proving TP1 stuck with no token: recover at once; the bundle's stacks are the check's second sample."""
+    o = _owner_with_sampler(tmp_path, monkeypatch, lambda: 7.0)
+
+    async def scenario() -> None:
+        async with o:
+            await o.state("ready")
+            _strike(o)
+            await o.until(lambda: any(e["event"] == "teardown" for e in o.evs()), 10, "the teardown")
+            evs = o.evs()
+            (check,) = [e for e in evs if e["event"] == "hang_check"]
+            assert check["verdict"] == "hang" and check["strike"].startswith("canary:")
+            stop = next(e for e in evs if e["event"] == "state" and e["state"] == "stopping")
+            assert "stacks: TP1 (state S) at blocked_outside" in stop["reason"], stop["reason"]
+            stk = next(e for e in evs if e["event"] == "stacks")
+            assert stk["reason"] == "the hang check's second sample"
+            await o.until(lambda: any(e["event"] == "incident" for e in o.evs()), 10, "the incident")
+            inc = next(e for e in o.evs() if e["event"] == "incident")
+            assert json.loads((Path(inc["path"]) / "stacks.json").read_text()) == report()
+
+    asyncio.run(scenario())
+
+
+def test_owner_returns_to_ready_when_the_check_sees_tokens(tmp_path: Path, monkeypatch: Any) -> None:
+    """Stacks that look stuck, but the counter moved during the check: ready again, nothing torn down."""
+    count = iter(range(10_000))
+    o = _owner_with_sampler(tmp_path, monkeypatch, lambda: float(next(count)))
+
+    async def scenario() -> None:
+        async with o:
+            await o.state("ready")
+            mark = len(o.evs())
+            _strike(o)
+            await o.until(lambda: any(e["event"] == "hang_check" for e in o.evs()[mark:]), 10, "the check")
+            await o.state("ready")
+            evs = o.evs()[mark:]
+            assert [e["verdict"] for e in evs if e["event"] == "hang_check"] == ["progressing"]
+            assert not [e for e in evs if e["event"] == "teardown"]
+            states = [(e["state"], e["reason"]) for e in evs if e["event"] == "state"]
+            assert (
+                states[0][0] == "unhealthy"
+                and states[-1][0] == "ready"
+                and "tokens generated" in states[-1][1]
+            )
+            o.world.current().mode = "ready"
+
+    asyncio.run(scenario())

@@ -115,9 +115,12 @@ class TimeoutsConfig:
     # a stop never waits for clients beyond the grace.
     kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)
     # A stopped worker leaves /health at 200 and num_requests_running at 0 (the stats only move
-    # when a step finishes), so the canary's deadline is what detects the hang; with the probe
-    # interval below, a hang is acted on within ~30 s (interval + two canary deadlines).
-    canary_s: float = _f(10.0, "one canary chat completion (a few tokens) must finish within this", min=0.1)
+    # when a step finishes), so at idle the canary's deadline is what sees the hang. A canary
+    # late is one strike, not a verdict: the stack check that follows decides (issue 17), so the
+    # deadline can be short. The tiny CPU model's 4-token canary takes 0.05-0.3 s here.
+    canary_s: float = _f(
+        5.0, "one canary chat completion (a few tokens) must finish within this, else one strike", min=0.1
+    )
     # The first completion after a start also warms the engine up (18 s measured on a cold CPU
     # start, seconds after), so it gets its own, longer deadline. An engine that dies at its first
     # request answers 500 at once; only a hang at the first request waits this long.
@@ -155,17 +158,34 @@ class RestartConfig:
 
 @dataclass(frozen=True)
 class ProbesConfig:
+    # Issue 17's bounds with these defaults: a hung worker is torn down <= 15 s after the fault
+    # at idle (canary_interval_s + canary_s + a ~2-3 s stack check), <= 10 s while requests
+    # run (stall_s + interval_s, or the proxy's stall_s, + the check).
     interval_s: float = _f(
-        5.0,
+        2.0,
         "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary",
         min=0.1,
     )
-    canary_interval_s: float = _f(8.0, "periodic canary completion while ready (0 = only at start)", min=0)
-    stall_s: float = _f(20.0, "requests running but no generated tokens for this long = no progress", min=1)
+    canary_interval_s: float = _f(
+        4.0,
+        "periodic canary completion while ready, skipped when real requests proved the engine since "
+        "the last one (0 = only at start)",
+        min=0,
+    )
+    stall_s: float = _f(
+        4.0,
+        "requests running but no generated token for this long = one strike (a stack check decides)",
+        min=1,
+    )
     startup_grace_s: float = _f(
         0.0, "extra time after ready during which stall lines are only warnings", min=0
     )
-    confirm: int = _f(2, "independent bad signals needed before an unhealthy server is torn down", min=1)
+    confirm: int = _f(
+        2,
+        "strikes that confirm a hang without stack proof (no py-spy; with it, only strikes its checks "
+        "could not prove, after 20 s)",
+        min=1,
+    )
     canary_prompt: str = _f("Say OK.", "the canary's user message (never a real prompt)")
     canary_max_tokens: int = _f(4, "tokens the canary asks for", min=1)
 
@@ -226,9 +246,10 @@ class ProxyConfig:
     max_connections: int = _f(
         4096, "client connections at most (also capped at half the fd limit, minus a reserve)", min=1
     )
-    # As probes.stall_s: a healthy engine sends every running stream a token far more often.
+    # As probes.stall_s: a healthy engine sends every running stream a token far more often
+    # (a GPU step is 10-100 ms); a strike only starts a stack check, which a progressing engine passes.
     stall_s: float = _f(
-        20.0,
+        4.0,
         "every stream in flight without a byte this long: tell the owner (one strike, as a canary)",
         min=1,
     )

@@ -621,7 +621,7 @@ class Supervisor:
         if kind == "hang" and tree is not None and self.cfg.daemon.stacks != "off":
             # Issue 17: where every rank waited dies with the tree: record it first, bounded.
             self._set_state(State.STOPPING, reason=reason, phase="stacks")
-            dump = await detection.record_stacks(self, tree)
+            dump = await detection.record_stacks(self, tree, it.stacks)
             self._set_phase("teardown")
         else:
             self._set_state(State.STOPPING, reason=reason, phase="teardown")

@@ -15,10 +15,10 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from . import cleanup as cleanup_mod
-from . import incidents, launch, proctree, stacks, watchers
+from . import incidents, launch, policy, proctree, stacks, watchers
 from .gate import Demand, UpstreamRefused, UpstreamStalled
 from .inbox import HEARTBEAT_S
-from .observations import Cmd, Exited, Intent, LogSignal, Probe, Shutdown
+from .observations import Cmd, Exited, HangEvidence, Intent, LogSignal, Probe, Shutdown
 from .ondemand import iso
 from .probes import ProbeResult
 from .states import State
@@ -34,8 +34,9 @@ async def serve(o: Supervisor, it: Intent) -> Intent:
     o.events.emit("ready", model=o.snap.model, remedies=[r.name for r in o.policy.remedies()])
     gen, p = o.gen, o.cfg.probes
     probe_task = probe(o, gen, confirm=False)
-    strikes: list[str] = []
-    progressed = False
+    sample = sampler(o)
+    strikes = policy.Strikes(p.confirm, can_sample=sample is not None)
+    check_task: asyncio.Task[Any] | None = None
     stable_at = o.clock.monotonic() + o.cfg.restart.stable_s
     od_check = 0.0  # the next look at the proxy's view for an off-load or a swap (issue 16)
     try:
@@ -72,45 +73,76 @@ async def serve(o: Supervisor, it: Intent) -> Intent:
                     o.events.emit("stall_during_startup", message=obs.message, note="startup_grace_s")
                     continue
                 detected(o, obs)
-                strikes.append(f"log: {obs.message[:120]}")
+                what = f"log: {obs.message[:120]}"
             elif isinstance(obs, Probe):
                 r = obs.result
+                healed = None
                 if r.probe == "metrics" and r.ok and r.data.get("progressed"):
-                    progressed = True
-                if r.ok and r.probe == "canary" and o.snap.state == State.UNHEALTHY:
-                    o._set_state(State.READY, reason=f"recovered: {r.detail}")
-                    strikes, progressed = [], False
+                    if (step := strikes.progress()).action == "clear":
+                        healed = step.why
+                elif r.ok and r.probe == "canary" and o.snap.state == State.UNHEALTHY:
+                    strikes.clear()
+                    healed = r.detail
+                if healed is not None:
+                    if check_task is not None:
+                        check_task.cancel()
+                    if o.snap.state == State.UNHEALTHY:
+                        o._set_state(State.READY, reason=f"recovered: {healed}")
+                        probe_task.cancel()  # back to the periodic probes, their canary skipped under traffic
+                        probe_task = probe(o, gen, confirm=False)
                     continue
                 if r.ok:
                     continue
                 detected(o, r)
-                strikes.append(f"{r.probe}: {r.detail}")
+                what = f"{r.probe}: {r.detail}"
             elif isinstance(obs, UpstreamStalled):
                 # every stream in flight waited without a byte: one strike, like a canary
                 detected(o, ProbeResult("proxy_stall", False, obs.detail))
-                strikes.append(f"proxy: {obs.detail}")
+                what = f"proxy: {obs.detail}"
+            elif isinstance(obs, HangEvidence):
+                if obs.gen != gen or not strikes.checking:
+                    continue  # another tree's, or a check the server's recovery made moot
+                check_task = None
+                j = policy.judge_hang(obs.first, obs.second, obs.tokens_before, obs.tokens_after, obs.gap_s)
+                o.events.emit(
+                    "hang_check",
+                    verdict=j.verdict,
+                    why=j.why,
+                    strike=obs.strike,
+                    seconds=round(obs.seconds, 2),
+                )
+                step = strikes.judged(now, j)
+                if step.action == "clear" and o.snap.state == State.UNHEALTHY:
+                    o._set_state(State.READY, reason=f"recovered: {j.why}")
+                    probe_task.cancel()
+                    probe_task = probe(o, gen, confirm=False)
+                elif step.action == "confirm":
+                    # the proof's second sample is the incident's stacks: no second dump
+                    proof = obs.second if j.verdict == "hang" else None
+                    return Intent("recover", reason=strikes.reason(), failure_kind="hang", stacks=proof)
+                continue
             elif isinstance(obs, UpstreamRefused):
                 # the route said ready but the upstream refused: look at health now
                 o.events.emit("upstream_refused", detail=obs.detail)
-                o._spawn_task(watchers.health_once(gen, o.make_prober(o.cfg, o.spec), o.post))
+                o._spawn_task(watchers.health_once(gen, o.make_prober(o._tree_cfg(), o.spec), o.post))
                 continue
             else:
                 continue
-            if strikes and o.snap.state == State.READY:
-                o._set_state(State.UNHEALTHY, reason=strikes[-1])
-                # Only tokens generated from now on say "slow, not stuck" (earlier ones,
-                # our own canaries' included, say nothing about the engine now).
-                progressed = False
+            step = strikes.strike(now, what)
+            if o.snap.state == State.READY:
+                o._set_state(State.UNHEALTHY, reason=what)
                 probe_task.cancel()
                 probe_task = probe(o, gen, confirm=True)
-            # Confirmed by independent signals. Generated tokens still increasing means
-            # the engine is slow, not stuck: canary timeouts alone do not tear it down.
-            if len(strikes) >= p.confirm and not (progressed and only_canary(strikes)):
-                return Intent(
-                    "recover", reason="hang confirmed: " + "; ".join(strikes[-3:]), failure_kind="hang"
-                )
+            if step.action == "check" and sample is not None:
+                # Issue 17: proof before a teardown (policy.judge_hang), not a second strike
+                prober = o.make_prober(o._tree_cfg(), o.spec)
+                check_task = o._spawn_task(watchers.hang_check(gen, what, prober, sample, o.post, o.clock))
+            elif step.action == "confirm":
+                return Intent("recover", reason=strikes.reason(), failure_kind="hang")
     finally:
         probe_task.cancel()
+        if check_task is not None:
+            check_task.cancel()
 
 
 def _offload_due(o: Supervisor) -> Intent | None:
@@ -120,12 +152,33 @@ def _offload_due(o: Supervisor) -> Intent | None:
 
 
 def probe(o: Supervisor, gen: int, *, confirm: bool) -> asyncio.Task[Any]:
-    prober = o.make_prober(o.cfg, o.spec)
-    return o._spawn_task(watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm))
+    prober = o.make_prober(o._tree_cfg(), o.spec)
+    served_at = o.traffic.last_success_at if o.traffic is not None else None
+    return o._spawn_task(watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, served_at))
 
 
-def only_canary(strikes: list[str]) -> bool:
-    return all(s.startswith("canary:") for s in strikes)
+def sampler(o: Supervisor) -> watchers.Sampler | None:
+    """The stack sampler a hang check uses: py-spy, which reads without changing anything, where
+    ptrace is allowed (stacks.choose); None otherwise (faulthandler kills what it dumps), and
+    strikes then confirm by their count."""
+    d = o.cfg.daemon
+    try:
+        choice = stacks.choose(o.host, preference=d.stacks, may_kill=False, py_spy=d.py_spy)
+    except Exception as e:  # noqa: BLE001 - a host that cannot say must not stop supervision: no checks
+        o.events.emit("stacks_failed", error=f"choosing the hang check's sampler: {type(e).__name__}: {e}")
+        return None
+    if choice.mechanism != stacks.PY_SPY:
+        return None
+
+    async def sample(cpu_window_s: float) -> dict[str, Any] | None:
+        tree = o.tree
+        if tree is None:
+            return None
+        budget = o.cfg.timeouts.stacks_s
+        r = await stacks.collect(tree, o.host, budget_s=budget, mechanism=choice, cpu_window_s=cpu_window_s)
+        return r.to_json()
+
+    return sample
 
 
 def detected(o: Supervisor, what: LogSignal | ProbeResult) -> None:
@@ -162,9 +215,23 @@ def root_cause(lines: list[str], fallback: str) -> str:
     return fallback
 
 
-async def record_stacks(o: Supervisor, tree: proctree.TreeRecord) -> dict[str, Any] | None:
+async def record_stacks(
+    o: Supervisor, tree: proctree.TreeRecord, proof: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Stacks and facts of every process of a hung tree (stacks.py), within timeouts.stacks_s:
-    py-spy where ptrace is allowed, else faulthandler (SIGABRT: the tree dies anyway)."""
+    py-spy where ptrace is allowed, else faulthandler (SIGABRT: the tree dies anyway). `proof`:
+    the stack check's second sample that confirmed the hang, taken seconds ago of the same hung
+    tree; it is the record, and the teardown does not wait for another dump."""
+    if proof is not None:
+        o.events.emit(
+            "stacks",
+            mechanism=proof.get("mechanism"),
+            reason="the hang check's second sample",
+            seconds=0.0,
+            complete=bool(proof.get("complete")),
+            processes={p.get("label"): p.get("state") for p in proof.get("processes") or []},
+        )
+        return proof
     budget = o.cfg.timeouts.stacks_s
     d = o.cfg.daemon
     work = stacks.collect(

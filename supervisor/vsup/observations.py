@@ -24,6 +24,7 @@ __all__ = [
     "Cmd",
     "Demand",
     "Exited",
+    "HangEvidence",
     "Intent",
     "LogSignal",
     "NotReady",
@@ -121,6 +122,22 @@ class Cmd:
 
 
 @dataclass(frozen=True)
+class HangEvidence:
+    """What a stack check saw after a strike (watchers.hang_check), for the owner to judge
+    (policy.judge_hang): two stack samples (StacksReport JSON) and the generated-token counter
+    read before the first and after the second (None: /metrics did not answer)."""
+
+    gen: int
+    strike: str
+    first: dict[str, Any] | None
+    second: dict[str, Any] | None
+    tokens_before: float | None
+    tokens_after: float | None
+    gap_s: float  # between the two samples' starts
+    seconds: float  # the whole check
+
+
+@dataclass(frozen=True)
 class Intent:
     """What the owner does next; each phase coroutine returns the following one."""
 
@@ -129,6 +146,9 @@ class Intent:
     reason: str | None = None
     failure_kind: str | None = None
     cmd: Cmd | None = None
+    # recover from a hang confirmed by a stack check: its second sample, kept as the incident's
+    # stacks (taken seconds before, while the tree was as hung as it is now: no second dump)
+    stacks: dict[str, Any] | None = None
 
 
 # Everything that reaches the owner's queue.
@@ -144,6 +164,7 @@ Observation = (
     | Demand
     | UpstreamRefused
     | UpstreamStalled
+    | HangEvidence
 )
 
 

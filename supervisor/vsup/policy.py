@@ -201,9 +201,10 @@ class Step:
 
 # With a stack sampler, strikes whose checks prove nothing either way (a hang whose stacks match
 # no signature: the API server's own event loop wedged, an engine core stuck outside the
-# executor) still confirm, by their count, once they have lasted this long: the bound the
-# canary-only confirmation met before stack checks (~24-28 s measured).
-UNPROVEN_CONFIRM_S = 30.0
+# executor) still confirm by their count, once they have lasted this long with not one token
+# generated during a check (a token would have cleared them): a server that answers no probe and
+# generates nothing for 20 s is not serving. Under the ~24 s that canary-only confirmation took.
+UNPROVEN_CONFIRM_S = 20.0
 
 
 class Strikes:
@@ -213,9 +214,9 @@ class Strikes:
     With a non-killing stack sampler (py-spy), each strike starts a check (two samples about a
     second apart and two /metrics readings) unless one runs, and the check's judgement decides:
     that is what makes confirmation fast (one strike, then ~2 s) without confirming a slow
-    server. With no sampler, `confirm` strikes confirm, unless they are canary failures alone
-    while tokens are being generated (slow, not stuck); the same rule holds for strikes the
-    checks cannot prove, once they have lasted UNPROVEN_CONFIRM_S."""
+    server. With no sampler, `confirm` strikes confirm; the same rule holds for strikes the
+    checks cannot prove, once they have lasted UNPROVEN_CONFIRM_S. Tokens generated after the
+    first strike (any check's, or /metrics') clear every strike: slow, not stuck."""
 
     def __init__(self, confirm: int, can_sample: bool) -> None:
         self.confirm = confirm
@@ -229,7 +230,9 @@ class Strikes:
     def strike(self, now: float, what: str) -> Step:
         self.strikes.append(what)
         if self.first_at is None:
-            self.first_at = now
+            # Only tokens generated from now on say "slow, not stuck" (earlier ones, the
+            # canaries' own included, say nothing about the engine now).
+            self.first_at, self.progressed = now, False
         if self.checking:
             return Step("wait", "a stack check is running")
         if self.can_sample:
@@ -237,9 +240,17 @@ class Strikes:
             return Step("check", what)
         return self._count(now)
 
-    def progress(self) -> None:
-        """/metrics showed generated tokens since the first strike."""
+    def progress(self) -> Step:
+        """/metrics counted tokens (not the canary's) generated since the first strike: the engine
+        steps, so the strikes were a slow server. Cleared at once, unless a check runs (its
+        judgement sees the same tokens)."""
+        if not self.strikes:
+            return Step("wait", "no strike")
         self.progressed = True
+        if self.checking:
+            return Step("wait", "a stack check is running")
+        self.clear()
+        return Step("clear", "tokens generated since the first strike")
 
     def judged(self, now: float, j: HangJudgement) -> Step:
         self.checking = False
@@ -259,8 +270,7 @@ class Strikes:
         return head + (f"; stacks: {self.proof.why}" if self.proof is not None else "")
 
     def _count(self, now: float) -> Step:
-        only_canary = all(s.startswith("canary:") for s in self.strikes)
-        if len(self.strikes) < self.confirm or (self.progressed and only_canary):
+        if len(self.strikes) < self.confirm or self.progressed:
             return Step("wait", f"{len(self.strikes)} of {self.confirm} strikes")
         lasted = now - (self.first_at if self.first_at is not None else now)
         if self.can_sample and lasted < UNPROVEN_CONFIRM_S:

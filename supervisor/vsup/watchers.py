@@ -14,11 +14,11 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config, ModelConfig
-from .observations import LogSignal, NotReady, Probe, ReadyProven
+from .observations import HangEvidence, LogSignal, NotReady, Probe, ReadyProven
 from .probes import ProbeResult
 
 if TYPE_CHECKING:  # set by the runtime, which imports them where they may fail
@@ -267,20 +267,6 @@ CHECK_METRICS_S = 2.0  # a /metrics reading that takes longer says nothing (None
 
 # cpu window -> a stacks.StacksReport's JSON (None when there is nothing to sample)
 Sampler = Callable[[float], Awaitable[dict[str, Any] | None]]
-
-
-@dataclass(frozen=True)
-class HangEvidence:
-    """What a stack check saw (hang_check), for the owner to judge (policy.judge_hang)."""
-
-    gen: int
-    strike: str
-    first: dict[str, Any] | None
-    second: dict[str, Any] | None
-    tokens_before: float | None
-    tokens_after: float | None
-    gap_s: float  # between the two samples' starts
-    seconds: float  # the whole check
 
 
 async def hang_check(

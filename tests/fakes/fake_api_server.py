@@ -106,7 +106,7 @@ def main() -> None:
     if os.environ.get("FAKE_VLLM_TP"):
         global engine
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_tp"))
-        import multiproc_executor
+        import multiproc_executor  # type: ignore[import-not-found]  # fake_tp/, put on sys.path above
 
         engine = multiproc_executor.start_engine()
         children.append(engine[0])

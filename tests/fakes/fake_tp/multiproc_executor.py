@@ -8,6 +8,8 @@ names, so py-spy stacks match the catalog's signatures as the real tree's do:
     VLLM::Worker_TP0/1  worker_busy_loop: gets a step, all-reduces with its peer
                       (cpu_communicator.all_reduce), replies
 
+FAKE_TP_STEP_S makes every step after the first four (the readiness canary's) take that long
+(a slow, progressing engine).
 SIGUSR1 to a worker makes it block at once outside the collective, asleep (state S, not T: the
 hang a real rank shows on a futex), in `blocked_outside_the_collective`; its peer then waits in
 the all-reduce and the engine core in get_response, for ever. Every process exits when the pipe
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,7 +33,7 @@ def blocked_outside_the_collective(_sig: int, _frame: object) -> None:
 
 
 def worker_busy_loop(rank: int, step_fd: int, reply_fd: int, send_fd: int, recv_fd: int) -> None:
-    from cpu_communicator import all_reduce
+    from cpu_communicator import all_reduce  # type: ignore[import-not-found]  # a script: its directory is on sys.path
 
     signal.signal(signal.SIGUSR1, blocked_outside_the_collective)
     while os.read(step_fd, 1):
@@ -69,9 +72,14 @@ def engine_main(step_fd: int, reply_fd: int) -> None:
         for f in fds:
             os.close(f)
     to_workers, from_workers = [w[1] for w in e2w], [w[0] for w in w2e]
+    step_s = float(os.environ.get("FAKE_TP_STEP_S", "0"))  # a slow engine: each step takes this
+    steps = 0
     while os.read(step_fd, 1):
         if not collective_rpc(to_workers, from_workers):
             break
+        steps += 1
+        if steps > 4:  # after the readiness canary's 4 tokens
+            time.sleep(step_s)
         os.write(reply_fd, b"k")
 
 
