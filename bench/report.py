@@ -640,6 +640,13 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                     for k, d in e["clients"].items()
                     if d.get("failures")
                 )
+                if h:
+                    why += ("; " if why else "") + WHY["clients_hung"].format(
+                        first=_f(e.get("first_ok_s")),
+                        held=_f(e.get("held_max_s")),
+                        teardown=_f(e.get("teardown_s")),
+                        own=_f(e.get("cold_start_s")),
+                    )
                 bad.append((e["fault"], f, h, why))
         add(
             "clients",
@@ -650,9 +657,8 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 for e in proxied
             ),
             not bad,
-            " ".join(f"Fault {f}: {n} failed, {h} hung ({why or 'hung only'})." for f, n, h, why in bad)
-            + " "
-            + WHY["clients"],
+            " ".join(f"Fault {f}: {n} failed, {h} hung ({why})." for f, n, h, why in bad)
+            + (" " + WHY["clients"] if any(n for _, n, _, _ in bad) else ""),
         )
     idle = res.get("idle", {})
     po = " (proxy on)" if res.get("round") == 2 else ""
@@ -922,6 +928,13 @@ WHY = {
         "The proxy holds what arrives while no server is proven and replays a request whose client got "
         "nothing; what it cannot save is a request that had already received bytes when its server died "
         "(a stream cut mid-way ends with an error event) and a non-streaming request whose replay also failed."
+    ),
+    "clients_hung": (
+        "the hung requests were not lost: those sent before vsup saw the fault sat on the dead or hung "
+        "server until its teardown (after {teardown} s) and were replayed, later ones were held; all "
+        "waited for the new server's cold start ({own} s for this episode's first one): first success "
+        "after {first} s, longest hold in the proxy {held} s, so the earliest waited more than the "
+        "clients' 60 s"
     ),
     "idle_rss": (
         "the Python stack the job needs (interpreter, asyncio, aiohttp for the proxy, httpx, ssl's "

@@ -4,16 +4,18 @@
     make bench-quick   # tiny counts: vsup + supervisord, faults 1 and 3, short windows (~15 min)
     .venv/bin/python bench/run.py --help
 
-Sections, in order, each written to bench/results/latest.{md,json,png} (and a dated copy) as it
-completes: `proxy` (the proxy's overhead vs direct vs nginx, bench_proxy.py), `faults` (every
-fault x every supervisor: vsup with its proxy, supervisord / circus / a bash loop behind
-HAProxy; clients: the `openai` package and a plain client, streaming and not), `reload` (bare
-stop + start vs `vsup reload`), `swap` (swap on request vs `vsup reload`), `ondemand` (first
-token after an idle off-load vs a bare cold start), `hang` (bench_hang.py: the hang's
-confirmation, false teardowns under saturation), `overlap` (bench_overlap.py: overlapped vs
-sequential reload), `parse`, `cleanup`. Every section that starts a real vLLM server takes
-/tmp/vsup-real.lock for its own duration only (the fault matrix: once per fault, for all its
-supervisors), so other users' real tests can run between them; the waits are recorded.
+Sections, in order (the issue's core first, so that a run cut short keeps it), each written to
+bench/results/latest.{md,json,png} (and a dated copy) as it completes: `proxy` (the proxy's
+overhead vs direct vs nginx, bench_proxy.py), `faults` (every fault x every supervisor: vsup
+with its proxy, supervisord / circus / a bash loop behind HAProxy; clients: the `openai` package
+and a plain client, streaming and not), `hang` (bench_hang.py: the hang's confirmation, false
+teardowns under saturation), `ondemand` (first token after an idle off-load vs a bare cold
+start), `swap` (swap on request vs `vsup reload`), `overlap` (bench_overlap.py: overlapped vs
+sequential reload), `reload` (bare stop + start vs `vsup reload`), `parse`, `cleanup`. Every
+section that starts a real vLLM server takes /tmp/vsup-real.lock for its own duration only (the
+fault matrix: once per fault, for all its supervisors), so other users' real tests can run
+between them; the waits are recorded. `--resume JSON --sections X,Y` runs sections again into
+an earlier run's results (a section that failed, or those a cut-short run missed).
 `--readme` refreshes README.md's Performance section from bench/results/latest.json without
 running anything.
 """
@@ -66,7 +68,7 @@ PORTS = {
     "ondemand": 27370,
     "swap": 27380,
 }
-SECTIONS = ("proxy", "faults", "reload", "swap", "ondemand", "hang", "overlap", "parse", "cleanup")
+SECTIONS = ("proxy", "faults", "hang", "ondemand", "swap", "overlap", "reload", "parse", "cleanup")
 
 
 def log(msg: str) -> None:
@@ -97,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} (the caller holds it)")
     p.add_argument("--keep-work", action="store_true", help="keep logs and configs of every episode")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="JSON",
+        help="run --sections again (or the ones a cut-short run missed) into an earlier run's results",
+    )
     p.add_argument(
         "--report-only",
         type=Path,
@@ -345,6 +353,30 @@ class Run:
         self.res["sections_done"].append(name)
         self.checkpoint()
 
+    def resume(self, old: dict[str, Any]) -> None:
+        """Go on with an earlier run's results: its tag and everything but the sections run now."""
+        keys = {
+            "faults": ("episodes", "idle", "idle_front"),
+            "reload": ("reload",),
+            "swap": ("swap",),
+            "ondemand": ("ondemand",),
+        }
+        fresh = self.res
+        self.res = old
+        self.tag = old.get("tag") or self.tag
+        for name in self.args.sections:
+            for k in keys.get(name, ()):
+                self.res[k] = fresh[k]
+            if name in ("hang", "overlap"):
+                self.res.setdefault("hooks", {}).pop(name, None)
+            if name in ("proxy", "parse", "cleanup"):
+                self.res.setdefault("aux", {}).pop(name, None)
+        self.res["sections_done"] = [s for s in old.get("sections_done", []) if s not in self.args.sections]
+        self.res.setdefault("resumed", []).append(
+            {"at": datetime.now(UTC).isoformat(timespec="seconds"), "sections": self.args.sections}
+        )
+        self.t0 -= 60 * float(old.get("minutes") or 0)
+
     def checkpoint(self, final: bool = False) -> None:
         self.res["load"]["end"] = loadavg()
         self.res["minutes"] = round((time.monotonic() - self.t0) / 60, 1)
@@ -402,14 +434,13 @@ class Run:
 
     def reload(self) -> None:
         a = self.args
-        log(f"reload: bare stop+start x{a.reload_reps}")
-        with self.lock("reload bare"):
+        with self.lock("reload"):
+            log(f"reload: bare stop+start x{a.reload_reps}")
             self.res["reload"]["bare"] = reload_bench.bare(
                 self.work / "bare", PORTS["bare"], a.reload_reps, log
             )
-        self.checkpoint()
-        log(f"reload: vsup reload x{a.reload_reps}")
-        with self.lock("reload vsup"):
+            self.checkpoint()
+            log(f"reload: vsup reload x{a.reload_reps}")
             self.res["reload"]["vsup"] = reload_bench.vsup(
                 self.work / "vsup-reload", PORTS["vsup-reload"], a.reload_reps, log
             )
@@ -424,12 +455,11 @@ class Run:
     def ondemand(self) -> None:
         n = self.args.od_reps
         od = self.res["ondemand"]
-        log(f"off-load: bare cold start (first token) x{n}")
-        with self.lock("ondemand bare"):
+        with self.lock("ondemand"):
+            log(f"off-load: bare cold start (first token) x{n}")
             od["bare_s"] = bench_ondemand.bare(self.work / "od-bare", PORTS["ondemand"], n)
-        self.checkpoint()
-        log(f"off-load: request at an off-loaded vsup x{n}")
-        with self.lock("ondemand vsup"):
+            self.checkpoint()
+            log(f"off-load: request at an off-loaded vsup x{n}")
             od["offloaded_s"], od["load_s"] = bench_ondemand.offloaded(
                 self.work / "od-vsup", PORTS["ondemand"], PORTS["ondemand"] + 1, n
             )
@@ -497,18 +527,22 @@ def main(argv: list[str] | None = None) -> int:
         f"hang watch {args.hang_watch:g}s"
     )
     run = Run(args, work, started)
-    run.res["versions"] = versions(args, work)
-    run.res["setups"] = setups(args)
+    if args.resume:
+        run.resume(json.loads(args.resume.read_text()))
+    else:
+        run.res["versions"] = versions(args, work)
+        run.res["setups"] = setups(args)
+    # The order: what the issue asks most first, so that a run cut short keeps it.
     try:
         run.section("proxy", run.proxy)
         run.section("faults", run.faults)
-        run.section("reload", run.reload)
-        run.section("swap", run.swap)
-        run.section("ondemand", run.ondemand)
         run.section("hang", lambda: run.hook("hang", "bench_hang"))
+        run.section("ondemand", run.ondemand)
+        run.section("swap", run.swap)
         # one reload of each kind even in a full run: an overlapped reload loads the second tree
         # beside the first on 2 cores (~2.5 min); two of each would push the run past 75 min
         run.section("overlap", lambda: run.hook("overlap", "bench_overlap", quick=True))
+        run.section("reload", run.reload)
         run.section("parse", lambda: run.aux("parse"))
         run.section("cleanup", lambda: run.aux("cleanup"))
     except KeyboardInterrupt:
