@@ -274,6 +274,20 @@ def test_idle_server_gets_a_canary_every_canary_interval_s() -> None:
     assert sum(c == "metrics" for c, _ in prober.calls) <= 2 * len(canaries) + 1
 
 
+def test_with_the_proxy_an_idle_engine_costs_one_canary_per_interval_and_no_metrics_read() -> None:
+    """The proxy counts nothing in flight: /metrics is not read between canaries (idle CPU); one in flight: read every interval_s."""
+    clock = FakeClock()
+    prober = ScriptedProber(clock)
+    run_probe_loop(prober, clock, 1000.0 + 4 * 5 - 1, in_flight=lambda: 0)
+    assert [c for c, _ in prober.calls].count("metrics") == 1  # the first look only
+    assert [c for c, _ in prober.calls].count("canary") == 4
+    clock = FakeClock()
+    prober = ScriptedProber(clock, running=lambda t: 1.0 if t >= 1006.0 else 0.0)
+    run_probe_loop(prober, clock, 1000.0 + 16, in_flight=lambda: 1 if clock.t >= 1006.0 else 0)
+    reads = [t - 1000.0 for c, t in prober.calls if c == "metrics"]
+    assert len([t for t in reads if t >= 8.0]) >= 3, reads  # noticed by the next canary, then every 2 s
+
+
 def test_a_request_served_through_the_proxy_since_the_last_canary_skips_it() -> None:
     """The proxy saw a real request succeed lately: no canary; once it stops, the canary is back."""
     clock = FakeClock()
@@ -388,6 +402,7 @@ def test_idle_worker_asleep_in_s_is_torn_down_within_15s_with_stack_proof(fake_d
     """Idle, default settings: TP1 blocks in S (not T); the canary strikes, the stack check proves TP1 stuck, teardown <= 15 s."""
     d = fake_daemon(env={"FAKE_VLLM_TP": "1"}, extra=_defaults())
     took, stop = _hang_and_time_teardown(d)
+    print(f"idle: teardown {took:.1f}s after the fault")
     assert took <= 15.0, f"teardown {took:.1f}s after the fault"
     assert "canary:" in stop["reason"] and "stacks: TP1 (state S)" in stop["reason"], stop["reason"]
     assert "blocked_outside_the_collective" in stop["reason"]
@@ -405,6 +420,7 @@ def test_worker_asleep_in_s_under_requests_is_torn_down_within_10s(fake_daemon: 
     d = fake_daemon(env={"FAKE_VLLM_TP": "1", "FAKE_VLLM_TOKEN_S": "0.05"}, extra=_defaults())
     with Streams(d.port, 2, 2000) as load:
         took, stop = _hang_and_time_teardown(d, load)
+    print(f"streams: teardown {took:.1f}s after the fault")
     assert took <= 10.0, f"teardown {took:.1f}s after the fault"
     assert "stacks: TP1 (state S)" in stop["reason"], stop["reason"]
 

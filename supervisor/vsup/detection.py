@@ -153,8 +153,11 @@ def _offload_due(o: Supervisor) -> Intent | None:
 
 def probe(o: Supervisor, gen: int, *, confirm: bool) -> asyncio.Task[Any]:
     prober = o.make_prober(o._tree_cfg(), o.spec)
-    served_at = o.traffic.last_success_at if o.traffic is not None else None
-    return o._spawn_task(watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, served_at))
+    tr = o.traffic
+    served_at, in_flight = (tr.last_success_at, lambda: tr.in_flight(gen)) if tr is not None else (None, None)
+    return o._spawn_task(
+        watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, served_at, in_flight)
+    )
 
 
 def sampler(o: Supervisor) -> watchers.Sampler | None:

@@ -188,6 +188,7 @@ async def probe_loop(
     clock: Clock,
     confirm: bool,
     served_at: Callable[[], float | None] | None = None,
+    in_flight: Callable[[], int] | None = None,
 ) -> None:
     """Canary + progress probes while ready. In confirm mode, probe again at once.
 
@@ -195,7 +196,12 @@ async def probe_loop(
     proxy saw a request succeed (`served_at`: monotonic time of the last success), or /metrics
     counted tokens that were not the canary's. A request that succeeds proves the server better
     than a canary does (GPUStack skips its inference probe so), and a saturated engine is not
-    asked to fit one more request in."""
+    asked to fit one more request in.
+
+    With the proxy in front (`in_flight`: its count of requests in flight), an idle engine is not
+    read at all between canaries: the proxy sees every request, so /metrics is read only while
+    one is in flight or the last reading showed work (idle CPU: one canary a canary_interval_s).
+    Requests that bypass the proxy are then seen by the canary alone."""
     t, p = cfg.timeouts, cfg.probes
     name = spec.served_model_name or spec.model
     last_tokens: float | None = None
@@ -204,11 +210,16 @@ async def probe_loop(
     next_canary = clock.monotonic() + (0 if confirm else p.canary_interval_s or float("inf"))
     last_canary = clock.monotonic()
     generated = False  # tokens not ours since the last canary
+    busy = True
     try:
         while True:
-            m = await prober.metrics()
-            busy = True  # no metrics: keep the short period
-            if m.ok:
+            m = None
+            if confirm or busy or in_flight is None or in_flight() > 0:
+                m = await prober.metrics()
+            else:
+                last_tokens = None  # a new baseline at the next reading (our canaries' tokens meanwhile)
+            busy = m is not None  # no metrics: keep the short period
+            if m is not None and m.ok:
                 tokens, running = m.data["generation_tokens"], m.data["running"]
                 progressed = last_tokens is not None and tokens > last_tokens + canary_tokens
                 generated = generated or progressed
@@ -224,7 +235,7 @@ async def probe_loop(
                     last_change = clock.monotonic()
                 elif progressed:
                     post(Probe(gen, replace(m, data={**m.data, "progressed": True})))
-            else:
+            elif m is not None:
                 h = await prober.health()
                 if not h.ok:
                     post(Probe(gen, h))
