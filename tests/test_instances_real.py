@@ -22,14 +22,9 @@ from test_real_vllm import assert_tree_gone, wait_tree_complete
 pytestmark = [pytest.mark.vllm, pytest.mark.two_servers]
 
 READY_S = 300
-
-
-def _gone(rec: Any) -> bool:
-    try:
-        assert_tree_gone(rec)
-    except AssertionError:
-        return False
-    return True
+# b's client runs from before the kill until this many requests after it: through a's teardown
+# (seconds) and into a's restart, whose load beside b is the heaviest moment for b's service.
+AFTER_KILL = 30
 
 
 class Client(threading.Thread):
@@ -71,9 +66,9 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
     tmp_path: Path, record_property: Any
 ) -> None:
     """a and b serve tiny-a and tiny-b. SIGKILL of a's API server: a's whole old tree (orphaned
-    engine core and workers, segments, semaphores, its TMPDIR) is gone after a acted, b's tree
-    is untouched, and b's client (1 request/s, 60 s timeout) never failed, from before the kill
-    until a serves again."""
+    engine core and workers, segments, semaphores, its TMPDIR) is gone when a's teardown says it
+    cleaned, b's tree is untouched, and b's client (1 request/s, 60 s timeout) never failed,
+    from before the kill through a's teardown and into a's restart."""
     require_real_vllm()
     ports = free_port(8000, 8024), free_port(8025, 8049)
     a = Daemon(tmp_path / "a", real_sections(ports[0], "tiny-a"))
@@ -93,24 +88,24 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
         before = a.status()
         killed_at = time.monotonic()
         os.kill(rec_a.leader.pid, signal.SIGKILL)
-        # 180 s: with two TP=2 servers spinning on 2 cores, the SIGKILLed API server took 38 s to
-        # be reaped in one run (its /health timed out instead of refusing meanwhile) and the
-        # teardown 22 s more; what this test asserts is b's service and a's debris, not a's speed.
+        # Each SIGKILLed process of a's tree is gone only once the kernel has torn its memory
+        # down, which takes CPU time it gets in turn with b's threads pinned to the same cores:
+        # 2.4-5.4 s here on a quiet machine, over a minute on a busy one (issue 18). a's
+        # teardown waits for those exits while they progress (cleanup.EXIT_WAIT_S), so what it
+        # reports is final: nothing remaining, the whole old tree gone when it says so.
         cleaned = a.wait_event(
-            lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 180, "a's teardown cleanup"
+            lambda e: e["event"] == "cleanup" and e.get("why") == "teardown", 300, "a's teardown cleanup"
         )
-        # Gone for good once a acted: its teardown's cleanup, or the pre-start cleanup of a's
-        # next start if a process was still exiting (a run here saw the SIGKILLed engine core
-        # and workers take over 10 s to exit on the loaded 2-core machine).
-        wait_for(lambda: _gone(rec_a), 90, "a's old tree gone")
+        assert cleaned["remaining"] == [], cleaned["remaining"]
         assert_tree_gone(rec_a)
-        first_remaining = len(cleaned["remaining"])
+        slowest_exit = max((k.get("exit_s", 0.0) for k in cleaned["killed"]), default=0.0)
         # a restarts beside b: b keeps serving while a's new tree loads (the worst moment for b,
-        # on 2 shared cores). Whether a is ready again by then is reported, not required.
+        # on 2 shared cores: weights and KV cache). Whether a is ready again by then is
+        # reported, not required.
         wait_for(
-            lambda: len([r for r in client.results if r[0] > killed_at]) >= 60,
+            lambda: len([r for r in client.results if r[0] > killed_at]) >= AFTER_KILL,
             180,
-            "60 requests to b after the kill",
+            f"{AFTER_KILL} requests to b after the kill",
             1.0,
         )
         a_state = a.status()
@@ -125,12 +120,12 @@ def test_sigkill_one_instances_api_server_other_serves_throughout(
         record_property("b_requests", len(client.results))
         record_property("b_p99_s", round(p99, 3))
         record_property("a_after_kill", a_state["state"])
-        record_property("a_teardown_cleanup_remaining", first_remaining)
+        record_property("a_slowest_exit_s", slowest_exit)
         print(
             f"\nb: {len(client.results)} requests, 0 failed, p99 {p99:.2f} s, max "
             f"{max(t for _, t, _ in client.results):.2f} s; a {'serving again' if serving_again else a_state['state']}"
-            f" {time.monotonic() - killed_at:.0f} s after the kill; a's teardown cleanup left {first_remaining}"
-            " item(s) for its next start's cleanup"
+            f" {time.monotonic() - killed_at:.0f} s after the kill; a's teardown cleanup took "
+            f"{cleaned['seconds']:.1f} s, its slowest SIGKILLed process {slowest_exit:.1f} s to exit"
         )
         assert p99 < 60
     except BaseException:
