@@ -163,7 +163,8 @@ class ProbesConfig:
     # run (stall_s + interval_s, or the proxy's stall_s, + the check).
     interval_s: float = _f(
         2.0,
-        "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary",
+        "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary "
+        "(with the proxy, which counts requests in flight, not at all)",
         min=0.1,
     )
     canary_interval_s: float = _f(
