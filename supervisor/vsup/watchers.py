@@ -272,8 +272,9 @@ async def probe_loop(
 
 CHECK_GAP_S = 1.0  # between the starts of a check's two stack samples
 # CPU use is measured over this window before each sample: enough to tell a spinning rank (R,
-# ~100 %) from a sleeping one; the incident keeps the second sample, so it gets the longer one.
-CHECK_CPU_S = (0.2, 0.5)
+# ~100 %) from a sleeping one (the kernel counts it in 10 ms ticks); the incident keeps the
+# second sample, so it gets the longer one. Every 0.1 s here is 0.1 s more before a teardown.
+CHECK_CPU_S = (0.1, 0.25)
 CHECK_METRICS_S = 2.0  # a /metrics reading that takes longer says nothing (None), and the check goes on
 
 # cpu window -> a stacks.StacksReport's JSON (None when there is nothing to sample)
