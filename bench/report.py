@@ -133,7 +133,8 @@ def header(res: dict[str, Any]) -> list[str]:
             "- **Not comparable with earlier tables**: round 1 (2026-11-25) sent one plain request per "
             "second straight to vLLM's port with a 10 s timeout and counted requests from the fault to "
             "the first success; this round's clients use a 60 s timeout, go through each supervisor's "
-            "front, and are counted over the whole episode."
+            "front, and are counted over the whole episode. Round 1's last full run stays in "
+            "`bench/results/2026-11-25-1701-full.md`."
         )
     else:
         out.append(
@@ -187,7 +188,8 @@ def clients_block(res: dict[str, Any]) -> list[str]:
         "## Faults: what clients see",
         "",
         "Per client: failed / hung (no answer within 60 s) / slowest successful request (s), over every "
-        "request of the episode (from 3 s before the fault to the end of the watch).",
+        "request of the episode (from 3 s before the fault to the end of the watch); *+N open*: still "
+        "unanswered when the watch ended, sent less than 60 s before.",
         "",
         "| supervisor (clients' front) | fault | first success after the fault (s) | "
         + " | ".join(kinds)
@@ -852,6 +854,12 @@ def readme_section(res: dict[str, Any]) -> str:
     for block in (idle_block, proxy_block, reload_block, swap_block, ondemand_block, hooks_block):
         body += block(res)
     out += ["#" + line if line.startswith("## ") else line for line in body]
+    if (res.get("aux") or {}).get("parse") or (res.get("aux") or {}).get("cleanup"):
+        out += [
+            "Log parsing (bench_parse.py) and `vsup cleanup` times (bench_cleanup.py): their tables are in "
+            "`bench/results/latest.md`.",
+            "",
+        ]
     out += [
         "![time to the first success and failed requests per fault and supervisor](bench/results/latest.png)",
         "",
