@@ -256,3 +256,19 @@ def test_route_switch_sends_new_requests_to_the_new_server_while_the_old_finishe
     finally:
         old.kill()
         new.kill()
+
+
+def test_autogroup_nice_reads_and_sets_a_sessions_share() -> None:
+    """Host.autogroup_nice on a child in its own session: the value before, then the new one."""
+    p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        h = Host()
+        before = h.autogroup_nice(p.pid)
+        if before is None:  # a kernel without CONFIG_SCHED_AUTOGROUP: nothing to set
+            return
+        assert h.autogroup_nice(p.pid, 10) == before
+        assert h.autogroup_nice(p.pid) == 10
+    finally:
+        p.kill()
+        p.wait()
+    assert Host().autogroup_nice(p.pid) is None  # gone

@@ -85,6 +85,8 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             assert route.upstream == ("127.0.0.1", PORT) and route.hold  # a serves, held only if it fails
             st = o.sup.status()["overlap"]
             assert st["serving"] == "old" and st["old"]["pid"] == a.pid and st["new"]["pid"] == b.pid
+            # CPU: the serving tree yields the cores to the new one's load (its session's autogroup)
+            assert o.world.host.autogroups == {a.pid: 10} and o.evs("overlap_yield")[0]["was"] == 0
             assert st["new"]["port"] == b.port and st["fit"]["ok"]
             b.mode = "ready"
             ok, r = await o.reply(t, 15)
@@ -123,6 +125,7 @@ def test_overlapped_reload_of_a_broken_model_never_stops_the_old_one(tmp_path: P
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "a"
             assert o.sup.gen == gen and o.sup.gate.route.upstream == ("127.0.0.1", PORT)
             assert not [s for p, s in o.world.host.signals if p == a.pid]
+            assert o.world.host.autogroups == {a.pid: 0}  # its full CPU share back
             assert o.evs("overlap_end")[-1]["outcome"] == "rolled_back"
             assert len(o.evs("incident")) == 1
             assert o.transitions()[-2:] == [("ready", "reloading"), ("reloading", "ready")]
@@ -262,9 +265,9 @@ def test_a_vsup_killed_mid_overlap_leaves_two_recorded_trees_the_next_start_clea
         async with o:
             a, b, _t = await overlapping(o)
             assert o.task is not None
-            o.task.cancel()  # vsup SIGKILLed: no teardown of anything
-            with pytest.raises(asyncio.CancelledError):
-                await o.task
+            while not o.task.done():  # vsup SIGKILLed: nothing of it runs on, no teardown
+                o.task.cancel()  # (again: asyncio.wait_for may swallow one whose inner get completed)
+                await asyncio.sleep(0.001)
             recs = proctree.Ledger(o.cfg.state_dir).load()
             assert sorted(r.id for r in recs) == sorted([f"t{a.pid}", f"t{b.pid}"])
             assert o.world.alive_trees() == [a, b]

@@ -758,6 +758,23 @@ class Host:
 
         shutil.rmtree(path)
 
+    # ---- scheduling --------------------------------------------------------------------------
+    def autogroup_nice(self, pid: int, nice: int | None = None) -> int | None:
+        """The scheduler's autogroup nice of `pid`'s session (/proc/PID/autogroup; with
+        CONFIG_SCHED_AUTOGROUP each session shares the CPU as one group), set to `nice` when
+        given. Returns the value before, or None where there is no autogroup or it cannot be
+        read or written (raising it needs no privilege; lowering it below 0 does)."""
+        path = f"{self._proc}/{pid}/autogroup"
+        try:
+            with open(path, encoding="ascii") as f:
+                before = int(f.read().split()[-1])
+            if nice is not None:
+                with open(path, "w", encoding="ascii") as f:
+                    f.write(str(nice))
+        except (OSError, ValueError, IndexError):
+            return None
+        return before
+
     # ---- reaping -----------------------------------------------------------------------------
     def set_child_subreaper(self) -> bool:
         """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER)."""

@@ -48,6 +48,9 @@ from .watchers import FATAL_KINDS
 if TYPE_CHECKING:
     from .daemon import Supervisor
 
+# The serving tree's autogroup nice while the new one loads beside it on the same CPU cores.
+YIELD_NICE = 10
+
 
 @dataclass
 class Old:
@@ -60,6 +63,7 @@ class Old:
     ready_at: float | None
     status: int | None  # its API server's exit status once reaped
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    nice: int | None = None  # its session's autogroup nice before it yielded the CPU (CPU only)
     down: str | None = None  # why it stopped serving by itself during the overlap
 
     def pids(self) -> set[int]:
@@ -227,6 +231,14 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     if new.model != old.model:
         o.policy.new_model()
     o._use(spec=new)
+    if o.gpus is None:
+        # CPU: both trees share the cores. vLLM's CPU workers spin on theirs while they serve, and
+        # with the scheduler's autogroups (one per session) the new tree's workers, pinned to the
+        # same cores, got no CPU at all (0 ticks in 5 s for minutes, measured here, the load
+        # never finishing); with the serving tree's autogroup at nice 10 they got 65 % of a core
+        # and the old one still answered. Undone on a rollback; a retired tree needs no undoing.
+        prev.nice = await o.offload(o.host.autogroup_nice, prev.tree.leader.pid, YIELD_NICE)
+        o.events.emit("overlap_yield", tree=prev.tree.id, autogroup_nice=YIELD_NICE, was=prev.nice)
     started = await o._start_tree(new, it.reason or "reload", in_reload=True, port=port)
     _roles(o)
     if started.interrupt is not None:
@@ -314,6 +326,8 @@ def _restore(o: Supervisor, outcome: str) -> Old:
         raise RuntimeError("overlap state lost before the rollback")  # a bug: internal_error
     prev = ov.old
     o.overlap = None
+    if prev.nice is not None and prev.status is None:  # it serves alone again: its full share
+        o.host.autogroup_nice(prev.tree.leader.pid, prev.nice)
     o._restore_tree(prev.leader, prev.tree, prev.gen, prev.status, prev.ready_at)
     o._use(spec=prev.spec)
     served = prev.spec.served_model_name or prev.spec.name

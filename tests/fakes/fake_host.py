@@ -96,6 +96,7 @@ class FakeHost(_HostBase):
         self._ino = 1000
         # /proc/meminfo in bytes (overlap.py's CPU fit): 64 GiB, 48 available unless a test says
         self.mem: dict[str, int] = {"MemTotal": 64 << 30, "MemAvailable": 48 << 30}
+        self.autogroups: dict[int, int] = {}  # session id -> autogroup nice (0 unless set)
 
     # ---- building the world ------------------------------------------------------------------
     def add_proc(
@@ -288,6 +289,14 @@ class FakeHost(_HostBase):
 
     def meminfo(self) -> dict[str, int]:
         return dict(self.mem)
+
+    def autogroup_nice(self, pid: int, nice: int | None = None) -> int | None:
+        if pid not in self.procs:
+            return None
+        before = self.autogroups.get(self.procs[pid].sid, 0)
+        if nice is not None:
+            self.autogroups[self.procs[pid].sid] = nice
+        return before
 
     def stat(self, path) -> FileStat | None:
         f = self.files.get(str(path))
