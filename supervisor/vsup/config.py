@@ -159,10 +159,11 @@ class RestartConfig:
 @dataclass(frozen=True)
 class ProbesConfig:
     # Issue 17's bounds with these defaults: a hung worker is torn down <= 15 s after the fault
-    # at idle (canary_interval_s + canary_s + a ~2-3 s stack check), <= 10 s while requests
-    # run (stall_s + interval_s, or the proxy's stall_s, + the check).
+    # at idle (canary_interval_s + canary_s + a ~2-4 s stack check), <= 10 s while requests
+    # run (stall_s + interval_s, or the proxy's stall_s + its 1 s look, + the check). Reading
+    # /metrics every second while requests run costs ~0.1 % of a core then, nothing at idle.
     interval_s: float = _f(
-        2.0,
+        1.0,
         "progress (/metrics) probe period while requests run; an idle engine is looked at before each canary "
         "(with the proxy, which counts requests in flight, not at all)",
         min=0.1,
