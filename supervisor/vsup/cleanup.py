@@ -64,9 +64,10 @@ KILL_WAIT_S = 5.0
 # "still alive after SIGKILL" four times over, and the instance ended `failed` (issue 18). A
 # dying process (SIGKILL pending or in do_exit) whose CPU time grows, or that waits for a CPU
 # (state R), is making progress: the wait goes on, each process allowed `kill_wait_s` without
-# progress, all of it at most this long after the SIGKILL. It still holds what it held (the
-# inherited listening socket of the API server, GPU memory) until its files are closed at the
-# very end, so starting the next tree before it is gone would only fail on them.
+# progress, all of it at most this long after the SIGKILL. It still holds its files until the
+# very end (do_exit closes them after the memory): sockets (a SIGKILLed API server's port
+# answered nothing for 38 s instead of refusing, in one of those runs) and GPU memory, so
+# starting the next tree before it is gone would only fail on them.
 EXIT_WAIT_S = 120.0
 # Interval of the "gone yet?" polls: /proc reads of a handful of pids.
 POLL_S = 0.05
