@@ -88,7 +88,8 @@ class DaemonConfig:
     readiness: str = _f(
         "serving",
         "/readyz: 'serving' = 200 only while a proven-ready server is routed (several replicas); "
-        "'hold' = also while a server is coming and requests are held (one replica)",
+        "'hold' = also while a server is coming and requests are held (one replica); both 200 "
+        "while the model is off-loaded (a request loads it)",
         choices=("serving", "hold"),
     )
     shm_private: bool = _f(
@@ -113,7 +114,14 @@ class TimeoutsConfig:
     )
     # A hung worker keeps the API server in "Waiting for connections to close" forever, so
     # a stop never waits for clients beyond the grace.
-    kill_wait_s: float = _f(10.0, "after SIGKILL, how long to wait for every process to be gone", min=0.1)
+    # A SIGKILLed process still exiting (the kernel freeing its memory, CPU time moving) is
+    # waited for longer, up to cleanup.EXIT_WAIT_S in all: on a busy 2-core machine a vLLM
+    # worker's exit took 20-43 s (issue 18).
+    kill_wait_s: float = _f(
+        10.0,
+        "after SIGKILL, how long to wait for a process to be gone while its exit makes no progress",
+        min=0.1,
+    )
     # A stopped worker leaves /health at 200 and num_requests_running at 0 (the stats only move
     # when a step finishes), so at idle the canary's deadline is what sees the hang. A canary
     # late is one strike, not a verdict: the stack check that follows decides (issue 17), so the
