@@ -275,15 +275,15 @@ def test_idle_server_gets_a_canary_every_canary_interval_s() -> None:
 
 
 def test_with_the_proxy_an_idle_engine_costs_one_canary_per_interval_and_no_metrics_read() -> None:
-    """The proxy counts nothing in flight: /metrics is not read between canaries (idle CPU); one in flight: read every interval_s."""
+    """The proxy saw no traffic lately: /metrics is not read between canaries (idle CPU); traffic: read every interval_s."""
     clock = FakeClock()
     prober = ScriptedProber(clock)
-    run_probe_loop(prober, clock, 1000.0 + 4 * 5 - 1, in_flight=lambda: 0)
+    run_probe_loop(prober, clock, 1000.0 + 4 * 5 - 1, quiet=lambda: True)
     assert [c for c, _ in prober.calls].count("metrics") == 1  # the first look only
     assert [c for c, _ in prober.calls].count("canary") == 4
     clock = FakeClock()
     prober = ScriptedProber(clock, running=lambda t: 1.0 if t >= 1006.0 else 0.0)
-    run_probe_loop(prober, clock, 1000.0 + 16, in_flight=lambda: 1 if clock.t >= 1006.0 else 0)
+    run_probe_loop(prober, clock, 1000.0 + 16, quiet=lambda: clock.t < 1006.0)
     reads = [t - 1000.0 for c, t in prober.calls if c == "metrics"]
     assert len([t for t in reads if t >= 8.0]) >= 3, reads  # noticed by the next canary, then every 2 s
 

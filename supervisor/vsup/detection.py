@@ -154,9 +154,18 @@ def _offload_due(o: Supervisor) -> Intent | None:
 def probe(o: Supervisor, gen: int, *, confirm: bool) -> asyncio.Task[Any]:
     prober = o.make_prober(o._tree_cfg(), o.spec)
     tr = o.traffic
-    served_at, in_flight = (tr.last_success_at, lambda: tr.in_flight(gen)) if tr is not None else (None, None)
+    if tr is None:
+        return o._spawn_task(watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm))
+
+    def quiet() -> bool:
+        """No request in flight through the proxy, none arrived or ended for a canary interval
+        (back-to-back requests leave gaps of milliseconds with none in flight)."""
+        last = tr.last_activity_at()
+        lull = o.cfg.probes.canary_interval_s or o.cfg.probes.interval_s
+        return tr.in_flight(gen) == 0 and (last is None or o.clock.monotonic() - last > lull)
+
     return o._spawn_task(
-        watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, served_at, in_flight)
+        watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, tr.last_success_at, quiet)
     )
 
 

@@ -188,7 +188,7 @@ async def probe_loop(
     clock: Clock,
     confirm: bool,
     served_at: Callable[[], float | None] | None = None,
-    in_flight: Callable[[], int] | None = None,
+    quiet: Callable[[], bool] | None = None,
 ) -> None:
     """Canary + progress probes while ready. In confirm mode, probe again at once.
 
@@ -198,10 +198,10 @@ async def probe_loop(
     than a canary does (GPUStack skips its inference probe so), and a saturated engine is not
     asked to fit one more request in.
 
-    With the proxy in front (`in_flight`: its count of requests in flight), an idle engine is not
-    read at all between canaries: the proxy sees every request, so /metrics is read only while
-    one is in flight or the last reading showed work (idle CPU: one canary a canary_interval_s).
-    Requests that bypass the proxy are then seen by the canary alone."""
+    With the proxy in front (`quiet`: it has had no request in flight for a while), an idle
+    engine is not read at all between canaries: the proxy sees every request, so /metrics is
+    read only while there is traffic or the last reading showed work (idle CPU: one canary a
+    canary_interval_s). Requests that bypass the proxy are then seen by the canary alone."""
     t, p = cfg.timeouts, cfg.probes
     name = spec.served_model_name or spec.model
     last_tokens: float | None = None
@@ -214,7 +214,7 @@ async def probe_loop(
     try:
         while True:
             m = None
-            if confirm or busy or in_flight is None or in_flight() > 0:
+            if confirm or busy or quiet is None or not quiet():
                 m = await prober.metrics()
             else:
                 last_tokens = None  # a new baseline at the next reading (our canaries' tokens meanwhile)
