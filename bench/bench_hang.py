@@ -43,7 +43,7 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 MODEL = "tiny-a"
 READY_S = 300.0
 # The tiny model's context is 256 tokens: a long generation is the most that fits a short prompt.
-LONG_TOKENS = 200
+LONG_TOKENS = 160
 SATURATING_STREAMS = 12  # more than the 2-core CPU engine steps at full speed at once
 
 
@@ -175,7 +175,9 @@ class VsupRun:
             p.wait(10)
 
 
-def chat(base: str, max_tokens: int, timeout: float, stream: bool = True) -> tuple[bool, int]:
+def chat(
+    base: str, max_tokens: int, timeout: float, stream: bool = True, on_chunk: Any = None
+) -> tuple[bool, int]:
     """One chat completion; (ok, chunks received)."""
     body = {
         "model": MODEL,
@@ -195,6 +197,8 @@ def chat(base: str, max_tokens: int, timeout: float, stream: bool = True) -> tup
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         chunks += 1
+                        if on_chunk is not None:
+                            on_chunk()
                         if '"error"' in line:
                             return False, chunks
                 return True, chunks
@@ -224,11 +228,14 @@ class Load:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            ok, n = chat(self.base, self.max_tokens, 180.0)
+            ok, _ = chat(self.base, self.max_tokens, 180.0, on_chunk=self._chunk)
             with self.lock:
                 self.done += ok
                 self.failed += not ok
-                self.chunks += n
+
+    def _chunk(self) -> None:
+        with self.lock:
+            self.chunks += 1
 
 
 def sigstop(run: VsupRun, traffic: bool) -> dict[str, Any]:
@@ -239,7 +246,12 @@ def sigstop(run: VsupRun, traffic: bool) -> dict[str, Any]:
     try:
         if load is not None:
             load.__enter__()
-            time.sleep(3)  # streams in flight and done before the fault
+            end = time.monotonic() + 60  # tokens flowing: a just-restarted server is slow to its first
+            while load.chunks < 20 and time.monotonic() < end:
+                time.sleep(0.1)
+            seen = load.chunks
+            while load.chunks == seen and time.monotonic() < end:
+                time.sleep(0.05)
         t0 = time.time()
         os.kill(tp1, signal.SIGSTOP)
         teardown = run.wait_event(lambda e: e["event"] == "teardown", n, 180)
