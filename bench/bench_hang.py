@@ -12,7 +12,8 @@ shipped defaults and the proxy on:
 
     flock /tmp/vsup-real.lock .venv/bin/python bench/bench_hang.py [--quick] [--json PATH]
 
-Self-contained (only the standard library and httpx): `run(quick) -> list[dict]` returns one row a
+Its work directory (events, vLLM's log, incidents) is removed at the end unless BENCH_HANG_KEEP
+is set. Self-contained (only the standard library and httpx): `run(quick) -> list[dict]` returns one row a
 measurement, for the benchmark harness to call; `__main__` prints them as a table.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -358,6 +360,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
             time.sleep(5)
     finally:
         r.close()
+        if not os.environ.get("BENCH_HANG_KEEP"):  # its events, log and incidents, for a look
+            shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
