@@ -54,26 +54,9 @@ class _Sink:
         path = self._path
         if path is None:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        try:
-            fd = os.open(path, flags, 0o600)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise PermissionError(errno.ELOOP, f"{path} is a symbolic link; not following it") from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
-                raise PermissionError(
-                    errno.EPERM, f"{path} is not a regular file of vsup's user or root; not writing to it"
-                )
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)  # an events.jsonl from before it was private
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self._size = fd, st.st_size
+        from .host import open_append  # here: `vsup events` reads the file without the OS seam's imports
+
+        self._fd, self._size = open_append(path, 0o600, "events file", narrow=True)
 
     def _write(self, data: bytes) -> None:
         path = self._path

@@ -830,3 +830,38 @@ def same_process(a_create_time: float, b_create_time: float) -> bool:
 def strip_deleted(path: str) -> str:
     """A maps/fd path without the kernel's " (deleted)" suffix."""
     return path[: -len(_DELETED)] if path.endswith(_DELETED) else path
+
+
+def open_append(path: str | Path, mode: int, what: str, *, narrow: bool = False) -> tuple[int, int]:
+    """`path` opened for append the way a root daemon may, as (fd, size now).
+
+    Never through a symlink (a link planted at log_file once had vLLM's output appended to a
+    0600 root file), only a regular file (O_NONBLOCK until checked: a FIFO planted there cannot
+    hang the open), and only one that vsup's user or root owns. A new file gets `mode`; with
+    `narrow`, an existing one whose group/other bits exceed `mode` is narrowed to it (a file from
+    before it was private). PermissionError, naming `what`, says why not.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PermissionError(
+                errno.ELOOP, f"{what} {path} is a symbolic link; not following it"
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise PermissionError(errno.EINVAL, f"{what} {path} is not a regular file; not writing to it")
+        if st.st_uid not in (0, os.geteuid()):
+            raise PermissionError(
+                errno.EPERM, f"{what} {path} is owned by uid {st.st_uid}, not by vsup's user or root"
+            )
+        if narrow and st.st_mode & 0o077 & ~mode:
+            os.fchmod(fd, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size

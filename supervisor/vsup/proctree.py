@@ -27,7 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsup.host import CREATE_TIME_TOLERANCE_S, FileStat, Host, ProcInfo, same_process, strip_deleted
+from vsup.host import (
+    CREATE_TIME_TOLERANCE_S,
+    FileStat,
+    Host,
+    ProcInfo,
+    open_append,
+    same_process,
+    strip_deleted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -472,29 +480,8 @@ def spawn(
 
 
 def open_log(path: Path) -> int:
-    """vLLM's log, opened for append the way a root daemon may: never through a symlink (a link
-    planted at log_file once had vLLM's output appended to a 0600 root file), only a regular
-    file, and only one that vsup's user or root owns. OSError says why not."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o640)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, f"log file {path} is a symbolic link; refusing to follow it") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"log file {path} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise OSError(
-                errno.EPERM, f"log file {path} is owned by uid {st.st_uid}, not by vsup's user or root"
-            )
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """vLLM's log, opened for append the way a root daemon may (see `host.open_append`)."""
+    return open_append(path, 0o640, "log file")[0]
 
 
 def refresh(rec: TreeRecord, host: Host | None = None) -> TreeRecord:
