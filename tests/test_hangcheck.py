@@ -330,10 +330,12 @@ def test_parse_metrics_sums_each_series_over_label_sets_and_skips_lookalikes() -
         + 'vllm:generation_tokens_total{engine="0",model_name="m"} 1234.0\n'
         + 'vllm:generation_tokens_total{engine="1",model_name="m"} 6\n'
         + 'vllm:generation_tokens_created{engine="1"} 1.7e9\n'
+        + 'vllm:prompt_tokens_total{engine="0"} 300\n'
         + "vllm:generation_tokens_total_extra 99"
     )
     p = parse_metrics(text)
     assert p is not None and (p.running, p.waiting, p.generation_tokens) == (3.0, 2.0, 1240.0)
+    assert p.prompt_tokens == 300.0
     assert parse_metrics(buckets) is None
 
 

@@ -161,8 +161,8 @@ def judge_hang(
     gap_s: float,
     catalog: Catalog | None = None,
 ) -> HangJudgement:
-    """Judge two stack samples of a tree taken `gap_s` apart after a strike, with the generated
-    token counter (/metrics) read before the first and after the second.
+    """Judge two stack samples of a tree taken `gap_s` apart after a strike, with the token
+    counters (/metrics: generated plus prefilled) read before the first and after the second.
 
     Proof of a hang is all of: a rank stuck at the same frame in both samples while the engine
     core waits for the workers' reply in both (diagnose.persistent_stuck), and not one token

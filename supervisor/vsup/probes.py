@@ -33,9 +33,15 @@ class Progress:
     running: float
     waiting: float
     generation_tokens: float
+    prompt_tokens: float = 0.0  # prompt tokens prefilled: a long prefill generates nothing for a while
 
 
-_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total")
+_SERIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_total",
+)
 _VALUE = re.compile(r"(?:\{[^}\n]*\})?[ \t]+([0-9.eE+-]+|NaN)[ \t]*$")
 
 
@@ -71,6 +77,7 @@ def parse_metrics(text: str) -> Progress | None:
         sums.get("vllm:num_requests_running", 0.0),
         sums.get("vllm:num_requests_waiting", 0.0),
         sums.get("vllm:generation_tokens_total", 0.0),
+        sums.get("vllm:prompt_tokens_total", 0.0),
     )
 
 
@@ -176,7 +183,12 @@ class Prober:
             True,
             "",
             res.seconds,
-            {"running": p.running, "waiting": p.waiting, "generation_tokens": p.generation_tokens},
+            {
+                "running": p.running,
+                "waiting": p.waiting,
+                "generation_tokens": p.generation_tokens,
+                "prompt_tokens": p.prompt_tokens,
+            },
         )
 
     async def canary(self, model: str, prompt: str, max_tokens: int, timeout_s: float) -> ProbeResult:

@@ -313,7 +313,9 @@ async def hang_check(
 async def _tokens(prober: ProberLike) -> float | None:
     with contextlib.suppress(TimeoutError):
         m = await asyncio.wait_for(prober.metrics(), CHECK_METRICS_S)
-        return float(m.data["generation_tokens"]) if m.ok else None
+        # prompt tokens too: an engine prefilling a long prompt steps without generating (and
+        # with chunked prefill off, every stream in flight waits meanwhile: a stall strike)
+        return float(m.data["generation_tokens"]) + float(m.data.get("prompt_tokens", 0.0)) if m.ok else None
     return None
 
 
