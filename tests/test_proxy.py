@@ -673,6 +673,29 @@ def test_every_stream_stalled_is_posted_once_to_the_owner(fakes: Any, tmp_path: 
     run(main())
 
 
+def test_a_tree_stalled_again_after_its_stalled_streams_ended_is_posted_again(
+    fakes: Any, tmp_path: Path
+) -> None:
+    """Issue 17: the owner clears a stall strike that a stack check disproves; once those streams
+    are gone (their clients left), a new stall of the same tree is a new strike, not a repeat
+    (a new stream's first byte is fresh, so the next look forgets the old stall)."""
+    f = fakes()
+
+    async def main() -> None:
+        async with running(ready(f, gen=5), stall_s=0.3) as h:
+            for i in range(2):
+                pause = tmp_path / f"go{i}"
+                async with await h.chat(stream=True, headers={"X-Fake-Pause": str(pause)}) as r:
+                    await r.content.readuntil(b"\n\n")
+                    await h.until(lambda i=i: len(h.posted) == i + 1, "an observation")
+                await h.until(lambda: h.proxy.in_flight() == 0, "the abandoned stream gone")
+            assert [(type(o), o.gen) for o in h.posted] == [(UpstreamStalled, 5)] * 2
+        for i in range(2):
+            (tmp_path / f"go{i}").touch()  # the fake server's paused handlers end
+
+    run(main())
+
+
 # ---- api key --------------------------------------------------------------------------------
 
 
