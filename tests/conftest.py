@@ -6,7 +6,10 @@ by the conftest.py of tests/systemd/.)
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import FAKES, Daemon, free_port
+import vsup
+from support import (
+    FAKES,
+    OTHER_USER,
+    Daemon,
+    Gates,
+    OtherUser,
+    ensure_other_user,
+    free_port,
+    other_user_python,
+    readable_copy,
+)
 
 
 @pytest.fixture
@@ -65,3 +79,32 @@ def fake_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield make
     for d in made:
         d.close()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A fresh directory every user may traverse (tmp_path is 0700 for root only); removed after."""
+    path = Path(tempfile.mkdtemp(prefix="vsup-public-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def gates() -> Gates:
+    return Gates()
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[OtherUser]:
+    """The user `vsuptest` in group `vsuptestgrp`, created if missing (left in place: shared)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user and run a client as it")
+    ensure_other_user()
+    python = other_user_python()
+    if python is None:
+        pytest.skip(f"no Python >= 3.11 that {OTHER_USER} may execute")
+    with readable_copy(vsup) as vsup_path:
+        yield OtherUser(python, vsup_path)

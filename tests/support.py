@@ -8,8 +8,10 @@ is removed through the ledger it wrote, even when the test failed.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -21,11 +23,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from toml_writer import toml_value, write_config  # noqa: F401 - the suite's one TOML writer
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from vsup.control import Acl, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
@@ -400,3 +407,197 @@ class ControlServerThread:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
         assert not self.loop_errors, f"unhandled errors on the server loop: {self.loop_errors[:3]}"
+
+
+class Gates:
+    """asyncio.Events shared between a test and its handlers (created lazily on the server loop)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, name: str) -> asyncio.Event:
+        import asyncio
+
+        return self._events.setdefault(name, asyncio.Event())
+
+
+def make_handlers(gates: Gates) -> dict[str, Any]:
+    """The control tests' commands: one of each way a handler can answer, fail or follow."""
+    import asyncio
+
+    from vsup.control import CommandError
+
+    async def status(req: Request) -> Any:
+        return {"state": "ready", "uid": req.peer.uid}
+
+    async def echo(req: Request) -> Any:
+        return req.args
+
+    async def phases(req: Request) -> Any:
+        for phase in ("drain", "stop", "start"):
+            await req.progress(phase=phase, elapsed_s=0.5)
+        return {"phases": 3}
+
+    async def fail(req: Request) -> Any:
+        raise CommandError("failed", "engine core died: CUDA out of memory")
+
+    async def busy(req: Request) -> Any:
+        raise CommandError("busy", "reload of 'b' is running")
+
+    async def crash(req: Request) -> Any:
+        raise RuntimeError("boom")
+
+    async def not_json(req: Request) -> Any:
+        return {"value": object()}
+
+    async def bad_code(req: Request) -> Any:
+        raise CommandError("nope", "made up")
+
+    async def needs_model(req: Request) -> Any:
+        return {"model": req.arg("model", str), "wait_s": req.arg("wait_s", float, 1.0)}
+
+    async def reload(req: Request) -> Any:
+        gates["reload_started"].set()
+        await gates["reload_go"].wait()
+        await req.progress(phase="stop", elapsed_s=1.0)
+        gates["reload_done"].set()
+        return {"model": "b"}
+
+    async def events(req: Request) -> Any:
+        try:
+            gates["events_started"].set()
+            await req.event({"event": "state_changed", "state": "ready"})
+            await asyncio.Event().wait()  # follow until cancelled
+        except asyncio.CancelledError:
+            gates["events_cancelled"].set()
+            raise
+
+    async def flood(req: Request) -> Any:
+        blob = "x" * 65536
+        sent = 0
+        while await req.event({"n": sent, "blob": blob}):
+            sent += 1
+            await asyncio.sleep(0)  # yield so the loop can flush and serve others
+        gates["flood_dropped"].set()
+        return {"sent": sent}
+
+    return {
+        "status": status,
+        "echo": echo,
+        "phases": phases,
+        "fail": fail,
+        "busy": busy,
+        "crash": crash,
+        "not_json": not_json,
+        "bad_code": bad_code,
+        "needs_model": needs_model,
+        "reload": reload,
+        "events": events,
+        "flood": flood,
+    }
+
+
+# ---- another user, for real --------------------------------------------------------------------
+
+OTHER_USER = "vsuptest"
+OTHER_GROUP = "vsuptestgrp"
+
+CLIENT_SCRIPT = """
+import json
+from pathlib import Path
+from vsup.control import ControlClient, DaemonUnreachable
+try:
+    reply = ControlClient(Path(sys.argv[2]), timeout_s=10).call(sys.argv[3])
+except DaemonUnreachable as exc:
+    print(json.dumps({"unreachable": str(exc)}))
+else:
+    print(json.dumps({"reply": reply}))
+"""
+
+
+class OtherUser:
+    """A real second user (member of OTHER_GROUP), an interpreter it may execute and a copy of
+    the vsup package it may import."""
+
+    def __init__(self, python: str, vsup_path: str) -> None:
+        entry = pwd.getpwnam(OTHER_USER)
+        self.uid = entry.pw_uid
+        self.primary_gid = entry.pw_gid
+        self.group_gid = grp.getgrnam(OTHER_GROUP).gr_gid
+        self.python = python
+        self.vsup_path = vsup_path
+
+    def argv(self, script: str, *args: str) -> list[str]:
+        """The command that runs Python `script` as this user, with `sys` imported and the vsup
+        copy (sys.argv[1]) on its path; `args` follow as sys.argv[2:]."""
+        prelude = "import sys; sys.path.insert(0, sys.argv[1])\n"
+        return ["runuser", "-u", OTHER_USER, "--", self.python, "-c", prelude + script, self.vsup_path, *args]
+
+    def popen(self, script: str, *args: str) -> subprocess.Popen[str]:
+        """`script` running as this user (see `argv`), its stdout and stderr piped."""
+        return subprocess.Popen(
+            self.argv(script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"
+        )
+
+    def call(self, path: Path, cmd: str) -> dict[str, Any]:
+        """Run ControlClient(path).call(cmd) as this user in a fresh process."""
+        done = subprocess.run(
+            self.argv(CLIENT_SCRIPT, str(path), cmd), capture_output=True, text=True, timeout=60, cwd="/"
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def server(self, directory: Path, gates: Gates, acl: Acl, **kwargs: Any) -> ControlServerThread:
+        """A control server (`make_handlers`) at directory/s.sock whose socket is in this user's
+        group, so that it may connect; `acl` says what it may do there."""
+        return ControlServerThread(
+            directory / "s.sock", make_handlers(gates), acl=acl, socket_group=self.group_gid, **kwargs
+        )
+
+
+def ensure_other_user() -> None:
+    """OTHER_USER in OTHER_GROUP, created if missing (left in place: other sessions share it)."""
+    subprocess.run(["groupadd", "-f", OTHER_GROUP], check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        made = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "-G",
+                OTHER_GROUP,
+                OTHER_USER,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode != 0:
+            pwd.getpwnam(OTHER_USER)  # created by a concurrent session: fine; else let it raise
+        return
+    if OTHER_GROUP not in [g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem]:
+        subprocess.run(["usermod", "-aG", OTHER_GROUP, OTHER_USER], check=True, capture_output=True)
+
+
+def other_user_python() -> str | None:
+    """An interpreter (Python >= 3.11) that OTHER_USER may execute, None if there is none."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                OTHER_USER,
+                "--",
+                python,
+                "-c",
+                "import sys; assert sys.version_info >= (3, 11)",
+            ],
+            capture_output=True,
+            cwd="/",
+        )
+        if probe.returncode == 0:
+            return python
+    return None

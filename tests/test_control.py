@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import grp
 import json
 import os
 import pwd
 import select
-import shutil
 import socket
 import stat
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import vsup
-from support import ControlServerThread, readable_copy, wait_for
+from support import ControlServerThread, Gates, OtherUser, make_handlers, wait_for
 from vsup.control import (
     ERROR_CODES,
     Acl,
-    CommandError,
     ControlClient,
     ControlSocketError,
     ControlSocketInUse,
@@ -78,105 +71,8 @@ class Conn:
 
 
 @pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A fresh directory that every user may traverse (tmp_path is 0700 for root only)."""
-    path = Path(tempfile.mkdtemp(prefix="vsup-ctl-"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class Gates:
-    """asyncio.Events shared between a test and its handlers (created lazily on the server loop)."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def __getitem__(self, name: str) -> asyncio.Event:
-        return self._events.setdefault(name, asyncio.Event())
-
-
-def make_handlers(gates: Gates) -> dict[str, Any]:
-    async def status(req: Request) -> Any:
-        return {"state": "ready", "uid": req.peer.uid}
-
-    async def echo(req: Request) -> Any:
-        return req.args
-
-    async def phases(req: Request) -> Any:
-        for phase in ("drain", "stop", "start"):
-            await req.progress(phase=phase, elapsed_s=0.5)
-        return {"phases": 3}
-
-    async def fail(req: Request) -> Any:
-        raise CommandError("failed", "engine core died: CUDA out of memory")
-
-    async def busy(req: Request) -> Any:
-        raise CommandError("busy", "reload of 'b' is running")
-
-    async def crash(req: Request) -> Any:
-        raise RuntimeError("boom")
-
-    async def not_json(req: Request) -> Any:
-        return {"value": object()}
-
-    async def bad_code(req: Request) -> Any:
-        raise CommandError("nope", "made up")
-
-    async def needs_model(req: Request) -> Any:
-        return {"model": req.arg("model", str), "wait_s": req.arg("wait_s", float, 1.0)}
-
-    async def reload(req: Request) -> Any:
-        gates["reload_started"].set()
-        await gates["reload_go"].wait()
-        await req.progress(phase="stop", elapsed_s=1.0)
-        gates["reload_done"].set()
-        return {"model": "b"}
-
-    async def events(req: Request) -> Any:
-        try:
-            gates["events_started"].set()
-            await req.event({"event": "state_changed", "state": "ready"})
-            await asyncio.Event().wait()  # follow until cancelled
-        except asyncio.CancelledError:
-            gates["events_cancelled"].set()
-            raise
-
-    async def flood(req: Request) -> Any:
-        blob = "x" * 65536
-        sent = 0
-        while await req.event({"n": sent, "blob": blob}):
-            sent += 1
-            await asyncio.sleep(0)  # yield so the loop can flush and serve others
-        gates["flood_dropped"].set()
-        return {"sent": sent}
-
-    return {
-        "status": status,
-        "echo": echo,
-        "phases": phases,
-        "fail": fail,
-        "busy": busy,
-        "crash": crash,
-        "not_json": not_json,
-        "bad_code": bad_code,
-        "needs_model": needs_model,
-        "reload": reload,
-        "events": events,
-        "flood": flood,
-    }
-
-
-@pytest.fixture
-def gates() -> Gates:
-    return Gates()
-
-
-@pytest.fixture
-def server(sock_dir: Path, gates: Gates) -> Iterator[ServerThread]:
-    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)) as srv:
+def server(public_dir: Path, gates: Gates) -> Iterator[ServerThread]:
+    with ServerThread(public_dir / "vsup.sock", make_handlers(gates)) as srv:
         yield srv
 
 
@@ -345,9 +241,9 @@ def test_handler_bug_is_internal_and_daemon_survives(server: ServerThread, cmd: 
     assert ControlClient(server.server.path).call("status")["ok"] is True
 
 
-def test_line_over_limit_is_too_large_and_closes(sock_dir: Path, gates: Gates) -> None:
+def test_line_over_limit_is_too_large_and_closes(public_dir: Path, gates: Gates) -> None:
     """A line one byte over max_line gets too_large and the connection is closed."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
         conn = Conn(srv.server.path)
         try:
             conn.send(b"x" * 1025 + b"\n")
@@ -362,9 +258,9 @@ def test_line_over_limit_is_too_large_and_closes(sock_dir: Path, gates: Gates) -
             conn.close()
 
 
-def test_line_at_limit_is_accepted(sock_dir: Path, gates: Gates) -> None:
+def test_line_at_limit_is_accepted(public_dir: Path, gates: Gates) -> None:
     """A request line of exactly max_line bytes is served."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), max_line=1024) as srv:
         request = b'{"id": 1, "cmd": "status"}'
         conn = Conn(srv.server.path)
         try:
@@ -387,9 +283,9 @@ def test_unbounded_line_is_too_large(server: ServerThread) -> None:
         conn.close()
 
 
-def test_no_newline_times_out(sock_dir: Path, gates: Gates) -> None:
+def test_no_newline_times_out(public_dir: Path, gates: Gates) -> None:
     """A client that never finishes its line gets timeout after read_timeout_s, then EOF."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), read_timeout_s=0.2) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), read_timeout_s=0.2) as srv:
         conn = Conn(srv.server.path)
         try:
             conn.send(b'{"id": 1, "cmd": "sta')
@@ -404,10 +300,10 @@ def test_no_newline_times_out(sock_dir: Path, gates: Gates) -> None:
 # --- socket file ---------------------------------------------------------------------------------
 
 
-def test_socket_mode_and_created_parent(sock_dir: Path, gates: Gates) -> None:
+def test_socket_mode_and_created_parent(public_dir: Path, gates: Gates) -> None:
     """A missing parent is created 0750 with the socket group; the socket is 0660 with that group."""
     group = os.getgid() if os.getgid() != 0 else grp.getgrnam("daemon").gr_gid
-    path = sock_dir / "run" / "vsup" / "vsup.sock"
+    path = public_dir / "run" / "vsup" / "vsup.sock"
     with ServerThread(path, make_handlers(gates), socket_group=group):
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group
@@ -416,16 +312,16 @@ def test_socket_mode_and_created_parent(sock_dir: Path, gates: Gates) -> None:
     assert not path.exists() and not Path(f"{path}.lock").exists()
 
 
-def test_existing_directory_left_alone(sock_dir: Path, gates: Gates) -> None:
+def test_existing_directory_left_alone(public_dir: Path, gates: Gates) -> None:
     """An existing parent directory keeps its mode."""
-    os.chmod(sock_dir, 0o711)
-    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)):
-        assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o711
+    os.chmod(public_dir, 0o711)
+    with ServerThread(public_dir / "vsup.sock", make_handlers(gates)):
+        assert stat.S_IMODE(os.stat(public_dir).st_mode) == 0o711
 
 
-def test_stale_socket_is_replaced(sock_dir: Path, gates: Gates) -> None:
+def test_stale_socket_is_replaced(public_dir: Path, gates: Gates) -> None:
     """A socket file nobody listens on (a crashed daemon's) is removed and bound anew."""
-    path = sock_dir / "vsup.sock"
+    path = public_dir / "vsup.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()
@@ -435,15 +331,15 @@ def test_stale_socket_is_replaced(sock_dir: Path, gates: Gates) -> None:
         assert ControlClient(srv.server.path).call("status")["ok"] is True
 
 
-def test_non_socket_at_path_is_refused(sock_dir: Path, gates: Gates) -> None:
+def test_non_socket_at_path_is_refused(public_dir: Path, gates: Gates) -> None:
     """A regular file at the socket path is neither removed nor replaced."""
-    path = sock_dir / "vsup.sock"
+    path = public_dir / "vsup.sock"
     path.write_text("precious")
     srv = ServerThread(path, make_handlers(gates))
     with pytest.raises(ControlSocketError, match="not a socket"):
         srv.__enter__()
     assert path.read_text() == "precious"
-    assert sorted(p.name for p in sock_dir.iterdir()) == ["vsup.sock"]
+    assert sorted(p.name for p in public_dir.iterdir()) == ["vsup.sock"]
 
 
 def test_second_server_on_live_path_is_refused(server: ServerThread, gates: Gates) -> None:
@@ -456,9 +352,9 @@ def test_second_server_on_live_path_is_refused(server: ServerThread, gates: Gate
     assert ControlClient(server.server.path).call("status")["ok"] is True
 
 
-def test_foreign_listener_is_refused(sock_dir: Path, gates: Gates) -> None:
+def test_foreign_listener_is_refused(public_dir: Path, gates: Gates) -> None:
     """A live listener on the path without vsup's lock (another program) is not replaced."""
-    path = sock_dir / "vsup.sock"
+    path = public_dir / "vsup.sock"
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         other.bind(str(path))
@@ -472,28 +368,28 @@ def test_foreign_listener_is_refused(sock_dir: Path, gates: Gates) -> None:
         other.close()
 
 
-def test_failed_start_leaves_nothing_and_can_retry(sock_dir: Path, gates: Gates) -> None:
+def test_failed_start_leaves_nothing_and_can_retry(public_dir: Path, gates: Gates) -> None:
     """A bind failure (path too long) leaves no file behind and releases the lock."""
-    path = sock_dir / ("s" * 120)
+    path = public_dir / ("s" * 120)
     srv = ServerThread(path, make_handlers(gates))
     with pytest.raises(ControlSocketError, match="cannot create control socket"):
         srv.__enter__()
-    assert list(sock_dir.iterdir()) == []
-    with ServerThread(sock_dir / "vsup.sock", make_handlers(gates)) as ok:
+    assert list(public_dir.iterdir()) == []
+    with ServerThread(public_dir / "vsup.sock", make_handlers(gates)) as ok:
         assert ControlClient(ok.server.path).call("status")["ok"] is True
 
 
-def test_failed_start_removes_directory_it_created(sock_dir: Path, gates: Gates) -> None:
+def test_failed_start_removes_directory_it_created(public_dir: Path, gates: Gates) -> None:
     """A directory created by a start that then failed is removed again."""
-    srv = ServerThread(sock_dir / "new" / ("s" * 120), make_handlers(gates))
+    srv = ServerThread(public_dir / "new" / ("s" * 120), make_handlers(gates))
     with pytest.raises(ControlSocketError):
         srv.__enter__()
-    assert list(sock_dir.iterdir()) == []
+    assert list(public_dir.iterdir()) == []
 
 
-def test_close_is_idempotent_and_spares_a_successor(sock_dir: Path, gates: Gates) -> None:
+def test_close_is_idempotent_and_spares_a_successor(public_dir: Path, gates: Gates) -> None:
     """close() twice is fine and does not unlink a socket another process bound meanwhile."""
-    path = sock_dir / "vsup.sock"
+    path = public_dir / "vsup.sock"
     srv = ServerThread(path, make_handlers(gates)).__enter__()
     successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -508,9 +404,9 @@ def test_close_is_idempotent_and_spares_a_successor(sock_dir: Path, gates: Gates
         successor.close()
 
 
-def test_close_cancels_stuck_handler_after_grace(sock_dir: Path, gates: Gates) -> None:
+def test_close_cancels_stuck_handler_after_grace(public_dir: Path, gates: Gates) -> None:
     """close() waits handler_grace_s for a running handler, then cancels it; the client gets failed."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), handler_grace_s=0.1) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), handler_grace_s=0.1) as srv:
         conn = Conn(srv.server.path)
         try:
             conn.send({"id": 1, "cmd": "reload"})
@@ -576,9 +472,9 @@ def test_follow_handler_is_cancelled_when_client_leaves(server: ServerThread, ga
     assert "control_client_gone" in server.event_names()
 
 
-def test_slow_reader_is_dropped_and_daemon_stays_responsive(sock_dir: Path, gates: Gates) -> None:
+def test_slow_reader_is_dropped_and_daemon_stays_responsive(public_dir: Path, gates: Gates) -> None:
     """A client that never reads a flood of events is dropped; status is answered meanwhile."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_write_buffer=256 * 1024) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), max_write_buffer=256 * 1024) as srv:
         conn = Conn(srv.server.path)
         try:
             conn.send({"id": 1, "cmd": "flood"})
@@ -590,9 +486,9 @@ def test_slow_reader_is_dropped_and_daemon_stays_responsive(sock_dir: Path, gate
             conn.close()
 
 
-def test_many_connections_extra_refused_then_status_answers(sock_dir: Path, gates: Gates) -> None:
+def test_many_connections_extra_refused_then_status_answers(public_dir: Path, gates: Gates) -> None:
     """300 concurrent connections: max_clients are served, the rest get busy; then status works."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_clients=64) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), max_clients=64) as srv:
         conns: list[socket.socket] = []
         try:
             for _ in range(300):
@@ -630,15 +526,15 @@ def test_many_connections_extra_refused_then_status_answers(sock_dir: Path, gate
 # --- client errors ---------------------------------------------------------------------------------
 
 
-def test_client_without_daemon_says_not_running(sock_dir: Path) -> None:
+def test_client_without_daemon_says_not_running(public_dir: Path) -> None:
     """No socket file: DaemonUnreachable says the daemon is not running."""
     with pytest.raises(DaemonUnreachable, match="not running"):
-        ControlClient(sock_dir / "absent.sock").call("status")
+        ControlClient(public_dir / "absent.sock").call("status")
 
 
-def test_client_on_stale_socket_says_not_running(sock_dir: Path) -> None:
+def test_client_on_stale_socket_says_not_running(public_dir: Path) -> None:
     """A socket file nobody listens on: DaemonUnreachable calls it stale."""
-    path = sock_dir / "stale.sock"
+    path = public_dir / "stale.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()
@@ -646,9 +542,9 @@ def test_client_on_stale_socket_says_not_running(sock_dir: Path) -> None:
         ControlClient(path).call("status")
 
 
-def test_client_sees_busy_reply_when_overloaded(sock_dir: Path, gates: Gates) -> None:
+def test_client_sees_busy_reply_when_overloaded(public_dir: Path, gates: Gates) -> None:
     """With every slot taken, ControlClient returns the busy reply instead of failing."""
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), max_clients=1) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), max_clients=1) as srv:
         holder = Conn(srv.server.path)
         try:
             holder.send({"id": 1, "cmd": "status"})
@@ -707,120 +603,13 @@ def test_peer_groups_are_looked_up(server: ServerThread) -> None:
 
 # --- another user, for real ---------------------------------------------------------------------
 
-OTHER_USER = "vsuptest"
-OTHER_GROUP = "vsuptestgrp"
-
-CLIENT_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from pathlib import Path
-from vsup.control import ControlClient, DaemonUnreachable
-try:
-    reply = ControlClient(Path(sys.argv[2]), timeout_s=10).call(sys.argv[3])
-except DaemonUnreachable as exc:
-    print(json.dumps({"unreachable": str(exc)}))
-else:
-    print(json.dumps({"reply": reply}))
-"""
-
-
-class OtherUser:
-    """A real second user (member of OTHER_GROUP), an interpreter it may execute and a copy of
-    the vsup package it may import."""
-
-    def __init__(self, python: str, vsup_path: str) -> None:
-        entry = pwd.getpwnam(OTHER_USER)
-        self.uid = entry.pw_uid
-        self.primary_gid = entry.pw_gid
-        self.group_gid = grp.getgrnam(OTHER_GROUP).gr_gid
-        self.python = python
-        self.vsup_path = vsup_path
-
-    def call(self, path: Path, cmd: str) -> dict[str, Any]:
-        """Run ControlClient(path).call(cmd) as this user in a fresh process."""
-        done = subprocess.run(
-            [
-                "runuser",
-                "-u",
-                OTHER_USER,
-                "--",
-                self.python,
-                "-c",
-                CLIENT_SCRIPT,
-                self.vsup_path,
-                str(path),
-                cmd,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
-        )
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-
-def _ensure_user() -> None:
-    subprocess.run(["groupadd", "-f", OTHER_GROUP], check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        made = subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "-G",
-                OTHER_GROUP,
-                OTHER_USER,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            pwd.getpwnam(OTHER_USER)  # created by a concurrent session: fine; else let it raise
-        return
-    if OTHER_GROUP not in [g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem]:
-        subprocess.run(["usermod", "-aG", OTHER_GROUP, OTHER_USER], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def other_user() -> Iterator[OtherUser]:
-    """The user `vsuptest` in group `vsuptestgrp`, created if missing (left in place: shared)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a second user and run a client as it")
-    _ensure_user()
-    for python in (sys.executable, "/usr/bin/python3"):
-        probe = subprocess.run(
-            [
-                "runuser",
-                "-u",
-                OTHER_USER,
-                "--",
-                python,
-                "-c",
-                "import sys; assert sys.version_info >= (3, 11)",
-            ],
-            capture_output=True,
-            cwd="/",
-        )
-        if probe.returncode == 0:
-            with readable_copy(vsup) as vsup_path:
-                yield OtherUser(python, vsup_path)
-            return
-    pytest.skip(f"no Python >= 3.11 that {OTHER_USER} may execute")
-
 
 def test_other_user_reader_may_read_but_not_reload(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """A user with read rights through a supplementary group gets status but forbidden for reload."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
-    ) as srv:
+    with other_user.server(public_dir, gates, acl) as srv:
         status = other_user.call(srv.server.path, "status")["reply"]
         assert status["ok"] is True and status["result"]["uid"] == other_user.uid
         reload = other_user.call(srv.server.path, "reload")["reply"]
@@ -834,41 +623,39 @@ def test_other_user_reader_may_read_but_not_reload(
         assert not gates["reload_started"].is_set()
 
 
-def test_other_user_outside_acl_is_forbidden(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+def test_other_user_outside_acl_is_forbidden(public_dir: Path, gates: Gates, other_user: OtherUser) -> None:
     """A user who can connect but is in no Acl list is refused even status, as forbidden."""
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid
-    ) as srv:
+    with other_user.server(public_dir, gates, Acl()) as srv:
         reply = other_user.call(srv.server.path, "status")["reply"]
         assert reply["error"]["code"] == "forbidden"
         assert f"uid {other_user.uid} may not use" in reply["error"]["message"]
 
 
-def test_other_user_admin_may_reload(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+def test_other_user_admin_may_reload(public_dir: Path, gates: Gates, other_user: OtherUser) -> None:
     """A user listed as admin may run a lifecycle command."""
     acl = Acl(admin_uids=frozenset({other_user.uid}))
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
-    ) as srv:
+    with other_user.server(public_dir, gates, acl) as srv:
         srv.set(gates["reload_go"])
         assert other_user.call(srv.server.path, "reload")["reply"]["ok"] is True
 
 
 def test_user_outside_socket_group_cannot_connect(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """With the socket 0660 root:root, another user gets EACCES explained as a group problem."""
     acl = Acl(read_uids=frozenset({other_user.uid}))  # the Acl would allow; the file mode does not
-    with ServerThread(sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=0) as srv:
+    with ServerThread(public_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=0) as srv:
         result = other_user.call(srv.server.path, "status")
         assert "permission denied: you are not in group root" in result["unreachable"]
         assert "mode 0660 root:root" in result["unreachable"]
     assert not any(name == "control_forbidden" for name, _ in srv.events)
 
 
-def test_user_outside_directory_group_is_told_so(sock_dir: Path, gates: Gates, other_user: OtherUser) -> None:
+def test_user_outside_directory_group_is_told_so(
+    public_dir: Path, gates: Gates, other_user: OtherUser
+) -> None:
     """A created 0750 directory keeps non-members out; the message names the directory."""
-    path = sock_dir / "run" / "s.sock"
+    path = public_dir / "run" / "s.sock"
     with ServerThread(path, make_handlers(gates), socket_group=0):
         result = other_user.call(path, "status")
         assert f"its directory {path.parent} is mode 0750 root:root" in result["unreachable"]

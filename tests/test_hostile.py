@@ -3,14 +3,14 @@ one numbered finding of the issue (it failed on the code that landed before the 
 pin what the fix promises: never kill what cannot be ours, refuse to trust a directory others
 can write, serve the socket's owners first.
 
-The hostile user is real: `vsuptest` (created if missing, as tests/test_control.py does), who
+The hostile user is real: `vsuptest` (conftest.py's `other_user`, created if missing), who
 plants files, holds connections and sends requests from processes of its own. Every process a
 test starts is killed in a finalizer; every directory it makes is removed.
 """
 
-# ruff: noqa: F811  (the fixtures imported from test_control are used as arguments)
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,17 +30,7 @@ import pytest
 
 import vsup
 from fakes.fake_host import FakeHost, add_vllm_tree
-from support import wait_for, write_config
-from test_control import (  # noqa: F401  (fixtures used by name)
-    OTHER_USER,
-    Gates,
-    OtherUser,
-    ServerThread,
-    gates,
-    make_handlers,
-    other_user,
-    sock_dir,
-)
+from support import OTHER_USER, Gates, OtherUser, alive, wait_for, write_config
 from vsup import cleanup as cleanup_mod
 from vsup import incidents, proctree
 from vsup.control import Acl, ControlClient
@@ -63,17 +53,6 @@ def vsup_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A root-owned 0755 directory every user may traverse (tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="vsup-hostile-"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes of the test's own (root's) that vsup must not kill; killed at the end."""
     made: list[subprocess.Popen[bytes]] = []
@@ -89,23 +68,6 @@ def start_sleeper(made: list[subprocess.Popen[bytes]]) -> tuple[int, float]:
     made.append(p)
     info = wait_for(lambda: Host().process(p.pid), 5, "the sleeper in /proc")
     return p.pid, info.create_time
-
-
-def alive(pid: int) -> bool:
-    info = Host().process(pid, cmdline=False)
-    return info is not None and not info.zombie
-
-
-def as_other(other: OtherUser, script: str, *args: str) -> subprocess.Popen[str]:
-    """Run a Python script as the hostile user; sys.argv[1] is a vsup it may import."""
-    prelude = "import sys; sys.path.insert(0, sys.argv[1])\n"
-    return subprocess.Popen(
-        ["runuser", "-u", OTHER_USER, "--", other.python, "-c", prelude + script, other.vsup_path, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
 
 
 def config(path: Path, **daemon: str) -> Path:
@@ -242,9 +204,7 @@ def test_finding2_planted_ledger_in_another_users_state_dir_kills_nothing(
     state.mkdir()
     os.chown(state, other_user.uid, other_user.primary_gid)
     body = json.dumps({"version": 1, "trees": [record(pid, ct, ct - 1).to_json()]})
-    planter = as_other(
-        other_user, "open(sys.argv[2], 'w').write(sys.argv[3])", str(state / "ledger.json"), body
-    )
+    planter = other_user.popen("open(sys.argv[2], 'w').write(sys.argv[3])", str(state / "ledger.json"), body)
     assert planter.wait(30) == 0, planter.stderr.read() if planter.stderr else ""
     cfg = config(public_dir / "vsup.toml", state_dir=str(state))
     done = vsup_cli("cleanup", "--config", str(cfg), "--json")
@@ -411,82 +371,64 @@ time.sleep(60)
 """
 
 
-def hold(other: OtherUser, path: Path, n: int, line: str) -> subprocess.Popen[str]:
-    p = as_other(other, HOLD_SCRIPT, str(path), str(n), line)
-    assert p.stdout is not None
-    assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
-    return p
+@contextlib.contextmanager
+def hold(other: OtherUser, path: Path, n: int, line: str) -> Iterator[None]:
+    """`n` connections of `other` to `path`, each having sent `line`, open until the block ends."""
+    p = other.popen(HOLD_SCRIPT, str(path), str(n), line)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
+        yield
+    finally:
+        p.kill()
+        p.wait(10)
 
 
 def test_finding4_user_without_rights_cannot_hold_the_slots(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """64 connections of a user with no rights once made root's `vsup status` busy."""
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid
-    ) as srv:
-        p = hold(other_user, srv.server.path, 64, '{"id": 1, "cmd": "status"}')
-        try:
-            reply = ControlClient(srv.server.path).call("status")
-            assert reply["ok"] is True, reply
-        finally:
-            p.kill()
-            p.wait(10)
+    with (
+        other_user.server(public_dir, gates, Acl()) as srv,
+        hold(other_user, srv.server.path, 64, '{"id": 1, "cmd": "status"}'),
+    ):
+        reply = ControlClient(srv.server.path).call("status")
+        assert reply["ok"] is True, reply
 
 
 def test_finding4_read_only_follows_leave_room_for_admins(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """64 `events --follow` of a read-only user once locked root out; now one uid holds 8."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
-    ) as srv:
-        p = hold(other_user, srv.server.path, 64, '{"id": 1, "cmd": "events", "args": {"follow": true}}')
-        try:
-            assert ControlClient(srv.server.path).call("status")["ok"] is True
-            assert ControlClient(srv.server.path).call("echo", {"x": 1})["ok"] is True  # an admin command
-            assert sum(1 for c in srv.server._connections.values() if c.uid == other_user.uid) <= 8
-        finally:
-            p.kill()
-            p.wait(10)
+    with (
+        other_user.server(public_dir, gates, acl) as srv,
+        hold(other_user, srv.server.path, 64, '{"id": 1, "cmd": "events", "args": {"follow": true}}'),
+    ):
+        assert ControlClient(srv.server.path).call("status")["ok"] is True
+        assert ControlClient(srv.server.path).call("echo", {"x": 1})["ok"] is True  # an admin command
+        assert sum(1 for c in srv.server._connections.values() if c.uid == other_user.uid) <= 8
 
 
 def test_slots_kept_for_admins_whatever_the_per_uid_cap(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """Read-only connections together never take the admin_slots."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(
-        sock_dir / "s.sock",
-        make_handlers(gates),
-        acl=acl,
-        socket_group=other_user.group_gid,
-        max_clients=12,
-        admin_slots=4,
-        max_per_uid=100,
-    ) as srv:
-        p = hold(other_user, srv.server.path, 12, '{"id": 1, "cmd": "events", "args": {"follow": true}}')
-        try:
-            wait_for(lambda: len(srv.server._connections) == 8, 10, "8 read-only connections")
-            assert ControlClient(srv.server.path).call("status")["ok"] is True
-        finally:
-            p.kill()
-            p.wait(10)
+    with (
+        other_user.server(public_dir, gates, acl, max_clients=12, admin_slots=4, max_per_uid=100) as srv,
+        hold(other_user, srv.server.path, 12, '{"id": 1, "cmd": "events", "args": {"follow": true}}'),
+    ):
+        wait_for(lambda: len(srv.server._connections) == 8, 10, "8 read-only connections")
+        assert ControlClient(srv.server.path).call("status")["ok"] is True
 
 
 def test_read_only_follow_of_a_non_admin_times_out(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """A non-admin's `events --follow` ends after long_request_s with a timeout reply."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(
-        sock_dir / "s.sock",
-        make_handlers(gates),
-        acl=acl,
-        socket_group=other_user.group_gid,
-        long_request_s=0.5,
-    ) as srv:
+    with other_user.server(public_dir, gates, acl, long_request_s=0.5) as srv:
         reply = other_user.call(srv.server.path, "events")["reply"]
         assert reply["ok"] is False and reply["error"]["code"] == "timeout", reply
         assert "control_request_timeout" in srv.event_names()
@@ -509,14 +451,12 @@ print(json.dumps([json.loads(l)["error"]["code"] for l in data.splitlines()]))
 
 
 def test_finding5_repeated_refusals_end_the_connection_with_one_event(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """A read-only user looping `reload` on one connection once wrote an event per request."""
     acl = Acl(read_gids=frozenset({other_user.group_gid}))
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=acl, socket_group=other_user.group_gid
-    ) as srv:
-        p = as_other(other_user, REFUSED_SCRIPT, str(srv.server.path), "200")
+    with other_user.server(public_dir, gates, acl) as srv:
+        p = other_user.popen(REFUSED_SCRIPT, str(srv.server.path), "200")
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert json.loads(out) == ["forbidden"] * 3
@@ -539,13 +479,11 @@ for _ in range(200):
 
 
 def test_finding5_refused_connections_are_one_event_per_window(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """200 connections of a user with no rights make one event, not 200."""
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid
-    ) as srv:
-        p = as_other(other_user, CONNECT_SCRIPT, str(srv.server.path))
+    with other_user.server(public_dir, gates, Acl()) as srv:
+        p = other_user.popen(CONNECT_SCRIPT, str(srv.server.path))
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert srv.event_names().count("control_forbidden") == 1
@@ -657,14 +595,12 @@ def test_finding10_events_file_is_private(public_dir: Path) -> None:
 
 
 def test_finding10_control_events_keep_the_servers_pid(
-    sock_dir: Path, gates: Gates, other_user: OtherUser
+    public_dir: Path, gates: Gates, other_user: OtherUser
 ) -> None:
     """A control event once replaced the event's pid (the API server's) with the client's."""
     log = EventLog(None, stream=None)
     log.bind(pid=4242)
-    with ServerThread(
-        sock_dir / "s.sock", make_handlers(gates), acl=Acl(), socket_group=other_user.group_gid
-    ) as srv:
+    with other_user.server(public_dir, gates, Acl()) as srv:
         other_user.call(srv.server.path, "status")
     name, fields = next((n, f) for n, f in srv.events if n == "control_forbidden")
     log.emit(name, **fields)
