@@ -446,6 +446,15 @@ def cleanup(
             starts.append((p.create_time, f"vLLM process {_label(p)}"))
     first_live = min(starts) if starts else None
 
+    def left_alone(st: FileStat, ours: bool) -> str | None:
+        """Why a shm object or /tmp file that nothing holds is not removed: another user's, or
+        (when not recorded as ours) born after a live vLLM started, so presumed that one's."""
+        if not may_touch(st.uid):
+            return owner(st.uid)
+        if not ours and first_live is not None and st.born >= first_live[0] - LIVE_START_SLACK_S:
+            return f"created after live {first_live[1]} started; presumed its"
+        return None
+
     seen: set[tuple[int, int]] = set()
     for name in host.list_names(host.shm_root):
         pattern = bool(SHM_PATTERN.match(name))
@@ -469,13 +478,9 @@ def cleanup(
             why = f"in use by {_label(held[key])}"
             (rep.remaining if ours else rep.skipped).append({"name": name, "reason": why})
             continue
-        if not may_touch(st.uid):
-            rep.skipped.append({"name": name, "reason": owner(st.uid)})
-            continue
-        if not ours and first_live is not None and st.born >= first_live[0] - LIVE_START_SLACK_S:
-            rep.skipped.append(
-                {"name": name, "reason": f"created after live {first_live[1]} started; presumed its"}
-            )
+        why = left_alone(st, ours)
+        if why is not None:
+            rep.skipped.append({"name": name, "reason": why})
             continue
         if not ours and blind is not None:
             rep.skipped.append({"name": name, "reason": blind})
@@ -563,13 +568,9 @@ def cleanup(
                 {"name": path, "reason": "in use by a live process"}
             )
             continue
-        if not may_touch(st.uid):
-            rep.skipped.append({"name": path, "reason": owner(st.uid)})
-            continue
-        if not ours and first_live is not None and st.born >= first_live[0] - LIVE_START_SLACK_S:
-            rep.skipped.append(
-                {"name": path, "reason": f"created after live {first_live[1]} started; presumed its"}
-            )
+        why = left_alone(st, ours)
+        if why is not None:
+            rep.skipped.append({"name": path, "reason": why})
             continue
         if not dry_run:
             try:
