@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .host import Host
+from .redact import hide_flag_values
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +84,7 @@ def unavailable_reason() -> str | None:
 
 def redact_cmdline(argv: Sequence[str]) -> str:
     """Join argv for display, hiding values of flags that look like secrets, capped in length."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        flag, eq, _value = arg.partition("=")
-        if _SECRET_FLAG.match(flag):
-            if eq:
-                out.append(f"{flag}=***")
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(arg)
+    out = hide_flag_values(argv, lambda flag: bool(_SECRET_FLAG.match(flag)), "***")
     text = " ".join(out)
     return text if len(text) <= _CMDLINE_MAX else text[: _CMDLINE_MAX - 3] + "..."
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from . import proctree
 from .config import Config, ModelConfig, Remedy
 from .host import Host
+from .redact import hide_flag_values
 
 LOG_ROTATE_BYTES = 256 << 20
 LOG_KEEP = 3
@@ -57,23 +58,7 @@ def faulthandler_env(cfg: Config) -> bool:
 
 def redact_argv(argv: list[str]) -> list[str]:
     """argv as events may show it: the value of `--api-key X` and `--api-key=X` replaced."""
-    out: list[str] = []
-    hide_next = False
-    for a in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        flag, eq, _ = a.partition("=")
-        if flag in SECRET_FLAGS:
-            if eq:
-                out.append(f"{flag}={REDACTED}")
-            else:
-                out.append(a)
-                hide_next = True
-            continue
-        out.append(a)
-    return out
+    return hide_flag_values(argv, SECRET_FLAGS.__contains__, REDACTED)
 
 
 def redact_env(env: dict[str, str]) -> dict[str, str]:

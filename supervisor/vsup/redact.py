@@ -22,13 +22,16 @@ unterminated string or unbalanced bracket (a line cut by the tailer's length cap
 ``--max-log-len``) is redacted to the end of its line. Scanning never crosses a newline, because
 vLLM writes these values with repr()/JSON, which escape newlines; a raw newline means the value was
 cut. Lines without any trigger word return unchanged after a few substring tests (the fast path).
+
+A command line's secrets (`--api-key X`) are another kind: `hide_flag_values` replaces them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 
-__all__ = ["redact"]
+__all__ = ["hide_flag_values", "redact"]
 
 # Cheap gate: a sensitive key is one of these words directly followed by one of these characters
 # (vLLM writes repr()/JSON/f-strings: no space before the colon). "prompt" alone is in every stats
@@ -131,3 +134,24 @@ def _value_end(text: str, i: int) -> int:
         elif t in ("'", '"', "\n"):
             break  # unterminated string inside, or the line ended inside the value
     return _line_end(text, i)
+
+
+def hide_flag_values(argv: Iterable[str], secret: Callable[[str], bool], mark: str) -> list[str]:
+    """`argv` with the value of every flag `secret` names (`--flag X` or `--flag=X`) as `mark`."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(mark)
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if secret(flag):
+            if eq:
+                out.append(f"{flag}={mark}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return out
