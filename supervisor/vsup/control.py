@@ -49,7 +49,7 @@ import socket
 import stat
 import struct
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -736,21 +736,11 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         self._unlink_socket()  # first, so new clients get ENOENT instead of waiting on a dead queue
-        if self._handler_tasks:
-            await asyncio.wait(set(self._handler_tasks), timeout=self.handler_grace_s)
-            for task in list(self._handler_tasks):
-                task.cancel()
-            if self._handler_tasks:
-                await asyncio.wait(set(self._handler_tasks), timeout=self.handler_grace_s)
+        await _end_tasks(self._handler_tasks, self.handler_grace_s)
         # Aborting the transports ends every connection loop by itself (gone); cancel stragglers.
         for conn in list(self._connections.values()):
             conn.abort()
-        if self._connections:
-            await asyncio.wait(set(self._connections), timeout=self.write_timeout_s)
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(set(self._connections), timeout=self.write_timeout_s)
+        await _end_tasks(self._connections, self.write_timeout_s)
         self._release_lock()
         if failed_start and self._created_dir is not None:
             try:
@@ -1073,6 +1063,17 @@ def _request_fields(request: Request) -> dict[str, Any]:
         "cmd": request.cmd,
         "id": _log_id(request.id),
     }
+
+
+async def _end_tasks(live: Collection[asyncio.Task[Any]], timeout: float) -> None:
+    """Give the tasks in `live` (a collection they leave when done) `timeout` to end, cancel the
+    ones left, and give those `timeout` again."""
+    if live:
+        await asyncio.wait(set(live), timeout=timeout)
+    for task in list(live):
+        task.cancel()
+    if live:
+        await asyncio.wait(set(live), timeout=timeout)
 
 
 async def _run_handler(handler: Handler, request: Request) -> Any:
