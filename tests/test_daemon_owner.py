@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fakes.owner_world import Owner
+from fakes.owner_world import FakeTraffic, Owner
 from vsup import commands, proctree
 from vsup.commands import Answer
 from vsup.control import CommandError
@@ -484,33 +484,9 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
     """With a proxy, reload's drain waits until its requests in flight to the old tree are done
     (bounded by drain_s), and status shows the proxy's numbers."""
 
-    class Traffic:
-        def __init__(self) -> None:
-            self.n = 2
-
-        def in_flight(self, gen: int | None = None) -> int:
-            return self.n
-
-        def held(self) -> int:
-            return 0
-
-        def oldest_held_s(self) -> float | None:
-            return None
-
-        def last_success_at(self) -> float | None:
-            return None
-
-        def last_activity_at(self, model: str | None = None) -> float | None:
-            return None
-
-        def waiting(self) -> dict[str | None, float]:
-            return {}
-
-        def stats(self) -> dict[str, object]:
-            return {"in_flight": self.n, "held": 0}
-
     async def scenario() -> None:
-        traffic = Traffic()
+        traffic = FakeTraffic()
+        traffic.flight = 2
         o = Owner(tmp_path, timeouts={"drain_s": 5.0})
         o.sup.traffic = traffic
         async with o:
@@ -520,7 +496,7 @@ def test_drain_waits_for_the_proxys_requests_in_flight(tmp_path: Path) -> None:
             await o.state("reloading", "drain")
             await asyncio.sleep(0.3)
             assert o.sup.snap.phase == "drain"  # still waiting for the 2 requests
-            traffic.n = 0
+            traffic.flight = 0
             ok, r = await o.reply(t, 10)
             assert ok, r
             assert o.evs("drained")[-1]["ok"] is True
@@ -534,31 +510,10 @@ def test_unload_drain_busy_for_commands_and_cancelled_by_a_shutdown(tmp_path: Pa
     cancels it (its reply: failed, unload cancelled by daemon shutdown), and the owner still
     tears the tree down and cleans it."""
 
-    class Traffic:
-        def in_flight(self, gen: int | None = None) -> int:
-            return 1  # a request that never finishes
-
-        def held(self) -> int:
-            return 0
-
-        def oldest_held_s(self) -> float | None:
-            return None
-
-        def last_success_at(self) -> float | None:
-            return None
-
-        def last_activity_at(self, model: str | None = None) -> float | None:
-            return None
-
-        def waiting(self) -> dict[str | None, float]:
-            return {}
-
-        def stats(self) -> dict[str, object]:
-            return {"in_flight": 1, "held": 0}
-
     async def scenario() -> None:
         o = Owner(tmp_path, timeouts={"drain_s": 30.0, "shutdown_drain_s": 0.2})
-        o.sup.traffic = Traffic()
+        o.sup.traffic = traffic = FakeTraffic()
+        traffic.flight = 1  # a request that never finishes
         async with o:
             await o.state("ready")
             t = o.command("unload")

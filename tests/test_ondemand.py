@@ -1,5 +1,5 @@
 """Issue 16 in-process: the owner (FakeHost, fake spawner and prober: tests/fakes/owner_world.py)
-reading a scripted proxy view (`Traffic` below) for idle off-loads, loads on demand, `unload`
+reading a scripted proxy view (owner_world's `FakeTraffic`) for idle off-loads, loads on demand, `unload`
 and swaps on request; and the swap policy (policy.swap_target) on its own, fairness included.
 No process is started.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fakes.owner_world import Owner
+from fakes.owner_world import FakeTraffic, Owner
 from test_daemon_owner import assert_sound
 from vsup import policy
 from vsup.control import CommandError
@@ -23,48 +23,10 @@ pytestmark = pytest.mark.timeout(60)
 PROXY = {"listen": "127.0.0.1:18999"}
 
 
-class Traffic:
-    """What the proxy would show the owner: requests in flight and held, by model."""
-
-    def __init__(self) -> None:
-        self.flight = 0
-        self.wait: dict[str | None, float] = {}  # model -> oldest held since (monotonic)
-        self.use: dict[str | None, float] = {}  # model (None: any) -> last arrival or end
-
-    def request(self, model: str | None = None, held: bool = False) -> None:
-        now = time.monotonic()
-        self.use[None] = now
-        if model is not None:
-            self.use[model] = now
-        if held:
-            self.wait.setdefault(model, now)
-
-    def in_flight(self, gen: int | None = None) -> int:
-        return self.flight
-
-    def held(self) -> int:
-        return len(self.wait)
-
-    def oldest_held_s(self) -> float | None:
-        return time.monotonic() - min(self.wait.values()) if self.wait else None
-
-    def last_success_at(self) -> float | None:
-        return None
-
-    def last_activity_at(self, model: str | None = None) -> float | None:
-        return self.use.get(model)
-
-    def waiting(self) -> dict[str | None, float]:
-        return dict(self.wait)
-
-    def stats(self) -> dict[str, object]:
-        return {"in_flight": self.flight, "held": self.held()}
-
-
-def owner(tmp: Path, sections: dict[str, Any] | None = None, **proxy: Any) -> tuple[Owner, Traffic]:
+def owner(tmp: Path, sections: dict[str, Any] | None = None, **proxy: Any) -> tuple[Owner, FakeTraffic]:
     """An owner with a [proxy] section (keys `proxy`), other sections in `sections`."""
     o = Owner(tmp, proxy={**PROXY, **proxy}, **(sections or {}))
-    tr = Traffic()
+    tr = FakeTraffic()
     o.sup.traffic = tr
     return o, tr
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,45 @@ FAST = {
     "restart": {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_failures": 3, "window_s": 60.0},
     "probes": {"interval_s": 0.1, "canary_interval_s": 0.2, "stall_s": 5.0, "confirm": 2},
 }
+
+
+class FakeTraffic:
+    """What the proxy would show the owner (vsup.gate.Traffic): requests in flight and held, by
+    model, as a test sets them."""
+
+    def __init__(self) -> None:
+        self.flight = 0
+        self.wait: dict[str | None, float] = {}  # model -> oldest held since (monotonic)
+        self.use: dict[str | None, float] = {}  # model (None: any) -> last arrival or end
+
+    def request(self, model: str | None = None, held: bool = False) -> None:
+        now = time.monotonic()
+        self.use[None] = now
+        if model is not None:
+            self.use[model] = now
+        if held:
+            self.wait.setdefault(model, now)
+
+    def in_flight(self, gen: int | None = None) -> int:
+        return self.flight
+
+    def held(self) -> int:
+        return len(self.wait)
+
+    def oldest_held_s(self) -> float | None:
+        return time.monotonic() - min(self.wait.values()) if self.wait else None
+
+    def last_success_at(self) -> float | None:
+        return None
+
+    def last_activity_at(self, model: str | None = None) -> float | None:
+        return self.use.get(model)
+
+    def waiting(self) -> dict[str | None, float]:
+        return dict(self.wait)
+
+    def stats(self) -> dict[str, object]:
+        return {"in_flight": self.flight, "held": self.held()}
 
 
 def make_config(tmp: Path, **over: dict[str, Any]) -> config_mod.Config:
