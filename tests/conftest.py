@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vsup
 from support import (
-    FAKES,
     OTHER_USER,
     Daemon,
     Gates,
     OtherUser,
     ensure_other_user,
+    fake_sections,
     free_port,
     other_user_python,
     readable_copy,
@@ -45,31 +45,9 @@ def fake_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         extra: dict[str, dict[str, Any]] | None = None,
         args: tuple[str, ...] = (),
     ) -> Daemon:
-        port = free_port(8050, 8099)
-        sections: dict[str, dict[str, Any]] = {
-            "vllm": {
-                "python": sys.executable,
-                "module": "fake_api_server",
-                "model": "fake-model",
-                "port": port,
-                "args": ["-tp", "2"],
-                "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode, **(env or {})},
-            },
-            "timeouts": {
-                "start_s": 30.0,
-                "stop_grace_s": 5.0,
-                "canary_s": 2.0,
-                "first_canary_s": 5.0,
-                "probe_s": 2.0,
-                "cleanup_grace_s": 1.0,
-                "drain_s": 5.0,
-            },
-            "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 3, "window_s": 60.0},
-            "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
-        }
-        for k, v in (extra or {}).items():
-            sections.setdefault(k, {}).update(v)
-        d = Daemon(tmp_path / f"d{len(made)}", sections)
+        d = Daemon(
+            tmp_path / f"d{len(made)}", fake_sections(free_port(8050, 8099), mode, env, **(extra or {}))
+        )
         d.tmp.mkdir(parents=True, exist_ok=True)
         made.append(d)
         if start:

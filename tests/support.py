@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import pytest
 
@@ -90,6 +90,38 @@ def free_port(lo: int = 8000, hi: int = 8099) -> int:
     raise RuntimeError("no free port")
 
 
+def fake_sections(
+    port: int, mode: str = "ok", env: dict[str, str] | None = None, **over: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Config sections for a daemon supervising the fake OpenAI server (fast, no vLLM) as a TP=2
+    tree in FAKE_VLLM_MODE `mode`, `env` added to its environment; then each of `over`'s sections
+    updates the one of its name."""
+    s: dict[str, dict[str, Any]] = {
+        "vllm": {
+            "python": sys.executable,
+            "module": "fake_api_server",
+            "model": "fake-model",
+            "port": port,
+            "args": ["-tp", "2"],
+            "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode, **(env or {})},
+        },
+        "timeouts": {
+            "start_s": 30.0,
+            "stop_grace_s": 5.0,
+            "canary_s": 2.0,
+            "first_canary_s": 5.0,
+            "probe_s": 2.0,
+            "cleanup_grace_s": 1.0,
+            "drain_s": 5.0,
+        },
+        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 3, "window_s": 60.0},
+        "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
+    }
+    for k, v in over.items():
+        s.setdefault(k, {}).update(v)
+    return s
+
+
 class Daemon:
     """One `vsup run` process under test, with its config, state dir and log."""
 
@@ -111,20 +143,28 @@ class Daemon:
         self.stderr_path = tmp / "daemon.stderr"
 
     # process
-    def start(self, *extra: str) -> Daemon:
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
-        env.pop("NOTIFY_SOCKET", None)
+    def start(self, *extra: str) -> Self:
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the daemon's for its lifetime; close() closes it
         self.proc = proc = subprocess.Popen(
-            [*VSUP, "run", "--config", str(self.config), *extra],
+            [*self.command(), "run", "--config", str(self.config), *extra],
             stdout=self._stderr,
             stderr=self._stderr,
-            env=env,
+            env=self.launch_env(),
             start_new_session=True,
         )
         wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
         assert proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
         return self
+
+    def command(self) -> list[str]:
+        """What runs vsup (`run --config ...` follows); a subclass may wrap it."""
+        return list(VSUP)
+
+    def launch_env(self) -> dict[str, str]:
+        """The daemon's environment: ours, with the checkout's vsup and no systemd notify socket."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
+        env.pop("NOTIFY_SOCKET", None)
+        return env
 
     def _answers(self) -> bool:
         from vsup.control import DaemonUnreachable

@@ -15,13 +15,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import pytest
 
-from support import FAKES, ROOT, free_port, wait_for, write_config
-from vsup.control import ControlClient, DaemonUnreachable
+from support import Daemon, fake_sections, free_port, wait_for
 
 
 def _require_unshare() -> None:
@@ -29,7 +28,7 @@ def _require_unshare() -> None:
         pytest.fail("needs root and util-linux unshare (this machine has both)")
 
 
-class Pid1:
+class Pid1(Daemon):
     """`vsup run` as PID 1 of new PID, mount and IPC namespaces (a private /proc, and a private
     tmpfs on /dev/shm), seen from outside.
 
@@ -46,53 +45,31 @@ class Pid1:
         entry: list[str] | None = None,
         shm_setup: str = "true",
     ) -> None:
-        self.tmp = tmp
+        super().__init__(tmp, sections)
         self.entry = entry or [sys.executable, "-m", "vsup"]
         self.shm_setup = shm_setup
         self.kill_now = False  # a wedged vsup never acts on SIGTERM: close() kills the namespace
-        self.state_dir = tmp / "state"
-        self.socket = tmp / "run" / "vsup.sock"
-        base: dict[str, dict[str, Any]] = {
-            "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket)},
-        }
-        for k, v in sections.items():
-            base.setdefault(k, {}).update(v)
-        base["vllm"].setdefault("log_file", str(tmp / "vllm.log"))
-        self.config = write_config(tmp / "vsup.toml", base)
-        self.stderr_path = tmp / "daemon.stderr"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Pid1:
+    def command(self) -> list[str]:
+        return [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "--mount",
+            "--ipc",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=2g vsup-pid1-shm /dev/shm && {{ {self.shm_setup}; }} && exec "$@"',
+            "sh",
+            *self.entry,
+        ]
+
+    def start(self, *extra: str) -> Self:
         _require_unshare()
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "supervisor")}
-        env.pop("NOTIFY_SOCKET", None)
-        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = proc = subprocess.Popen(
-            [
-                "unshare",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-                "--kill-child",
-                "--mount",
-                "--ipc",
-                "sh",
-                "-c",
-                f'mount -t tmpfs -o size=2g vsup-pid1-shm /dev/shm && {{ {self.shm_setup}; }} && exec "$@"',
-                "sh",
-                *self.entry,
-                "run",
-                "--config",
-                str(self.config),
-            ],
-            stdout=self._stderr,
-            stderr=self._stderr,
-            env=env,
-            start_new_session=True,
-        )
-        wait_for(lambda: self.vsup_pid() is not None, 30, "vsup as PID 1 of the namespace")
-        wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
-        assert proc.poll() is None, self.stderr_path.read_text()[-2000:]
+        super().start(*extra)
+        assert self.vsup_pid() is not None, "vsup is not unshare's child"
         return self
 
     def vsup_pid(self) -> int | None:
@@ -109,31 +86,6 @@ class Pid1:
             if line.startswith("NSpid:"):
                 return [int(x) for x in line.split()[1:]]
         return []
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.call("status", timeout=5).get("ok"))
-        except DaemonUnreachable:
-            return False
-
-    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
-        return ControlClient(self.socket, timeout_s=timeout).call(cmd, args or {})
-
-    def status(self) -> dict[str, Any]:
-        r = self.call("status")
-        assert r["ok"], r
-        return r["result"]
-
-    def wait_state(self, *states: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(
-            lambda: (s := self.status())["state"] in states and s, timeout, f"state in {states}", 0.2
-        )
-
-    def events(self) -> list[dict[str, Any]]:
-        path = self.state_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def namespace_procs(self) -> list[psutil.Process]:
         """Every process of the namespace (vsup and its descendants), zombies included."""
@@ -181,28 +133,15 @@ def port(lo: int, hi: int) -> int:
         return free_port(lo, hi)
 
 
-def fake_sections(tmp: Path, port: int, *, python: str = sys.executable, mode: str = "ok") -> dict[str, Any]:
-    return {
-        "vllm": {
-            "python": python,
-            "module": "fake_api_server",
-            "model": "fake-model",
-            "port": port,
-            "env": {"PYTHONPATH": str(FAKES), "FAKE_VLLM_MODE": mode},
-        },
-        "timeouts": {
-            "start_s": 30.0,
-            "stop_grace_s": 5.0,
-            "canary_s": 2.0,
-            "first_canary_s": 5.0,
-            "probe_s": 2.0,
-            "cleanup_grace_s": 1.0,
-            "drain_s": 5.0,
-            "shutdown_drain_s": 5.0,
-        },
-        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_failures": 2, "window_s": 60.0},
-        "probes": {"interval_s": 0.2, "canary_interval_s": 1.0, "stall_s": 3.0},
-    }
+def pid1_sections(port: int, *, python: str = sys.executable, mode: str = "ok") -> dict[str, Any]:
+    """support.fake_sections without TP workers, with a shorter shutdown drain and crash loop."""
+    return fake_sections(
+        port,
+        mode,
+        vllm={"python": python, "args": []},
+        timeouts={"shutdown_drain_s": 5.0},
+        restart={"max_failures": 2},
+    )
 
 
 @pytest.fixture
@@ -230,7 +169,7 @@ def _orphan_maker(tmp: Path, python: str = sys.executable) -> Path:
 def test_pid1_reaps_an_orphaned_grandchild_and_sigterm_exits_0(tmp_path: Path, pid1: list[Pid1]) -> None:
     """As PID 1 vsup gets the orphan of a process it never started (its parent exited) and reaps
     it when it exits: no zombie stays. SIGTERM then ends vsup with 0 and nothing of the tree."""
-    d = Pid1(tmp_path, fake_sections(tmp_path, port(8050, 8099), python=str(_orphan_maker(tmp_path))))
+    d = Pid1(tmp_path, pid1_sections(port(8050, 8099), python=str(_orphan_maker(tmp_path))))
     pid1.append(d)
     d.start()
     vsup = d.vsup_pid()
@@ -280,7 +219,7 @@ def test_failed_server_ends_pid1_nonzero_with_the_termination_message(
     mounts it)."""
     term = tmp_path / "termination-log"
     term.touch()
-    sections = fake_sections(tmp_path, port(8050, 8099), mode="exit_at_start")
+    sections = pid1_sections(port(8050, 8099), mode="exit_at_start")
     sections["daemon"] = {"exit_on_failed": True, "termination_log": str(term)}
     d = Pid1(tmp_path, sections)
     pid1.append(d)
@@ -318,7 +257,7 @@ def test_probes_while_loading_ready_and_hung(tmp_path: Path, pid1: list[Pid1]) -
     """Loading: /readyz and /startupz 503, /livez 200. Ready: all 200. A hung server (canaries
     time out, /health still 200): /readyz 503 while vsup confirms the hang, /livez 200 throughout,
     /startupz stays 200."""
-    sections = fake_sections(tmp_path, port(8050, 8099), mode="hang_after_ready")
+    sections = pid1_sections(port(8050, 8099), mode="hang_after_ready")
     sections["vllm"]["env"]["FAKE_VLLM_DELAY_S"] = "3"
     sections, base = with_proxy(sections)
     d = Pid1(tmp_path, sections)
@@ -380,7 +319,7 @@ def test_liveness_fails_when_vsups_loop_is_wedged(
     failure too. /livez was 200 before the wedge."""
     driver = tmp_path / "driver.py"
     driver.write_text(WEDGE_DRIVER % wedge)
-    sections, base = with_proxy(fake_sections(tmp_path, port(8050, 8099)))
+    sections, base = with_proxy(pid1_sections(port(8050, 8099)))
     d = Pid1(tmp_path, sections, entry=[sys.executable, str(driver)])
     pid1.append(d)
     d.start()
@@ -396,7 +335,7 @@ def test_sigterm_drains_in_flight_refuses_the_rest_exits_0(tmp_path: Path, pid1:
     Connection: close at once, the stream finishes whole, vsup (PID 1) exits 0, tree gone."""
     import httpx
 
-    sections = fake_sections(tmp_path, port(8050, 8099))
+    sections = pid1_sections(port(8050, 8099))
     sections["vllm"]["env"]["FAKE_VLLM_TOKEN_S"] = "0.1"  # noqa: S105 - seconds per token
     sections, base = with_proxy(sections)
     d = Pid1(tmp_path, sections)
@@ -621,7 +560,7 @@ def test_dead_containers_shm_leftovers_gone_before_the_first_start(tmp_path: Pat
     dead container's segments: vsup (shm_private) unlinks them before it starts the server,
     then serves; an object of the new tree is not touched."""
     leftovers = ["psm_0badc0de", "sem.mp-deadbeef", "nccl-shm-old", "torch_1234_old"]
-    sections = fake_sections(tmp_path, port(8050, 8099))
+    sections = pid1_sections(port(8050, 8099))
     sections["daemon"] = {"shm_private": True}
     d = Pid1(tmp_path, sections, shm_setup=f'{sys.executable} -c "$VSUP_PLANT" {" ".join(leftovers)}')
     pid1.append(d)

@@ -8,9 +8,7 @@ with the daemon's process, so MONOTONIC_USEC can be checked against the test's o
 from __future__ import annotations
 
 import itertools
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -78,26 +76,13 @@ class NotifiedDaemon(Daemon):
         self.notify = notify
         self.driver = driver
 
-    def start(self, *extra: str) -> NotifiedDaemon:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT / "supervisor"),
-            "NOTIFY_SOCKET": str(self.notify),
-            "WATCHDOG_USEC": str(WATCHDOG_USEC),
-        }
+    def command(self) -> list[str]:
+        return [sys.executable, str(self.driver)] if self.driver else super().command()
+
+    def launch_env(self) -> dict[str, str]:
+        env = {**super().launch_env(), "NOTIFY_SOCKET": str(self.notify), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
         env.pop("WATCHDOG_PID", None)  # the watchdog is meant for the pid we start
-        head = [sys.executable, str(self.driver)] if self.driver else [sys.executable, "-m", "vsup"]
-        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the daemon's for its lifetime; close() closes it
-        self.proc = proc = subprocess.Popen(
-            [*head, "run", "--config", str(self.config), *extra],
-            stdout=self._stderr,
-            stderr=self._stderr,
-            env=env,
-            start_new_session=True,
-        )
-        wait_for(lambda: self._answers() or proc.poll() is not None, 30, "the control socket")
-        assert proc.poll() is None, f"daemon exited: {self.stderr_path.read_text()[-2000:]}"
-        return self
+        return env
 
 
 @pytest.fixture
