@@ -89,6 +89,8 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             assert o.world.host.autogroups == {a.pid: 10} and o.evs("overlap_yield")[0]["was"] == 0
             assert st["new"]["port"] == b.port and st["fit"]["ok"]
             b.mode = "ready"
+            await o.state("reloading", "retire")
+            assert o.world.host.autogroups == {a.pid: 0}  # the old one drains at its full share
             ok, r = await o.reply(t, 15)
             assert ok and r["overlapped"] and r["model"] == "b", r
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "b"
