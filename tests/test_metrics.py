@@ -44,18 +44,10 @@ def served() -> Iterator[Metrics]:
 
 
 def scrape(m: Metrics) -> dict[str, float]:
-    """GET /metrics and map 'name{labels}' to its value."""
+    """GET m's /metrics and map 'name{labels}' to its value."""
     assert m.address is not None
     host, port = m.address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
-        assert resp.status == 200
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return scrape_url(port, host)
 
 
 def test_state_is_one_hot(served: Metrics) -> None:
@@ -177,8 +169,10 @@ def test_without_prometheus_client_everything_is_a_noop(
 # ---- through a running daemon ---------------------------------------------------------------
 
 
-def scrape_url(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def scrape_url(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """GET /metrics at host:port and map 'name{labels}' to its value."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
         text = resp.read().decode()
     out = {}
     for line in text.splitlines():
