@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from support import alive, session_pids, wait_for  # noqa: F401 - re-exported: the suite's one copy
+from support import OTHER_USER, alive, ensure_other_user, session_pids, wait_for  # noqa: F401 - re-exported: the suite's one copy
 from vsup.host import Host, ProcInfo
 from vsup.proctree import TreeRecord, spawn
 
@@ -197,30 +197,16 @@ class ScopedHost(Host):
         return {i: p for i, p in super().unix_sockets().items() if self.tmp_allow(Path(p).name)}
 
 
-OTHER_USER = "vsuptest"
-
-
 def other_user_fixture():
-    """A module fixture: a second user (created if missing, removed afterwards only if created here)."""
-    import pwd
-
+    """A module fixture: the name of the suite's second user (support.ensure_other_user: created
+    if missing and left in place, since other tests and sessions share it; removing it here once
+    could pull it from under them)."""
     import pytest
 
     @pytest.fixture(scope="module")
-    def other_user():
-        created = False
-        try:
-            pwd.getpwnam(OTHER_USER)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True
-            )
-            created = True
-        try:
-            yield OTHER_USER
-        finally:
-            if created:
-                subprocess.run(["userdel", OTHER_USER], check=False)
+    def other_user() -> str:
+        ensure_other_user()
+        return OTHER_USER
 
     return other_user
 
