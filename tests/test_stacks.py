@@ -265,11 +265,14 @@ def test_py_spy_collects_every_process_of_a_tree_with_a_stopped_worker(fake_tree
     v = diagnose.analyze_stacks(report.to_json()).to_json()
     assert [s["label"] for s in v["stuck"]] == ["TP1"]
     json.dumps(report.to_json())  # the bundle's stacks.json
+    # A confirmation sample (the hang check's): a short CPU window, complete within the same budget.
+    # How fast it is belongs to the bench (bench_hang), not to a timed assertion on a loaded machine.
     t1 = time.monotonic()
     quick = asyncio.run(
         stacks.collect(fake_tree.rec, Host(), budget_s=3.0, mechanism="py-spy", cpu_window_s=0.1)
     )
-    assert quick.complete and time.monotonic() - t1 < 1.0, quick.elapsed_s  # a confirmation sample
+    assert quick.complete and time.monotonic() - t1 < 3.5, quick.elapsed_s
+    assert set(_by_label(quick)) == set(procs), quick.render_text()
 
 
 def test_faulthandler_dumps_one_process_at_a_time_and_keeps_the_stopped_state(fake_tree: FakeTree):
