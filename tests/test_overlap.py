@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fakes.fake_host import FakeHost
 from test_gpu import GIB, FakeDevice, open_fake
@@ -30,7 +31,7 @@ def _model_dir(tmp: Path, name: str, size: int) -> Path:
 
 def _config(tmp: Path, *, overlap_mode: str = "auto", b_args=(), b_env=None, vllm_env=None):
     b = _model_dir(tmp, "model-b", 300 << 20)
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "vllm": {
             "python": sys.executable,
             "model": str(_model_dir(tmp, "model-a", 300 << 20)),

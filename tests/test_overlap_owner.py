@@ -107,7 +107,9 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             o.world.host.mem["MemAvailable"] = 1 << 30  # no room for two: sequential
             ok, r = await o.reply(o.command("reload", model="a"), 15)
             assert ok and "overlapped" not in r, r
-            assert_sound(o, [o.world.current()])
+            cur = o.world.current()
+            assert cur is not None
+            assert_sound(o, [cur])
 
     run(scenario())
 
@@ -174,6 +176,7 @@ def test_old_tree_refusing_connections_during_the_overlap_is_taken_out_of_the_ro
     async def scenario() -> None:
         async with overlap_owner(tmp_path) as o:
             a, b, t = await overlapping(o)
+            assert o.sup.overlap is not None
             o.sup.post(UpstreamRefused(o.sup.overlap.old.gen, "connect: refused"))
             await o.until(lambda: o.sup.gate.route.upstream is None, what="the old server withdrawn")
             b.mode = "ready"
@@ -195,7 +198,9 @@ def test_both_dying_during_the_overlap_recovers_the_old_model(tmp_path: Path) ->
             assert not ok and "went down meanwhile" in err.message, err
             await o.state("ready", timeout=15)
             assert o.sup.snap.model == "a" and o.sup.snap.restarts == 1
-            assert_sound(o, [o.world.current()])
+            cur = o.world.current()
+            assert cur is not None
+            assert_sound(o, [cur])
 
     run(scenario())
 
@@ -300,7 +305,9 @@ def test_no_room_for_both_falls_back_to_the_sequential_reload_and_says_why(tmp_p
             assert len(fb) == 1 and "does not fit" in fb[0]["reason"] and fb[0]["available_mib"] == 2048, fb
             assert o.world.max_alive == 1 and not o.evs("overlap_begin")
             assert [e["phase"] for e in o.evs("reload_phase")][:2] == ["drain", "stop"]
-            assert_sound(o, [o.world.current()])
+            cur = o.world.current()
+            assert cur is not None
+            assert_sound(o, [cur])
 
     run(scenario())
 
