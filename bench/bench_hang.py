@@ -326,10 +326,11 @@ def saturation(run: VsupRun, seconds: float) -> dict[str, Any]:
 def idle_cpu(run: VsupRun, seconds: float) -> dict[str, Any]:
     """vsup's own CPU (its process only) over `seconds` while ready and idle."""
     assert run.proc is not None
+    pid = run.proc.pid
     tick = os.sysconf("SC_CLK_TCK")
 
     def cpu() -> float:
-        f = Path(f"/proc/{run.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / tick
 
     c0, t0 = cpu(), time.monotonic()
