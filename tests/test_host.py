@@ -96,8 +96,14 @@ def test_exit_facts_see_a_sigkilled_process_dying_before_it_is_gone():
     try:
         assert victim.stdout is not None and victim.stdout.readline() == b"up\n"
         ct = h.process(victim.pid).create_time
-        live = h.exit_facts(victim.pid, ct)
-        assert live is not None and not live.dying and live.state == "S"
+        # "up" is printed just before the sleep: wait for the sleep (S), not the print's last steps (R)
+        live = wait_for(
+            lambda: f if (f := h.exit_facts(victim.pid, ct)) is not None and f.state == "S" else None,
+            10,
+            "the victim asleep",
+            0.01,
+        )
+        assert not live.dying
         assert h.exit_facts(victim.pid, ct - 5) is None
         # its exit competes with these for the one core (each its own session: its own share)
         busy = [
