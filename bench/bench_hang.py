@@ -35,6 +35,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from toml_writer import write_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VSUP_CACHE", Path.home() / ".cache" / "vsup"))
 VLLM_PY = CACHE / "vllm-0.32.0" / "bin" / "python"
@@ -47,20 +50,6 @@ READY_S = 300.0
 # The tiny model's context is 256 tokens: a long generation is the most that fits a short prompt.
 LONG_TOKENS = 160
 SATURATING_STREAMS = 12  # more than the 2-core CPU engine steps at full speed at once
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -100,11 +89,7 @@ class VsupRun:
             "daemon": {"state_dir": str(work / "state"), "socket": str(work / "run" / "vsup.sock")},
             "proxy": {"listen": f"127.0.0.1:{self.listen}"},
         }
-        text = "".join(
-            f"[{s}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in t.items()) for s, t in cfg.items()
-        )
-        self.config = work / "vsup.toml"
-        self.config.write_text(text)
+        self.config = write_config(work / "vsup.toml", cfg)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> VsupRun:
