@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from support import MODELS, Daemon, alive, free_port, real_sections, require_real_vllm, wait_for
-from test_proxy_real import PROMPT, Load
+from test_proxy_real import Load
 from test_real_vllm import assert_tree_gone, wait_tree_complete
 from vsup import cleanup, proctree
 
@@ -89,22 +89,7 @@ class Load4(Load):
     """test_proxy_real's client with 4-token completions (as measured in vllm-facts.md): the old
     server serves them while the new one loads on the same two cores."""
 
-    def _one(self, kind: str) -> None:
-        rec: dict[str, Any] = {"kind": kind, "t0": time.time(), "events": 0, "error": None, "cls": None}
-        try:
-            if kind == "plain":
-                r = self.client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4)
-                assert r.choices
-            else:
-                for _chunk in self.client.chat.completions.create(
-                    model="tiny", messages=PROMPT, max_tokens=4, stream=True
-                ):
-                    rec["events"] += 1
-        except Exception as e:  # noqa: BLE001 - every failure is recorded and judged below
-            rec["error"], rec["cls"] = f"{type(e).__name__}: {e}"[:300], type(e)
-        rec["t1"] = time.time()
-        with self._lock:
-            self.results.append(rec)
+    max_tokens = 4
 
 
 def _judge(load: Load) -> tuple[list[dict[str, Any]], float]:

@@ -63,6 +63,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str
 class Load:
     """One non-streaming and one streaming completion per second, each in its own thread."""
 
+    max_tokens = 16
+
     def __init__(self, base: str, key: str = KEY) -> None:
         import openai
 
@@ -93,11 +95,13 @@ class Load:
         rec: dict[str, Any] = {"kind": kind, "t0": time.time(), "events": 0, "error": None, "cls": None}
         try:
             if kind == "plain":
-                r = self.client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=16)
+                r = self.client.chat.completions.create(
+                    model="tiny", messages=PROMPT, max_tokens=self.max_tokens
+                )
                 assert r.choices
             else:
                 for _chunk in self.client.chat.completions.create(
-                    model="tiny", messages=PROMPT, max_tokens=16, stream=True
+                    model="tiny", messages=PROMPT, max_tokens=self.max_tokens, stream=True
                 ):
                     rec["events"] += 1
         except Exception as e:  # noqa: BLE001 - every failure is recorded and judged below
