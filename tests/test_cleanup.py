@@ -124,6 +124,30 @@ def test_sigkilled_worker_still_exiting_is_waited_for_while_it_progresses():
     assert not ({i.name for i in rec.ipc if i.kind == "shm"} & h.shm_names())
 
 
+def test_sigkilled_processes_are_hastened_and_only_they():
+    """Each SIGKILLed process's exit goes first in the CPU queue (Host.hasten_exit), its
+    session's autogroup too when the session is a dead tree's (vsup's setsid); a process that
+    left after SIGTERM is not touched, and a foreign orphan's session (someone's shell, say)
+    keeps its autogroup: only the dying threads are raised."""
+    h = FakeHost()
+    pids, rec = add_vllm_tree(h, 500, api_alive=False)
+    h.procs[pids["w0"]].on_term = "ignore"
+    h.procs[pids["w0"]].kill_exit_s = 5.0
+    rep = run(h, [rec])
+    assert rep.clean, rep.remaining
+    assert h.hastened == [(pids["w0"], True)]
+    assert h.autogroups == {rec.sid: -20}
+
+    h = FakeHost()
+    h.add_proc(50, 1, 50, ("containerd-shim",))
+    pids, _ = add_vllm_tree(h, 500, api_alive=False)
+    h.procs[pids["engine"]].on_term = "ignore"
+    h.procs[pids["engine"]].kill_exit_s = 5.0
+    run(h, [], foreign=True)
+    assert h.hastened == [(pids["engine"], False)] and not h.autogroups
+    assert pids["engine"] not in h.procs
+
+
 def test_an_exit_that_outlasts_the_cap_is_remaining_with_its_reason():
     """Progress has a cap (exit_wait_s): past it the still-exiting worker is remaining, and
     the reason says it is exiting, in which state, and for how long."""

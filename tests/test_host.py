@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
@@ -119,6 +120,50 @@ def test_exit_facts_see_a_sigkilled_process_dying_before_it_is_gone():
         assert seen, "the exit was over before one look: nothing to judge"
         assert all(f.dying for f in seen), seen[:3]
         assert h.exit_facts(victim.pid, ct) is None
+    finally:
+        for p in [victim, *busy]:
+            p.kill()
+            p.wait()
+
+
+def test_hasten_exit_raises_a_dying_process_and_never_a_live_one():
+    """hasten_exit sets nice -20 on a SIGKILLed process's threads and its session's autogroup
+    (as root) while it is exiting beside busy threads on its core; on a live process it does
+    nothing (False, nice and autogroup as they were)."""
+    cpu = min(os.sched_getaffinity(0))
+    pin = ["taskset", "-c", str(cpu)]
+    code = (
+        "import os, threading, time; b = bytearray(768 << 20); b[::4096] = b'x' * len(b[::4096]); "
+        "[threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(3)]; "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    victim = subprocess.Popen(
+        [*pin, sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    busy: list[subprocess.Popen[bytes]] = []
+    h = Host()
+
+    def nices(pid: int) -> set[int]:
+        out = set()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+        return out
+
+    try:
+        assert victim.stdout is not None and victim.stdout.readline() == b"up\n"
+        ct = h.process(victim.pid).create_time
+        assert not h.hasten_exit(victim.pid, ct, session=True)
+        assert nices(victim.pid) == {0} and h.autogroup_nice(victim.pid) == 0
+        busy = [
+            subprocess.Popen([*pin, sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(6)
+        ]
+        time.sleep(0.3)  # the hogs running (nothing to await: they only spin)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert h.hasten_exit(victim.pid, ct, session=True) is (os.geteuid() == 0)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        assert not h.hasten_exit(victim.pid, ct, session=True)  # gone: nothing to do
     finally:
         for p in [victim, *busy]:
             p.kill()

@@ -519,6 +519,28 @@ class Host:
             wchan=_read_wchan(f"{self._proc}/{pid}/wchan"),
         )
 
+    def hasten_exit(self, pid: int, create_time: float, session: bool) -> bool:
+        """Put a SIGKILLed process's exit at the front of the CPU queue: nice -20 on each of its
+        threads and, with `session` (the session is a tree vsup started, all of it dying), on
+        its session's autogroup. A dying process runs no code of its own, only the kernel's
+        teardown of it, so the priority cannot favour anything else; and while it waits its turn
+        it holds its memory, GPU memory, sockets and files. Measured here: two TP=2 servers on 2
+        cores, one tree SIGKILLed, its workers ran 1 % of the time behind the other tree's
+        threads pinned to the same cores and took 10 s to go (over 120 s on a busier machine);
+        hastened, 2.5 s. Needs CAP_SYS_NICE (root): without it nothing changes, and False."""
+        facts = self.exit_facts(pid, create_time)
+        if facts is None or not facts.dying:  # gone, another process, or not killed: never a live one
+            return False
+        done = False
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"{self._proc}/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), -20)
+                    done = True
+        if session:
+            done = self.autogroup_nice(pid, -20) is not None and done
+        return done
+
     def _thread_stat(self, path: str) -> tuple[str, str, int] | None:
         try:
             with open(f"{path}/stat", "rb") as f:

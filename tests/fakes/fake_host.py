@@ -97,6 +97,7 @@ class FakeHost(_HostBase):
         # /proc/meminfo in bytes (overlap.py's CPU fit): 64 GiB, 48 available unless a test says
         self.mem: dict[str, int] = {"MemTotal": 64 << 30, "MemAvailable": 48 << 30}
         self.autogroups: dict[int, int] = {}  # session id -> autogroup nice (0 unless set)
+        self.hastened: list[tuple[int, bool]] = []  # (pid, its session too) per hasten_exit
 
     # ---- building the world ------------------------------------------------------------------
     def add_proc(
@@ -286,6 +287,15 @@ class FakeHost(_HostBase):
         return ExitFacts(
             dying=dying, cpu_ticks=ticks, state=p.state, wchan="" if p.state == "R" else "fake_wait"
         )
+
+    def hasten_exit(self, pid: int, create_time: float, session: bool) -> bool:
+        facts = self.exit_facts(pid, create_time)
+        if facts is None or not facts.dying:
+            return False
+        self.hastened.append((pid, session))
+        if session:
+            self.autogroups[self.procs[pid].sid] = -20
+        return True
 
     def meminfo(self) -> dict[str, int]:
         return dict(self.mem)
