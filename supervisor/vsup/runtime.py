@@ -94,11 +94,14 @@ class Runtime:
         vsup_log.addHandler(self._log_handler)
         vsup_log.setLevel(logging.INFO)
         tailer = self._start_tailer(loop)
-        if self.proxy is not None:
-            await self.proxy.start()  # never raises for a busy port: it retries and says so
+        # The control socket first, then the proxy's port: whoever sees /livez answer (a kubelet,
+        # a test, an operator) can ask `vsup status` at once. In the other order a slow machine
+        # answered /livez 200 while `vsup status` still found no socket (CI, issue 18).
         server = self._server = await self._start_control()
         pinger = None
         try:
+            if self.proxy is not None:
+                await self.proxy.start()  # never raises for a busy port: it retries and says so
             sup.events.emit(
                 "daemon_started",
                 version=_version(),
