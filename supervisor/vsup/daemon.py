@@ -13,14 +13,16 @@ cannot stop half-way (a teardown, a cleanup) run under `_run()`, which keeps ans
 meanwhile (status, busy) and keeps what must wait for the phase (an accepted stop) in a backlog.
 
 This file is the lifecycle: state, publishing, the queue's decisions (`_absorb`, `_answer`),
-`_intent_for`, and the phases start, recover, stop and idle. The longer steps live beside it and
+`_intent_for`, and the phases start, stop and idle. The longer steps live beside it and
 take the owner as an explicit collaborator; they change state only through `_set_state`,
 `_set_phase`, `_publish` and the few tree/model setters below (`_begin_generation`,
 `_hold_tree`, `_mark_ready`, `_retire_generation`, `_tree_gone`, `_begin_stop`, `_use`):
 starting.py (pre-clean, spawn, readiness; the refresher), detection.py (the serve phase:
 strikes, confirmation; incidents and stacks), reload.py (reload, swap, rollback), ondemand.py
-(off-load, load on demand, swap on request; the unload phase), teardown.py (teardown, cleanup,
-the ledger, proof of a clean machine).
+(off-load, load on demand, swap on request; the unload phase), recovery.py (the recover phase:
+teardown, incident, backoff), overlapped.py (a reload with both trees up), teardown.py
+(teardown, cleanup, the ledger, proof of a clean machine). views.py reads the state for the
+proxy's route, `vsup status` and systemd's STATUS= line, and writes nothing.
 
 Commands are answered from the table in commands.py; the answer depends only on the state.
 No exception leaves the owner: one escaping a phase (a bug, an illegal transition) becomes an
@@ -58,8 +60,10 @@ from . import (
     overlapped,
     probes,
     proctree,
+    recovery,
     starting,
     teardown,
+    views,
     watchers,
 )
 from . import config as config_mod
@@ -179,41 +183,7 @@ class Supervisor:
         self._notify_status()
 
     def _route(self) -> Route:
-        s, v = self.snap, self.cfg.vllm
-        if self._exiting:
-            # Shutting down (issue 18): the proxy refuses what it has not forwarded yet, held or
-            # new, at once; requests in flight finish during the shutdown drain.
-            return Route(state=str(s.state), reason=s.reason or "shutting down", closing=True, model=s.model)
-        if s.state == State.RELOADING and self.overlap is not None:
-            # Issue 23: the old server serves until the new one is proven, then the new one;
-            # while neither can (the old one went down), requests are held.
-            up = overlapped.upstream(self)
-            return Route(
-                state=str(s.state),
-                reason=s.reason,
-                upstream=up[0] if up else None,
-                gen=up[1] if up else 0,
-                hold=True,
-                model=s.model,
-            )
-        ready = s.state == State.READY and self.tree is not None
-        # Off-loaded (issue 16): stopped, but a request loads the model again: hold it.
-        idle = s.state == State.STOPPED and self._unloaded is not None
-        if s.state in (State.FAILED, State.STOPPED):
-            hold = idle  # otherwise nothing is coming until an operator acts
-        elif s.state == State.STOPPING:
-            hold = self._stopping_for in ("restart", "unload")
-        else:
-            hold = not ready  # starting, reloading, unhealthy: a server is (again) coming
-        return Route(
-            state=str(s.state),
-            reason=s.reason,
-            upstream=(v.host, self._port()) if ready else None,
-            gen=self.gen if ready else 0,
-            hold=hold,
-            model=s.model,
-            idle=idle,
-        )
+        return views.route(self)
 
     def _set_state(
         self,
@@ -271,38 +241,11 @@ class Supervisor:
             self.notifier.status(line)
 
     def status_line(self) -> str:
-        s = self.snap
-        head = f"{s.state}" + (f" ({s.phase})" if s.phase else "")
-        bits = [b for b in (s.model, f"{s.workers} workers" if s.workers else None) if b]
-        bits.append(f"{s.restarts} restarts")
-        line = f"{head}: {', '.join(bits)}"
-        if s.reason and s.state in (State.FAILED, State.UNHEALTHY, State.STOPPING):
-            line += f" - {s.reason}"
-        return line[:200]
+        return views.status_line(self.snap)
 
     def status(self) -> dict[str, Any]:
-        out = self.snap.to_json()
-        out["vllm_version"] = self.vllm_version
-        out["tree"] = None
-        if self.tree is not None:
-            pids = sorted({p.pid for p in self.tree.procs})
-            out["tree"] = {"id": self.tree.id, "sid": self.tree.sid, "pids": pids}
-        if self.gpus is not None:
-            from . import gpu
-
-            pids_set = {p.pid for p in self.tree.procs} if self.tree else set()
-            with contextlib.suppress(Exception):
-                # Other vsup instances on this host, named where they hold a GPU (issue 18).
-                instances, wanted = gpu.neighbours(self.gpus, self.cfg)
-                out["gpus"] = gpu.status_summary(self.gpus, pids_set, instances=instances, wanted=wanted)
-        if self.traffic is not None:
-            with contextlib.suppress(Exception):  # the proxy's failure must not break status
-                out["traffic"] = self.traffic.stats()
-        if self.cfg.proxy is not None or self.od.counts["last"] is not None:
-            out["on_demand"] = self.od.status(self._unloaded)
-        if self.overlap is not None:  # issue 23: both trees, and which one serves
-            out["overlap"] = self.overlap.to_json(self)
-        return out
+        """What `vsup status` shows (views.py: the owner's state, read, never written)."""
+        return views.status(self)
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -614,57 +557,8 @@ class Supervisor:
     # recover -------------------------------------------------------------------------------
 
     async def _do_recover(self, it: Intent) -> Intent:
-        reason, kind = it.reason or "failure", it.failure_kind or "failure"
-        served, lines, tree = self.log.served, self.log.since_spawn(), self.tree
-        self._stopping_for = "restart"
-        dump = None
-        if kind == "hang" and tree is not None and self.cfg.daemon.stacks != "off":
-            # Issue 17: where every rank waited dies with the tree: record it first, bounded.
-            self._set_state(State.STOPPING, reason=reason, phase="stacks")
-            dump = await detection.record_stacks(self, tree, it.stacks)
-            self._set_phase("teardown")
-        else:
-            self._set_state(State.STOPPING, reason=reason, phase="teardown")
-        report = await teardown.teardown(
-            self, reason, grace=min(FAILED_STOP_GRACE_S, self.cfg.timeouts.stop_grace_s)
-        )
-        detection.record_incident(self, reason, kind, lines, tree, report, stacks=dump)
-        tp_args = [*self.cfg.vllm.args, *self.spec.args]
-        v = self.policy.failed(self.clock.monotonic(), kind, served=served, tp_args=tp_args)
-        if v.remedy is not None:
-            self._publish(remedies=tuple(r.name for r in self.policy.remedies()))
-            self.events.emit(
-                "remedy_applied",
-                remedy=v.remedy.name,
-                args=v.remedy.args,
-                env=v.remedy.env,
-                failure_kind=kind,
-                level=self.policy.remedy_level,
-            )
-        if v.give_up:
-            window = self.cfg.restart.window_s
-            why = f"{v.failures} failures within {window:g}s; last: {reason}"
-            self._set_state(State.FAILED, reason=why, phase=None, pid=None)
-            return Intent("idle")
-        if (interrupt := self._poll_interrupt()) is not None:
-            self._set_state(State.STARTING, reason=f"restart after: {reason}", phase="backoff", pid=None)
-            return self._intent_for(interrupt)
-        self._set_state(
-            State.STARTING,
-            reason=f"restart after: {reason}",
-            phase="backoff",
-            deadline=self.clock.time() + v.delay_s,
-            pid=None,
-        )
-        self.events.emit("backoff", delay_s=v.delay_s, failures=v.failures)
-        end = self.clock.monotonic() + v.delay_s
-        while (obs := await self._next(end - self.clock.monotonic())) is not None:
-            if isinstance(obs, (Cmd, Shutdown)):
-                return self._intent_for(obs)
-        self._publish(restarts=self.snap.restarts + 1)
-        if self.metrics is not None:
-            self.metrics.restart(kind)
-        return Intent("start", self.spec, reason=f"automatic restart {self.snap.restarts} after {kind}")
+        """Tear the failed tree down, record the incident, back off, start again: recovery.py."""
+        return await recovery.recover(self, it)
 
     # stop, idle ----------------------------------------------------------------------------
 
