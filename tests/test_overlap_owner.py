@@ -15,7 +15,7 @@ import pytest
 from fakes.owner_world import Owner, Server
 from vsup import proctree
 from vsup.control import CommandError
-from vsup.gate import UpstreamRefused
+from vsup.gate import UpstreamRefused, UpstreamStalled
 from vsup.observations import Shutdown
 from vsup.states import TRANSITIONS, State
 
@@ -182,6 +182,31 @@ def test_old_tree_refusing_connections_during_the_overlap_is_taken_out_of_the_ro
             b.mode = "ready"
             ok, r = await o.reply(t, 15)
             assert ok, r
+            assert_sound(o, [b])
+
+    run(scenario())
+
+
+def test_old_tree_stalling_during_the_overlap_is_slow_not_down(tmp_path: Path) -> None:
+    """The proxy's stall report for the old tree (its CPU yielded to the loading one): it keeps
+    serving and is drained, not taken for down (the retire would skip the drain and cut its
+    streams)."""
+
+    async def scenario() -> None:
+        async with overlap_owner(tmp_path) as o:
+            a, b, t = await overlapping(o)
+            ov = o.sup.overlap
+            assert ov is not None
+            o.sup.post(UpstreamStalled(ov.old.gen, "1 stream(s) in flight, no byte for 4s"))
+            await o.until(lambda: o.evs("overlap_old_slow"), what="the stall noticed")
+            assert ov.old.down is None and not o.evs("overlap_old_down")
+            assert o.sup.gate.route.upstream == ("127.0.0.1", ov.old.tree.port)
+            b.mode = "ready"
+            ok, r = await o.reply(t, 15)
+            assert ok, r
+            names = [e["event"] for e in o.evs()]
+            # drained first; its API server's exit during the retire is the only "down" after
+            assert "drained" in names and "overlap_old_down" not in names[: names.index("drained")], names
             assert_sound(o, [b])
 
     run(scenario())

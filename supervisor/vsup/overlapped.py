@@ -150,8 +150,15 @@ def absorb(o: Supervisor, obs: Any) -> bool:
         if obs.kind in FATAL_KINDS:
             _down(o, obs.message)
         return True
-    if isinstance(obs, (UpstreamRefused, UpstreamStalled)) and obs.gen == old.gen:
+    if isinstance(obs, UpstreamRefused) and obs.gen == old.gen:
         _down(o, obs.detail)
+        return True
+    if isinstance(obs, UpstreamStalled) and obs.gen == old.gen:
+        # Slow, not down: its CPU went to the loading tree (YIELD_NICE), and after the switch it
+        # only drains. Taken for down, the route held instead and, worse, the retire skipped the
+        # drain and killed the streams still coming: a CI run's clients got "EngineCore
+        # encountered an issue" mid-stream. Its streams finish within timeouts.drain_s.
+        o.events.emit("overlap_old_slow", tree=old.tree.id, serving=ov.serving, detail=obs.detail[:300])
         return True
     return getattr(obs, "gen", None) == old.gen  # its probes, tree refreshes: nothing to act on
 
