@@ -37,6 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from toml_writer import write_config
+from vsup.starting import REFRESH_AFTER_READY_S
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VSUP_CACHE", Path.home() / ".cache" / "vsup"))
@@ -336,7 +337,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         r.wait_ready()
-        time.sleep(35)  # past the refresher's first 30 s of 2 s looks at a forming tree
+        time.sleep(REFRESH_AFTER_READY_S + 15)  # past the refresher's 2 s looks at a forming tree
         rows.append(idle_cpu(r, 30 if quick else 60))
         rows.append(saturation(r, 60 if quick else 300))
         for traffic in (False, True):

@@ -89,6 +89,8 @@ def header(res: dict[str, Any]) -> list[str]:
         + (
             ""
             if res.get("complete", True)
+            else f"; **an incomplete run**: {res['stopped']}"
+            if res.get("stopped")
             else " so far (the run is still going: sections done: "
             + ", ".join(res.get("sections_done", []))
             + ")"
@@ -682,7 +684,8 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{v['cpu_pct']:.3f} %"
             + (f" (supervisord {idle['supervisord']['cpu_pct']:.3f} %)" if "supervisord" in idle else ""),
             v["cpu_pct"] < IDLE_CPU_PCT,
-            WHY["idle_cpu"].format(canary=_canary_interval()),
+            WHY["idle_cpu"].format(canary=_canary_interval())
+            + ("" if "idle_settle_s" in res.get("config", {}) else " " + WHY["idle_cpu_early"]),
         )
     px = _proxy_rows((res.get("aux", {}).get("proxy") or {}).get("stdout", ""))
     why_px = WHY["proxy"]
@@ -980,6 +983,12 @@ WHY = {
         "and therefore never notices a hang (fault 3), and HAProxy's own `/health` check, which "
         "costs cycles too, still answers 200 for a hung server. A longer interval trades CPU for "
         "detection time."
+    ),
+    "idle_cpu_early": (
+        "This run began the window 3 s after ready, inside the 20 s in which vsup's refresher looks "
+        "at the forming tree every 2 s (about 6 ms a look); bench_hang.py, which waits them out, "
+        "measured 0.067 % of a core. The harness now begins it 25 s after ready, for every "
+        "supervisor (episode.IDLE_SETTLE_S)."
     ),
     "proxy": (
         "vsup's proxy is Python (aiohttp, one event loop shared with the supervisor), nginx is C; "

@@ -285,6 +285,7 @@ class Run:
                 "hung_s": clients.HUNG_S,
                 "debris_after_s": episode.DEBRIS_AFTER_S,
                 "settle_s": episode.SETTLE_S,
+                "idle_settle_s": episode.IDLE_SETTLE_S,
             },
             "setups": {},
             "load": {
