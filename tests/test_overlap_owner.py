@@ -151,6 +151,35 @@ def test_new_tree_dying_during_the_overlap_rolls_back_to_the_old_one(tmp_path: P
     run(scenario())
 
 
+def test_old_tree_is_refreshed_through_the_overlap_and_after_a_rollback(tmp_path: Path) -> None:
+    """The old tree's refresher runs on while the new one loads: a member it gains meanwhile is
+    recorded (in the overlap's record, and the live record after the rollback), so the
+    teardown that finally stops it knows it. (Its refresher used to end at the new
+    generation, and a rolled-back tree was never looked at again.)"""
+
+    async def scenario() -> None:
+        async with overlap_owner(tmp_path) as o:
+            a, b, t = await overlapping(o)
+            h = o.world.host
+            h.add_proc(a.pid + 1, a.pid, a.pid, ("VLLM::Worker_TP0",), ct=h.t)
+            ov = o.sup.overlap
+            assert ov is not None
+            await o.until(
+                lambda: a.pid + 1 in {p.pid for p in ov.old.tree.procs}, timeout=10, what="the old tree refreshed"
+            )
+            kill(o, b)
+            ok, err = await o.reply(t, 15)
+            assert not ok and "kept serving" in err.message, err
+            assert o.sup.tree is not None and a.pid + 1 in {p.pid for p in o.sup.tree.procs}
+            ledger = {r.id: r for r in proctree.Ledger(o.cfg.state_dir).load()}
+            assert a.pid + 1 in {p.pid for p in ledger[f"t{a.pid}"].procs}
+            await o.shutdown()
+            assert a.pid + 1 not in h.procs  # the shutdown's teardown knew it
+            assert_sound(o, [])
+
+    run(scenario())
+
+
 def test_old_tree_dying_during_the_overlap_holds_requests_until_the_new_one_serves(tmp_path: Path) -> None:
     """a dies while b loads: the route stops sending to a (hold); b proven: ready on b, a's debris
     cleaned."""

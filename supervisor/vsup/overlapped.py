@@ -40,7 +40,7 @@ from . import cleanup as cleanup_mod
 from . import detection, launch, overlap, proctree, teardown, watchers
 from .config import ModelConfig
 from .gate import UpstreamRefused, UpstreamStalled
-from .observations import Cmd, Exited, Intent, LogSignal, OperationFailed
+from .observations import Cmd, Exited, Intent, LogSignal, OperationFailed, TreeSeen
 from .states import State
 from .teardown import FAILED_STOP_GRACE_S, ORPHAN_GRACE_S, SCAN_BOUND_S
 from .watchers import FATAL_KINDS
@@ -160,7 +160,19 @@ def absorb(o: Supervisor, obs: Any) -> bool:
         # encountered an issue" mid-stream. Its streams finish within timeouts.drain_s.
         o.events.emit("overlap_old_slow", tree=old.tree.id, serving=ov.serving, detail=obs.detail[:300])
         return True
-    return getattr(obs, "gen", None) == old.gen  # its probes, tree refreshes: nothing to act on
+    if isinstance(obs, TreeSeen) and obs.gen == old.gen:
+        rec = obs.record
+        if rec.id == old.tree.id:  # its refresher runs on (starting.refresher): kept current
+            before = old.tree
+            old.tree = rec
+            if (len(rec.procs), len(rec.ipc), len(rec.files)) != (
+                len(before.procs),
+                len(before.ipc),
+                len(before.files),
+            ):
+                teardown.ledger_write(o, "upsert", rec)
+        return True
+    return getattr(obs, "gen", None) == old.gen  # its probes: nothing to act on
 
 
 def _down(o: Supervisor, why: str) -> None:

@@ -185,18 +185,32 @@ async def start_tree(
         ready_task.cancel()
 
 
+def _tree_of(o: Supervisor, gen: int) -> tuple[proctree.TreeRecord | None, float | None]:
+    """The tree of generation `gen` and when it became ready: the live one, or the old one an
+    overlapped reload set aside (issue 23: it is refreshed on, so a rollback that makes it the
+    live tree again finds its refresher still running); None once it is neither."""
+    if gen == o.gen:
+        return o.tree, o._ready_at
+    ov = o.overlap
+    if ov is not None and ov.old.gen == gen:
+        return ov.old.tree, ov.old.ready_at
+    return None, None
+
+
 async def refresher(o: Supervisor, gen: int) -> None:
     """Look at the tree (members, held shm, files) while it lives; post what was found."""
-    while gen == o.gen and o.tree is not None:
+    while True:
+        tree, ready_at = _tree_of(o, gen)
+        if tree is None:
+            return
         try:
-            rec = await o.offload(proctree.refresh, copy.deepcopy(o.tree), o.host)
+            rec = await o.offload(proctree.refresh, copy.deepcopy(tree), o.host)
             live = await o.offload(proctree.live_members, rec, o.host)
         except Exception as e:  # noqa: BLE001 - a failed refresh is said; the next one may work
             o.events.emit("refresh_error", error=f"{type(e).__name__}: {e}")
         else:
             workers = sum(1 for p in live if "Worker" in " ".join(p.cmdline))
             o.post(TreeSeen(gen, rec, workers))
-        ready_at = o._ready_at
         forming = ready_at is None or o.clock.monotonic() - ready_at < REFRESH_AFTER_READY_S
         await o.clock.sleep(REFRESH_S if forming else REFRESH_SETTLED_S)
 
