@@ -165,7 +165,9 @@ def test_old_tree_is_refreshed_through_the_overlap_and_after_a_rollback(tmp_path
             ov = o.sup.overlap
             assert ov is not None
             await o.until(
-                lambda: a.pid + 1 in {p.pid for p in ov.old.tree.procs}, timeout=10, what="the old tree refreshed"
+                lambda: a.pid + 1 in {p.pid for p in ov.old.tree.procs},
+                timeout=10,
+                what="the old tree refreshed",
             )
             kill(o, b)
             ok, err = await o.reply(t, 15)
