@@ -323,6 +323,33 @@ def test_requests_running_with_no_token_for_stall_s_is_a_strike() -> None:
     assert strikes and 1010.0 + 4.0 <= strikes[0] <= 1010.0 + 4.0 + 2.0, strikes
 
 
+def test_requests_in_flight_through_the_proxy_with_no_token_for_stall_s_is_a_strike() -> None:
+    """An engine that hung while idle: vLLM's gauge says 0 running (it comes with the engine's
+    outputs), but the proxy has a request in flight to it since t=10 and no token comes: a
+    progress strike within stall_s + interval_s that says so. Without the count: none before
+    the canary."""
+    clock = FakeClock()
+    prober = ScriptedProber(clock, tokens=lambda t: 100.0, running=lambda t: 0.0)
+    posted = run_probe_loop(
+        prober, clock, 1000.0 + 17, quiet=lambda: clock.t < 1010.0, in_flight=lambda: int(clock.t >= 1010.0)
+    )
+    strikes = [(t, p.result.detail) for t, p in posted if not p.result.ok and p.result.probe == "progress"]
+    assert strikes and 1010.0 + 4.0 <= strikes[0][0] <= 1010.0 + 4.0 + 2.0, strikes
+    assert strikes[0][1].startswith("1 in flight (proxy), no token generated"), strikes
+    clock = FakeClock()
+    prober = ScriptedProber(clock, tokens=lambda t: 100.0, running=lambda t: 0.0)
+    posted = run_probe_loop(prober, clock, 1000.0 + 17, quiet=lambda: clock.t < 1010.0)
+    assert not [t for t, p in posted if p.result.probe == "progress"]
+
+
+def test_requests_in_flight_through_the_proxy_while_tokens_flow_is_no_strike() -> None:
+    """The proxy's count with a counter that moves (a busy, healthy engine): never a strike."""
+    clock = FakeClock()
+    prober = ScriptedProber(clock, tokens=lambda t: (t - 1000.0) * 10.0, running=lambda t: 0.0)
+    posted = run_probe_loop(prober, clock, 1000.0 + 30, in_flight=lambda: 3)
+    assert not [t for t, p in posted if not p.result.ok], posted
+
+
 def test_parse_metrics_sums_each_series_over_label_sets_and_skips_lookalikes() -> None:
     """The find-based parse: every label set summed, the first line read, NaN and longer names skipped."""
     from vsup.probes import parse_metrics

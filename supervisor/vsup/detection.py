@@ -165,7 +165,18 @@ def probe(o: Supervisor, gen: int, *, confirm: bool) -> asyncio.Task[Any]:
         return tr.in_flight(gen) == 0 and (last is None or o.clock.monotonic() - last > lull)
 
     return o._spawn_task(
-        watchers.probe_loop(gen, o.spec, o.cfg, prober, o.post, o.clock, confirm, tr.last_success_at, quiet)
+        watchers.probe_loop(
+            gen,
+            o.spec,
+            o.cfg,
+            prober,
+            o.post,
+            o.clock,
+            confirm,
+            tr.last_success_at,
+            quiet,
+            lambda: tr.in_flight(gen),
+        )
     )
 
 

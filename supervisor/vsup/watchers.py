@@ -189,6 +189,7 @@ async def probe_loop(
     confirm: bool,
     served_at: Callable[[], float | None] | None = None,
     quiet: Callable[[], bool] | None = None,
+    in_flight: Callable[[], int] | None = None,
 ) -> None:
     """Canary + progress probes while ready. In confirm mode, probe again at once.
 
@@ -201,7 +202,13 @@ async def probe_loop(
     With the proxy in front (`quiet`: it has had no request in flight for a while), an idle
     engine is not read at all between canaries: the proxy sees every request, so /metrics is
     read only while there is traffic or the last reading showed work (idle CPU: one canary a
-    canary_interval_s). Requests that bypass the proxy are then seen by the canary alone."""
+    canary_interval_s). Requests that bypass the proxy are then seen by the canary alone.
+
+    The proxy's count of requests in flight to this tree (`in_flight`) counts as running too:
+    vLLM's `num_requests_running` comes with the engine core's outputs, so an engine that hung
+    while idle still says 0 with requests stuck in it (a hang found by the canary after 12-13 s
+    in the benchmark's fault 3, 1 request/s; with the count, after stall_s). A strike is only a
+    strike: the hang check's token and prompt counters clear a long prefill or a pooling model."""
     t, p = cfg.timeouts, cfg.probes
     name = spec.served_model_name or spec.model
     last_tokens: float | None = None
@@ -221,6 +228,8 @@ async def probe_loop(
             busy = m is not None  # no metrics: keep the short period
             if m is not None and m.ok:
                 tokens, running = m.data["generation_tokens"], m.data["running"]
+                proxied = in_flight() if in_flight is not None else 0
+                running = max(running, float(proxied))
                 progressed = last_tokens is not None and tokens > last_tokens + canary_tokens
                 generated = generated or progressed
                 canary_tokens = 0
@@ -230,7 +239,8 @@ async def probe_loop(
                 last_tokens = tokens
                 stuck_for = clock.monotonic() - last_change
                 if running > 0 and stuck_for >= p.stall_s:
-                    detail = f"{running:g} running, no token generated for {stuck_for:.0f}s"
+                    what = f"{running:g} running" if running > proxied else f"{proxied} in flight (proxy)"
+                    detail = f"{what}, no token generated for {stuck_for:.0f}s"
                     post(Probe(gen, ProbeResult("progress", False, detail)))
                     last_change = clock.monotonic()
                 elif progressed:
