@@ -90,9 +90,12 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             assert st["new"]["port"] == b.port and st["fit"]["ok"]
             b.mode = "ready"
             await o.state("reloading", "retire")
-            assert o.world.host.autogroups == {a.pid: 0}  # the old one drains at its full share
+            # the old one drains at its full share, the new one yields meanwhile
+            assert o.world.host.autogroups == {a.pid: 0, b.pid: 10}
             ok, r = await o.reply(t, 15)
             assert ok and r["overlapped"] and r["model"] == "b", r
+            assert o.world.host.autogroups[b.pid] == 0  # serving alone: its full share back
+            assert [e["tree"] for e in o.evs("overlap_yield")] == [f"t{a.pid}", f"t{b.pid}"]
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "b"
             assert o.sup.gate.route.upstream == ("127.0.0.1", b.port) and o.sup.gate.route.gen == o.sup.gen
             assert "overlap" not in o.sup.status()

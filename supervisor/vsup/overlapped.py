@@ -276,6 +276,13 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     ov.serving = "new"
     _unyield(o, prev)  # its requests in flight finish at its full share (at nice 10 beside the
     # new tree serving, its streams stalled: measured, 2 cut when the drain ran out)
+    new_nice: int | None = None
+    if o.gpus is None:
+        # ... and the new tree yields while the old one drains: at equal shares the serving tree's
+        # spinning workers starved the draining one (4 requests running, 0 tokens for 18 s after
+        # the switch, cut when drain_s ran out: a CI run). New requests are served meanwhile, slower.
+        new_nice = await o.offload(o.host.autogroup_nice, o.tree.leader.pid, YIELD_NICE)
+        o.events.emit("overlap_yield", tree=o.tree.id, autogroup_nice=YIELD_NICE, was=new_nice)
     switched_s = round(o.clock.monotonic() - t0, 3)
     o._publish(model=served, model_path=new.model)
     o.events.emit("overlap_switch", model=served, tree=o.tree.id, port=port, gen=o.gen, seconds=switched_s)
@@ -285,7 +292,11 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     if result is not None:
         o.events.emit("drained", ok=result[0], max_running=result[1], tree=prev.tree.id)
     grace = t.stop_grace_s if interrupt is None else min(t.stop_grace_s, FAILED_STOP_GRACE_S)
-    report = await retire(o, prev, grace=grace)
+    try:
+        report = await retire(o, prev, grace=grace)
+    finally:
+        if new_nice is not None and o.tree is not None:  # the new tree alone: its full share
+            o.host.autogroup_nice(o.tree.leader.pid, new_nice)
     o.overlap = None
     _roles(o)
     secs = round(o.clock.monotonic() - t0, 3)
