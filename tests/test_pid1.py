@@ -403,13 +403,16 @@ class Poller(threading.Thread):
             self.halt.wait(0.5)
 
 
+STREAMS = 2
+
+
 @pytest.mark.vllm
 def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
     tmp_path: Path, pid1: list[Pid1]
 ) -> None:
     """The real TP=2 vLLM under vsup as PID 1. Loading: /readyz 503. A SIGSTOPped worker:
     /readyz 503 before any teardown. /livez 200 throughout. An orphaned grandchild is reaped.
-    SIGTERM while two streams run: both finish, a new request gets 503, exit 0 within
+    SIGTERM while streams run: all finish, a new request gets 503, exit 0 within
     shutdown_drain_s + the teardown, nothing of the tree left."""
     import httpx
 
@@ -459,45 +462,73 @@ def test_real_vllm_pid1_probes_orphan_and_sigterm_with_requests_in_flight(
         tree = wait_for(
             lambda: titled(d, "VLLM::Worker_TP1") and [p.pid for p in d.namespace_procs()[1:]], 60, "the tree"
         )
-        # SIGTERM with two streams in flight.
+        # SIGTERM with streams in flight. The tiny model writes ~500 tokens/s, so a stream is over
+        # before a SIGTERM can follow it (in a CI run both had ended and the drain with them; a
+        # one-sequence server and client reads held back did not help: the proxy's socket
+        # buffers took whole streams). So "in flight" is made certain: the first chunk stops a
+        # worker (SIGSTOP), the next stream is sent into the stopped engine, the SIGTERM's drain
+        # is checked (new requests refused, the drain not over), and SIGCONT lets the streams
+        # finish inside the drain.
         body = {
             "model": "tiny-a",
             "messages": [{"role": "user", "content": "Count to one hundred."}],
-            "max_tokens": 120,
+            "max_tokens": 200,
             "stream": True,
             "ignore_eos": True,
         }
+        worker = wait_for(lambda: titled(d, "VLLM::Worker_TP1"), 60, "worker TP1 in the namespace", 0.5)
         results: list[tuple[int, list[str]]] = []
-        started = threading.Barrier(3)
+        paused = threading.Event()
+        pausing = threading.Lock()
 
         def stream() -> None:
             with (
                 httpx.Client(trust_env=False, timeout=120) as c,
                 c.stream("POST", base + "/v1/chat/completions", json=body) as r,
             ):
-                lines = r.iter_lines()
-                got = [next(line for line in lines if line.startswith("data: "))]
-                started.wait(30)
-                got += [line for line in lines if line.startswith("data: ")]
+                got = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        got.append(line)
+                        with pausing:
+                            if not paused.is_set():
+                                os.kill(worker, signal.SIGSTOP)
+                                paused.set()
                 results.append((r.status_code, got))
 
-        threads = [threading.Thread(target=stream) for _ in range(2)]
-        for t in threads:
-            t.start()
-        started.wait(60)
-        live.halt.set()
-        t0 = time.monotonic()
-        d.sigterm()
-        wait_for(lambda: d.status()["phase"] == "drain", 10, "the shutdown drain", 0.1)
-        refused = httpx.post(
-            base + "/v1/chat/completions", json={**body, "stream": False}, timeout=10, trust_env=False
-        )
-        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+        threads[0].start()
+        try:
+            assert paused.wait(60), "no stream began"
+            # the first stream's first chunk stopped the worker (it may have been written whole
+            # by then); the others, sent now, wait in the stopped engine: in flight for certain
+            for t in threads[1:]:
+                t.start()
+            wait_for(
+                lambda: d.status()["traffic"]["in_flight"] + len(results) == STREAMS,
+                10,
+                "every stream forwarded",
+                0.05,
+            )
+            live.halt.set()
+            t0 = time.monotonic()
+            d.sigterm()
+            draining = d.wait_event(
+                lambda e: e["event"] == "state" and e.get("phase") == "drain", 10, "the drain"
+            )
+            refused = httpx.post(
+                base + "/v1/chat/completions", json={**body, "stream": False}, timeout=10, trust_env=False
+            )
+            assert refused.status_code == 503 and refused.headers["connection"] == "close"
+            assert not [e for e in d.events() if e["event"] == "shutdown_drain"], "the drain ended early"
+            assert draining["state"] == "stopping"
+        finally:
+            os.kill(worker, signal.SIGCONT)
         for t in threads:
             t.join(120)
         assert d.proc is not None and d.proc.wait(120) == 0, d.stderr_path.read_text()[-3000:]
         took = time.monotonic() - t0
-        assert [s for s, _ in results] == [200, 200]
+        assert [s for s, _ in results] == [200] * STREAMS
         assert all(lines[-1] == "data: [DONE]" and len(lines) > 60 for _, lines in results)
         # shutdown_drain_s + stop_grace_s + kill_wait_s + cleanup_grace_s + gpu_release_s
         limit = 30.0 + 20.0 + 10.0 + 3.0 + 30.0
