@@ -535,16 +535,10 @@ class Supervisor:
         old, rec = self.tree, seen.record
         if old is None or rec.id != old.id:
             return
-        grew = (len(rec.procs), len(rec.ipc), len(rec.files)) != (
-            len(old.procs),
-            len(old.ipc),
-            len(old.files),
-        )
         self.tree = rec
         if seen.workers != self.snap.workers:
             self._publish(workers=seen.workers)
-        if grew:
-            teardown.ledger_write(self, "upsert", rec)
+        teardown.ledger_refresh(self, old, rec)
         if self.metrics is not None and self.gpus is not None:
             starting.gpu_metrics(self.metrics, self.gpus, rec)
 

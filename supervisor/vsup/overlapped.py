@@ -161,16 +161,9 @@ def absorb(o: Supervisor, obs: Any) -> bool:
         o.events.emit("overlap_old_slow", tree=old.tree.id, serving=ov.serving, detail=obs.detail[:300])
         return True
     if isinstance(obs, TreeSeen) and obs.gen == old.gen:
-        rec = obs.record
-        if rec.id == old.tree.id:  # its refresher runs on (starting.refresher): kept current
-            before = old.tree
-            old.tree = rec
-            if (len(rec.procs), len(rec.ipc), len(rec.files)) != (
-                len(before.procs),
-                len(before.ipc),
-                len(before.files),
-            ):
-                teardown.ledger_write(o, "upsert", rec)
+        if obs.record.id == old.tree.id:  # its refresher runs on (starting.refresher): kept current
+            before, old.tree = old.tree, obs.record
+            teardown.ledger_refresh(o, before, obs.record)
         return True
     return getattr(obs, "gen", None) == old.gen  # its probes: nothing to act on
 
@@ -256,8 +249,7 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
         # same cores, got no CPU at all (0 ticks in 5 s for minutes, measured here, the load
         # never finishing); with the serving tree's autogroup at nice 10 they got 65 % of a core
         # and the old one still answered. Undone on a rollback; a retired tree needs no undoing.
-        prev.nice = await o.offload(o.host.autogroup_nice, prev.tree.leader.pid, YIELD_NICE)
-        o.events.emit("overlap_yield", tree=prev.tree.id, autogroup_nice=YIELD_NICE, was=prev.nice)
+        prev.nice = await _yield(o, prev.tree)
     started = await o._start_tree(new, it.reason or "reload", in_reload=True, port=port)
     _roles(o)
     if started.interrupt is not None:
@@ -281,8 +273,7 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
         # ... and the new tree yields while the old one drains: at equal shares the serving tree's
         # spinning workers starved the draining one (4 requests running, 0 tokens for 18 s after
         # the switch, cut when drain_s ran out: a CI run). New requests are served meanwhile, slower.
-        new_nice = await o.offload(o.host.autogroup_nice, o.tree.leader.pid, YIELD_NICE)
-        o.events.emit("overlap_yield", tree=o.tree.id, autogroup_nice=YIELD_NICE, was=new_nice)
+        new_nice = await _yield(o, o.tree)
     switched_s = round(o.clock.monotonic() - t0, 3)
     o._publish(model=served, model_path=new.model)
     o.events.emit("overlap_switch", model=served, tree=o.tree.id, port=port, gen=o.gen, seconds=switched_s)
@@ -368,6 +359,13 @@ def _restore(o: Supervisor, outcome: str) -> Old:
         o.metrics.overlap_outcome(outcome)
     _roles(o)
     return prev
+
+
+async def _yield(o: Supervisor, tree: proctree.TreeRecord) -> int | None:
+    """`tree`'s session to autogroup nice YIELD_NICE (CPU only); its nice before, to restore."""
+    was = await o.offload(o.host.autogroup_nice, tree.leader.pid, YIELD_NICE)
+    o.events.emit("overlap_yield", tree=tree.id, autogroup_nice=YIELD_NICE, was=was)
+    return was
 
 
 def _unyield(o: Supervisor, old: Old) -> None:

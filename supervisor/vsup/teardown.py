@@ -252,6 +252,14 @@ def cleanup_event(o: Supervisor, why: str, report: cleanup_mod.Report, **extra: 
         o.metrics.cleanup(len(j["killed"]), len(j["unlinked"]), j["bytes_freed"])
 
 
+def ledger_refresh(o: Supervisor, before: proctree.TreeRecord, rec: proctree.TreeRecord) -> None:
+    """A refresher's new look at a recorded tree goes to the ledger when the tree grew (members,
+    shm objects, files): what a later cleanup must find."""
+    counts = (len(rec.procs), len(rec.ipc), len(rec.files))
+    if counts != (len(before.procs), len(before.ipc), len(before.files)):
+        ledger_write(o, "upsert", rec)
+
+
 def ledger_write(o: Supervisor, op: str, arg: proctree.TreeRecord | str) -> bool:
     """A ledger write (`upsert` a record, `remove` a tree id) that fails (a full disk) is said,
     never raised: the caller decides."""
