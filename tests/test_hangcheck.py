@@ -200,6 +200,7 @@ class ScriptedProber:
         ok = self.canary_ok(self.clock.t)
         if not ok:
             self.clock.t += timeout_s
+        await asyncio.sleep(0)  # a request yields to the loop (the confirm loop sleeps nowhere else)
         return ProbeResult("canary", ok, "ok" if ok else f"no completion within {timeout_s:g}s")
 
     async def metrics(self) -> ProbeResult:
@@ -253,11 +254,12 @@ def run_probe_loop(
     cfg = _cfg()
     spec = cfg.model_spec()
     posted: list[tuple[float, Any]] = []
+    confirm = kw.pop("confirm", False)
 
     async def main() -> None:
         task = asyncio.ensure_future(
             watchers.probe_loop(
-                1, spec, cfg, prober, lambda o: posted.append((clock.t, o)), clock, False, **kw
+                1, spec, cfg, prober, lambda o: posted.append((clock.t, o)), clock, confirm, **kw
             )
         )
         while clock.t < until:  # noqa: ASYNC110 - the fake clock moves only when the loop runs
@@ -311,6 +313,21 @@ def test_tokens_generated_by_real_requests_skip_the_canary() -> None:
     prober = ScriptedProber(clock, tokens=lambda t: (t - 1000.0) * 10.0, running=lambda t: 1.0)
     run_probe_loop(prober, clock, 1000.0 + 30)
     assert not [c for c, _ in prober.calls if c == "canary"]
+
+
+def test_confirming_a_slow_engine_its_tokens_clear_though_every_canary_times_out() -> None:
+    """Confirm mode on a slow engine (a token every 4.5 s, two running, every 5 s canary timing
+    out): a canary runs between every two readings, yet a token in between proves the engine
+    steps; it is posted as progress (what clears the strikes). Subtracting the canary's 4 tokens
+    from every reading, as for skipping a canary, hid every token (a CI run tore such an engine
+    down as hung)."""
+    clock = FakeClock()
+    prober = ScriptedProber(clock, tokens=lambda t: float((t - 1000.0) // 4.5), running=lambda t: 2.0)
+    prober.canary_ok = lambda t: False
+    posted = run_probe_loop(prober, clock, 1000.0 + 20, confirm=True)
+    assert [c for c, _ in prober.calls].count("canary") >= 3, prober.calls
+    progress = [t for t, p in posted if p.result.probe == "metrics" and p.result.data.get("progressed")]
+    assert progress, [(t, p.result) for t, p in posted]
 
 
 def test_requests_running_with_no_token_for_stall_s_is_a_strike() -> None:

@@ -230,11 +230,16 @@ async def probe_loop(
                 tokens, running = m.data["generation_tokens"], m.data["running"]
                 proxied = in_flight() if in_flight is not None else 0
                 running = max(running, float(proxied))
+                # Tokens not the canary's say real traffic proved the engine (no canary needed)
+                # and keep the idle engine's reading period long. Any token, a canary's too, says
+                # the engine steps: that is what clears a strike, and a slow engine's canary that
+                # timed out after a token of it proved exactly that.
                 progressed = last_tokens is not None and tokens > last_tokens + canary_tokens
+                stepped = last_tokens is not None and tokens > last_tokens
                 generated = generated or progressed
                 canary_tokens = 0
                 busy = progressed or running > 0 or m.data["waiting"] > 0
-                if last_tokens is None or progressed or running == 0:
+                if last_tokens is None or stepped or running == 0:
                     last_change = clock.monotonic()
                 last_tokens = tokens
                 stuck_for = clock.monotonic() - last_change
@@ -243,7 +248,7 @@ async def probe_loop(
                     detail = f"{what}, no token generated for {stuck_for:.0f}s"
                     post(Probe(gen, ProbeResult("progress", False, detail)))
                     last_change = clock.monotonic()
-                elif progressed:
+                elif stepped:
                     post(Probe(gen, replace(m, data={**m.data, "progressed": True})))
             elif m is not None:
                 h = await prober.health()

@@ -33,13 +33,15 @@ For the proxy's tests (the server alone, no daemon):
 A request for another model than the served one gets vLLM's 404. `/_echo*` (any method) answers
 the method, path, headers and body it got. Header `X-Fake-Pause: PATH`:
 a stream waits after its first chunk until PATH exists. `GET /_stats`: requests, completed,
-aborted streams (the client went away), connections accepted, and the `X-Req` header of each completion in arrival order.
+aborted requests (the client went away: a stream's write failed, or with FAKE_VLLM_TP=1 a request waiting for a step saw its client gone), connections accepted, and the `X-Req` header of each completion in arrival order.
 """
 
 import argparse
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,13 +67,21 @@ step_lock = threading.Lock()
 engine: Any = None  # (process, fd steps go to, fd replies come from) with FAKE_VLLM_TP=1
 
 
-def step() -> None:
-    """One engine step (one token), as the TP tree's API server waits for it; nothing without one."""
+def step(gone: Any = None) -> bool:
+    """One engine step (one token), as the TP tree's API server waits for it; nothing without one.
+    False, with no step taken, when `gone()` says the client went away while it waited for its
+    turn (vLLM aborts a request whose client disconnected: it takes no more steps)."""
     if engine is None:
-        return
-    with step_lock:
+        return True
+    while not step_lock.acquire(timeout=0.1):
+        if gone is not None and gone():
+            return False
+    try:
         os.write(engine[1], b"s")
         os.read(engine[2], 1)
+    finally:
+        step_lock.release()
+    return True
 
 
 FIRST_BYTE_S = float(os.environ.get("FAKE_VLLM_FIRST_BYTE_S", "0"))
@@ -162,6 +172,14 @@ def main() -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+        def client_gone(self) -> bool:
+            """The client closed its end (the request's body is read: EOF is all it can send)."""
+            try:
+                r, _, _ = select.select([self.connection], [], [], 0)
+                return bool(r) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def authorized(self) -> bool:
             if not a.api_key or not self.path.startswith("/v1"):
                 return True
@@ -203,7 +221,8 @@ def main() -> None:
                         "model": name,
                         "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
                     }
-                    step()
+                    if not step(self.client_gone):
+                        raise BrokenPipeError("the client went away while the request waited for a step")
                     self.chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
                     with lock:
                         state["tokens"] += 1
@@ -319,9 +338,13 @@ def main() -> None:
                         time.sleep(3600)
                 toks = int(body.get("max_tokens") or 4)
                 for _ in range(toks):
-                    step()
-                with lock:
-                    state["tokens"] += toks
+                    if not step(self.client_gone):
+                        with lock:
+                            state["aborted"] += 1
+                        self.close_connection = True
+                        return
+                    with lock:
+                        state["tokens"] += 1  # as vLLM's counter: a token per step, not at the end
                 self.send(
                     200,
                     {
