@@ -44,8 +44,15 @@ REAL_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 REAL_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "-tp", "2", "--enforce-eager"]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `pred` until it returns a truthy value; fail with `what` after `timeout` seconds.
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    detail: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll `pred` until it returns a truthy value; fail with `what` after `timeout` seconds
+    (and with what `detail` returns then, when given: the state that kept `pred` false).
     The one wait helper of the suite (for states with no event of their own to await)."""
     end = time.monotonic() + timeout
     last: Any = None
@@ -54,7 +61,8 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+    more = f"; {detail()!r}" if detail is not None else ""
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r}){more}")
 
 
 @contextlib.contextmanager

@@ -119,6 +119,9 @@ def test_reloading_answers_busy_and_stop_cancels_it(real: Daemon) -> None:
     assert out and out[0]["ok"] is False and "cancelled by stop" in out[0]["error"]["message"], out
     assert real.status()["state"] == "stopped"
     assert session_pids(old) == [] and session_pids(new) == []
+    watch: LedgerWatch = real.watch  # type: ignore[attr-defined]  # set by the fixture
+    watch.poll()
+    assert not any(watch.left().values()), watch.left()  # both trees cleaned, not only killed
     no_traceback(real)
 
 
@@ -137,7 +140,8 @@ def test_sigterm_twice_while_serving_leaves_nothing(real: Daemon) -> None:
     assert real.proc.wait(15) == 1
     watch: LedgerWatch = real.watch  # type: ignore[attr-defined]  # set by the fixture
     watch.close()
-    wait_for(lambda: not any(watch.left().values()), 5, "nothing of the tree left", 0.2)
-    assert watch.shm, "the ledger recorded the tree's segments"
     last = real.events()[-1]
+    print(f"forced exit: {last}")
     assert last["event"] == "forced_exit" and "not_done" not in last, last
+    wait_for(lambda: not any(watch.left().values()), 5, "nothing of the tree left", 0.2, watch.left)
+    assert watch.shm, "the ledger recorded the tree's segments"
