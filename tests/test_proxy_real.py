@@ -288,7 +288,9 @@ def test_worker_sigstop_hang_fails_nothing_and_health_is_truthful(real: tuple[Da
         sampler.join(5)
     evs = d.events()[n:]
     first = next(e for e in evs if e["event"] == "state" and e["state"] in ("unhealthy", "stopping"))
-    ready = next(e for e in evs if e["event"] == "state" and e["state"] == "ready")
+    # the ready after the detection (run first, the fixture's own start's ready comes before it)
+    after = evs[evs.index(first) :]
+    ready = next(e for e in after if e["event"] == "state" and e["state"] == "ready")
     t_det, t_ready = _ts(first["ts"]), _ts(ready["ts"])
     down = [s for t, s in samples if t_det + 0.5 < t < t_ready - 0.5]
     up = [s for t, s in samples if t > t_ready + 0.5]
