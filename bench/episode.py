@@ -377,6 +377,7 @@ def run_episode(
                 ep.debris is not None
                 and t_served is not None
                 and (swap_thread is None or not swap_thread.is_alive())
+                and (inflight is None or inflight)  # fault 3: its request's own outcome, too
                 and now >= min_end
             ):
                 break
@@ -402,7 +403,14 @@ def run_episode(
         ep.requests = sums
         client.close()
         if inflight is not None:
-            ep.inflight = inflight[0] if inflight else "still hung at the end of the watch"
+            if inflight:
+                ep.inflight = inflight[0]
+            elif t_served is not None:
+                ep.inflight = (
+                    f"no answer when the watch ended, {t_freeze - t_served:.0f} s after serving again"
+                )
+            else:
+                ep.inflight = "still hung at the end of the watch"
         ep.next_start = _next_start(ep, reg, old_leaders, t_fault, sup.port)
         if isinstance(sup, Vsup):
             evs = sup.events()[n_events:]

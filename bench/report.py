@@ -290,7 +290,15 @@ def supervisors_block(res: dict[str, Any]) -> list[str]:
                 reqs += f"; in-flight: {e['inflight']}"
             reqs += " | "
         elif e.get("inflight"):
-            serve += f"; the request in flight at the hang: {e['inflight']}"
+            inflight = e["inflight"]
+            if inflight == "still hung at the end of the watch" and e.get("serve_s") is not None:
+                # runs before 2026-12-02 ended the watch as soon as the server served again,
+                # without waiting for this request (released from the hold with ~190 others)
+                inflight = (
+                    "not answered yet when the watch ended, which this run's harness did as soon as "
+                    "the server served again (it now waits for this request's outcome)"
+                )
+            serve += f"; the request in flight at the hang: {inflight}"
         nxt = e.get("next_start") or "—"
         nxt = "— (no restart)" if nxt == "none" else nxt
         out.append(
