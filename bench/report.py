@@ -109,9 +109,15 @@ def header(res: dict[str, Any]) -> list[str]:
     if sh:
         waits = [w["waited_s"] for w in sh.get("waits", [])]
         busy = [s for s in sh.get("sections", []) if s.get("foreign_vllm")]
+        quiet = not sum(waits) and not busy and not ld.get("foreign_vllm_max")
+        head = (
+            "- **A quiet machine**: no other session's real-vLLM work ran during this run (no wait for "
+            "the lock, no other vLLM process seen); the load below is the benchmark's own servers. "
+            if quiet
+            else "- **A shared machine**: other sessions ran their own tests on the same 2 cores during this run. "
+        )
         out.append(
-            "- **A shared machine**: other sessions ran their own tests on the same 2 cores during this "
-            f"run. Each section that runs a real vLLM server (the fault matrix: each fault) took "
+            head + "Each section that runs a real vLLM server (the fault matrix: each fault) took "
             f"`{sh.get('lock') or '(no lock)'}` for its own duration only; it waited {sum(waits):.0f} s in all for it ({len(waits)} "
             f"take{'s' if len(waits) != 1 else ''}, "
             f"longest {max(waits, default=0):.0f} s). Load average per section: "
@@ -671,7 +677,8 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             ),
             not bad,
             " ".join(f"Fault {f}: {n} failed, {h} hung ({why})." for f, n, h, why in bad)
-            + (" " + WHY["clients"] if any(n for _, n, _, _ in bad) else ""),
+            + (" " + WHY["clients"] if any(n for f, n, _, w in bad if not _only_404(f, w)) else "")
+            + (" " + WHY["clients_404"] if any(_only_404(f, w) for f, _, _, w in bad) else ""),
         )
     idle = res.get("idle", {})
     po = " (proxy on)" if res.get("round") == 2 else ""
@@ -945,6 +952,12 @@ def _proxy_idle(text: str) -> float | None:
 
 # Why a target was missed, for the causes known from this project's measurements; the report
 # fills in the run's own numbers. Re-read them against each run's tables before publishing.
+def _only_404(fault: int, why: str) -> bool:
+    """A fault-5 row whose failures are all HTTP 404 (a request for the new model, too early)."""
+    kinds = [w.split("x ", 1)[-1] for part in why.split("; ") for w in part.split(": ", 1)[-1].split(", ")]
+    return fault == 5 and bool(kinds) and all("404" in k for k in kinds)
+
+
 WHY = {
     "hang": (
         "first detection after {acted} s ({how}), teardown after {teardown} s: in between vsup proves "
@@ -970,6 +983,14 @@ WHY = {
         "The proxy holds what arrives while no server is proven and replays a request whose client got "
         "nothing; what it cannot save is a request that had already received bytes when its server died "
         "(a stream cut mid-way ends with an error event) and a non-streaming request whose replay also failed."
+    ),
+    "clients_404": (
+        "Fault 5's 404s are vLLM's own answer for a model its server does not serve: the clients ask "
+        "for tiny-b from the moment the swap is ordered, and the request each sent before vsup's "
+        "reload began (the `vsup reload` CLI starting and reaching the socket) went to the server "
+        "still serving tiny-a. The proxy routes by vsup's state, not by the request's model, unless "
+        "`swap_on_request` is on (then such a request is held and causes the swap); supervisord's "
+        "clients got the same 404 besides their 503s."
     ),
     "clients_hung": (
         "the hung requests were not lost: those sent before vsup saw the fault sat on the dead or hung "
