@@ -666,7 +666,10 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                         teardown=_f(e.get("teardown_s")),
                         own=_f(e.get("cold_start_s")),
                     )
-                bad.append((e["fault"], f, h, why))
+                kinds = [w for d in e["clients"].values() for w in (d.get("failures") or {})]
+                # fault 5: every failure a 404 = a request for the new model, sent too early
+                early = e["fault"] == 5 and bool(kinds) and all("404" in w for w in kinds)
+                bad.append((e["fault"], f, h, why, early))
         add(
             "clients",
             "clients at vsup's proxy: 0 failed, 0 hung requests (faults 1, 2, 3, 5; fault 4 kills the proxy with vsup)",
@@ -676,9 +679,9 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 for e in proxied
             ),
             not bad,
-            " ".join(f"Fault {f}: {n} failed, {h} hung ({why})." for f, n, h, why in bad)
-            + (" " + WHY["clients"] if any(n for f, n, _, w in bad if not _only_404(f, w)) else "")
-            + (" " + WHY["clients_404"] if any(_only_404(f, w) for f, _, _, w in bad) else ""),
+            " ".join(f"Fault {f}: {n} failed, {h} hung ({why})." for f, n, h, why, _ in bad)
+            + (" " + WHY["clients"] if any(n for _, n, _, _, early in bad if not early) else "")
+            + (" " + WHY["clients_404"] if any(early for *_, early in bad) else ""),
         )
     idle = res.get("idle", {})
     po = " (proxy on)" if res.get("round") == 2 else ""
@@ -952,12 +955,6 @@ def _proxy_idle(text: str) -> float | None:
 
 # Why a target was missed, for the causes known from this project's measurements; the report
 # fills in the run's own numbers. Re-read them against each run's tables before publishing.
-def _only_404(fault: int, why: str) -> bool:
-    """A fault-5 row whose failures are all HTTP 404 (a request for the new model, too early)."""
-    kinds = [w.split("x ", 1)[-1] for part in why.split("; ") for w in part.split(": ", 1)[-1].split(", ")]
-    return fault == 5 and bool(kinds) and all("404" in k for k in kinds)
-
-
 WHY = {
     "hang": (
         "first detection after {acted} s ({how}), teardown after {teardown} s: in between vsup proves "
