@@ -614,10 +614,148 @@ def test_a_request_is_replayed_once_then_502(fakes: Any) -> None:
         async with running(ready(a)) as h:
             t = asyncio.create_task(h.chat())
             await _withdraw_then(h, a, ready(b, gen=2))
+            await h.until(lambda: b.proc.poll() is not None, "the second fake to die")
+            h.gate.publish(Route(state="starting", reason="restart", hold=True, gen=3))
             async with await t as r:
                 assert r.status == 502
                 err = (await r.json())["error"]
             assert "replayed once" in err["message"]
+            assert [f["withdrawn"] for n, f in h.events if n == "proxy_replay"] == [True]
+
+    run(main())
+
+
+class Scripted:
+    """A raw HTTP server that treats each connection by the next entry of `script`: "close"
+    (read the request, close unanswered: a keep-alive connection the server was closing),
+    "hang" (read it, never answer, until `release()` closes every such connection: a hung
+    tree's teardown), "ok" (a JSON 200). It stays up throughout."""
+
+    def __init__(self, *script: str) -> None:
+        self.script, self.seen = list(script), 0
+        self.hung: list[asyncio.StreamWriter] = []
+        self.hanging = asyncio.Event()
+        self.srv: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Scripted:
+        self.srv = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.srv is not None
+        self.srv.close()
+        self.release()
+
+    def route(self, gen: int) -> Route:
+        assert self.srv is not None
+        return Route(state="ready", upstream=("127.0.0.1", self.srv.sockets[0].getsockname()[1]), gen=gen)
+
+    def release(self) -> None:
+        for w in self.hung:
+            w.close()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        what = self.script.pop(0) if self.script else "ok"
+        self.seen += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = next(
+            (int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")), 0
+        )
+        await reader.readexactly(n)
+        if what == "close":
+            writer.close()
+        elif what == "hang":
+            self.hung.append(writer)
+            self.hanging.set()
+        else:
+            body = b'{"choices": [{"text": "ok"}]}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            writer.close()
+
+
+def test_a_server_that_stays_up_and_closes_unanswered_gets_the_request_once_more() -> None:
+    """A connection closed unanswered by a server that is not withdrawn (a keep-alive race):
+    re-sent to the same server once, answered; not counted as the replay a death needs."""
+
+    async def main() -> None:
+        async with Scripted("close") as up, running(up.route(1), replay_window_s=0.2) as h:
+            async with await h.chat() as r:
+                assert r.status == 200, await r.text()
+            assert up.seen == 2
+            (ev,) = [f for n, f in h.events if n == "proxy_replay"]
+            assert ev["withdrawn"] is False and ev["gen"] == 1
+
+    run(main())
+
+
+def test_a_keep_alive_race_then_a_hang_teardown_still_replays_on_the_next_server(fakes: Any) -> None:
+    """The CI case: the first send fails on a server that stays up; the re-send hangs there and
+    is cut by the hang's teardown: the request is still replayed on the next server, 200."""
+    b = fakes()
+
+    async def main() -> None:
+        async with Scripted("close", "hang") as up, running(up.route(1), replay_window_s=0.2) as h:
+            t = asyncio.create_task(h.chat(stream=True))
+            await asyncio.wait_for(up.hanging.wait(), 10)
+            h.gate.publish(Route(state="unhealthy", reason="hang", hold=True, gen=1))
+            up.release()  # the teardown
+            await h.until(lambda: h.proxy.held() == 1, "the replay held")
+            h.gate.publish(ready(b, gen=2))
+            async with await t as r:
+                assert r.status == 200
+                assert (await sse_events(r))[-1] == "[DONE]"
+            evs = [f for n, f in h.events if n == "proxy_replay"]
+            assert [e["withdrawn"] for e in evs] == [False, True]
+            assert "proxy_failed" not in h.names()
+
+    run(main())
+
+
+def test_a_server_that_stays_up_and_closes_twice_answers_502_and_says_so() -> None:
+    async def main() -> None:
+        async with Scripted("close", "close") as up, running(up.route(1), replay_window_s=0.2) as h:
+            async with await h.chat() as r:
+                assert r.status == 502
+                assert "re-sent once to this server" in (await r.json())["error"]["message"]
+            assert up.seen == 2
+            (ev,) = [f for n, f in h.events if n == "proxy_failed"]
+            assert ev["attempts"] == 2 and ev["status"] == 502
+            assert h.proxy.stats()["failed"] == 1
+
+    run(main())
+
+
+def test_idle_upstream_connections_are_closed_by_the_proxy_before_vllms_keep_alive() -> None:
+    """upstream_keepalive_s: the proxy, not the server, closes an idle pooled connection (the
+    server here keeps it open for ever and sees the proxy's EOF)."""
+
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            if await reader.read() == b"":  # EOF: the proxy closed it
+                closed.set()
+
+        srv = await asyncio.start_server(keep, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            route = Route(state="ready", upstream=("127.0.0.1", port), gen=1)
+            async with running(route, upstream_keepalive_s=0.3) as h:
+                async with h.session.get(h.base + "/v1/models") as r:
+                    assert await r.read() == b"ok"
+                t0 = time.monotonic()
+                await asyncio.wait_for(closed.wait(), 10)
+                assert time.monotonic() - t0 < 5  # the proxy's 0.3 s, not some later close
+        finally:
+            srv.close()
 
     run(main())
 
@@ -968,6 +1106,24 @@ def test_config_proxy_section(tmp_path: Path) -> None:
     explained = config_mod.explain()
     for f in dataclasses.fields(ProxyConfig):
         assert f"  {f.name} = " in explained.split("[proxy]")[1]
+
+
+def test_config_upstream_keepalive_must_be_below_vllms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's keep-alive as vLLM will get it ([vllm].env, or this environment): vsup's idle
+    upstream connections must close first; a value vLLM cannot read is named."""
+    monkeypatch.delenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", raising=False)
+    listen = {"listen": "127.0.0.1:8080"}
+    assert _cfg(tmp_path, listen).proxy.upstream_keepalive_s == 4.0  # vLLM's default is 5
+    with pytest.raises(ConfigError, match=r"proxy.upstream_keepalive_s: 4 must be below .*=3 \(vllm.env\)"):
+        _cfg(tmp_path, listen, env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "3"})
+    assert _cfg(tmp_path, {**listen, "upstream_keepalive_s": 2.5}, env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "3"})
+    with pytest.raises(ConfigError, match="vllm.env: VLLM_HTTP_TIMEOUT_KEEP_ALIVE='5s'"):
+        _cfg(tmp_path, listen, env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "5s"})
+    monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "4")
+    with pytest.raises(ConfigError, match=r"=4 \(the environment\)"):
+        _cfg(tmp_path, listen)
 
 
 def test_without_proxy_section_nothing_changes(tmp_path: Path) -> None:

@@ -172,6 +172,7 @@ def _fault(real: tuple[Daemon, str], inject: Any) -> dict[str, Any]:
     """Load running: inject the fault, wait for vsup to serve again, load 5 s more; judge."""
     d, base = real
     before = d.wait_state("ready", timeout=READY_S)
+    n = len(d.events())
     with Load(base) as load:
         time.sleep(4)  # a few requests of every kind in flight and done before the fault
         resume = inject(d)
@@ -182,8 +183,14 @@ def _fault(real: tuple[Daemon, str], inject: Any) -> dict[str, Any]:
         resume()
     v = load.judge()
     assert v["n"] >= 20
-    assert not v["failed"], v["failed"][:5]
-    assert not v["unclean"], v["unclean"][:5]
+    # what the proxy did, for a failure's message: each re-send and give-up, and the states
+    seen = [
+        {k: e.get(k) for k in ("ts", "event", "state", "gen", "reason", "attempt", "attempts", "withdrawn")}
+        for e in d.events()[n:]
+        if e["event"] in ("proxy_replay", "proxy_failed", "proxy_cut", "state")
+    ]
+    assert not v["failed"], (v["failed"][:5], seen)
+    assert not v["unclean"], (v["unclean"][:5], seen)
     return v
 
 

@@ -245,7 +245,8 @@ def render_status(s: dict[str, Any]) -> str:
         oldest = f" (oldest {t['oldest_held_s']:.1f}s)" if t.get("oldest_held_s") is not None else ""
         lines.append(
             f"requests:  {t.get('in_flight', 0)} in flight, {t.get('held', 0)} held{oldest}; "
-            f"{t.get('replays', 0)} replayed, {t.get('rejected', 0)} refused (proxy on {t.get('listen')})"
+            f"{t.get('replays', 0)} replayed, {t.get('failed', 0)} failed, "
+            f"{t.get('rejected', 0)} refused (proxy on {t.get('listen')})"
         )
     for g in s.get("gpus") or []:
         # Other vsup instances on this host holding memory there (issue 18).

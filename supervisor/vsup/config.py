@@ -245,10 +245,23 @@ class ProxyConfig:
     # vsup acts on an engine death from its log line or SIGCHLD within milliseconds; the window
     # covers a loaded 2-core machine. A 5xx from a healthy server reaches its client this late.
     replay_window_s: float = _f(
-        3.0, "a 5xx counts as nothing sent if vsup withdraws its server within this", min=0
+        3.0,
+        "a 5xx counts as nothing sent if vsup withdraws its server within this; a connection "
+        "closed unanswered by a server that stays up this long is re-sent to it once",
+        min=0,
     )
     retry_after_s: float = _f(5.0, "Retry-After of the proxy's own 503s (hold timeout, too many held)", min=1)
     connect_timeout_s: float = _f(5.0, "connecting to vLLM (loopback) must succeed within this", min=0.1)
+    # vLLM closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A POST sent on one it
+    # is closing that moment fails with nothing received (aiohttp retries only idempotent methods
+    # there, aio-libs/aiohttp#2682), as nginx's upstream keepalive_timeout is kept below the
+    # server's: vsup closes its idle connections to vLLM first.
+    upstream_keepalive_s: float = _f(
+        4.0,
+        "an idle connection to vLLM is closed after this; must be below vLLM's "
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s), so no request is sent on one vLLM is closing",
+        min=0.1,
+    )
     idle_timeout_s: float = _f(
         60.0, "a client connection's request headers, and its idle keep-alive, end after this", min=1
     )
@@ -595,6 +608,7 @@ def _proxy_checks(cfg: Config) -> None:
         raise ConfigError(cfg.path, "proxy.listen", f"port {port} is vllm.port (vLLM listens there)")
     if port == cfg.daemon.metrics_port:
         raise ConfigError(cfg.path, "proxy.listen", f"port {port} is daemon.metrics_port")
+    _keepalive_check(cfg)
     if cfg.proxy.swap_on_request:
         # A request names its model by served name: each configured model needs one, and one
         # name must mean one model.
@@ -612,6 +626,31 @@ def _proxy_checks(cfg: Config) -> None:
                     f"{served!r} is also {seen[served]}'s (proxy.swap_on_request needs one name per model)",
                 )
             seen.setdefault(served, key)
+
+
+def _keepalive_check(cfg: Config) -> None:
+    """proxy.upstream_keepalive_s below vLLM's keep-alive, as this environment and [vllm].env
+    (or a model's env) give it to vLLM."""
+    if cfg.proxy is None:
+        return
+    envs = [("vllm.env", cfg.vllm.env)] + [(f"models.{k}.env", m.env) for k, m in cfg.models.items()]
+    for key, env in [("the environment", dict(os.environ)), *envs]:
+        raw = env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+        if raw is None:
+            continue
+        try:
+            server = int(raw)
+        except ValueError:
+            raise ConfigError(
+                cfg.path, key, f"VLLM_HTTP_TIMEOUT_KEEP_ALIVE={raw!r}: vLLM reads it as whole seconds"
+            ) from None
+        if cfg.proxy.upstream_keepalive_s >= server:
+            raise ConfigError(
+                cfg.path,
+                "proxy.upstream_keepalive_s",
+                f"{cfg.proxy.upstream_keepalive_s:g} must be below VLLM_HTTP_TIMEOUT_KEEP_ALIVE={server} "
+                f"({key}): vsup would send requests on connections vLLM is closing",
+            )
 
 
 def served_models(cfg: Config) -> dict[str, ModelConfig]:

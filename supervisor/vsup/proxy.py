@@ -17,7 +17,11 @@ Decisions, and why:
   its first token, and those headers must not commit us to a server that then dies. A 5xx is
   kept back too (it is small) for up to ``replay_window_s``: vLLM answers requests in flight
   with a 500 when its engine dies, and if the owner then withdraws that server's route, the 500
-  was the death, not the answer, and the request is replayed. One replay per request.
+  was the death, not the answer, and the request is replayed. One replay per request after a
+  server is withdrawn (the request may be what killed it), and one re-send to a server that
+  stays up but closed the connection unanswered (a keep-alive race: no death, so it must not
+  use up the replay). Idle upstream connections close before vLLM's keep-alive ends
+  (``upstream_keepalive_s``), as nginx's upstream ``keepalive_timeout`` should.
 - **Never buffered.** After the first byte every chunk is written as it arrives
   (``StreamResponse.write`` applies the client's back-pressure). A client that disconnects
   cancels its handler (``handler_cancellation=True``), which closes the upstream connection, so
@@ -103,6 +107,14 @@ class _Refuse(Exception):
         self.response = response
 
 
+class _GiveUp(Exception):
+    """A failed request is not re-sent: answer it with this (its event is out)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("give up")
+        self.response = response
+
+
 class _NothingSent(Exception):
     """The upstream failed before the client was sent a byte: the request may be replayed."""
 
@@ -113,13 +125,26 @@ class _NothingSent(Exception):
 
 
 class _Req:
-    __slots__ = ("id", "method", "path", "arrived", "gen", "attempts", "last_byte", "model")
+    __slots__ = (
+        "id",
+        "method",
+        "path",
+        "arrived",
+        "gen",
+        "attempts",
+        "replays",
+        "retries",
+        "last_byte",
+        "model",
+    )
 
     def __init__(self, rid: int, method: str, path: str, arrived: float) -> None:
         self.id, self.method, self.path, self.arrived = rid, method, path, arrived
         self.gen: int | None = None
         self.model: str | None = None  # the body's "model", read only with swap_on_request
         self.attempts = 0
+        self.replays = 0  # re-sent after its server was withdrawn (died, hung, stopped): at most 1
+        self.retries = 0  # re-sent to a server that stayed up after failing it unanswered: at most 1
         self.last_byte = arrived  # of a stream in flight: when its upstream last sent a byte
 
 
@@ -163,7 +188,14 @@ class Proxy:
         self._stall_task: asyncio.Task[None] | None = None
         self._stall_posted: set[int] = set()  # gens told about, until one of their streams moves
         self._last_success: float | None = None
-        self._counts = {"requests": 0, "replays": 0, "rejected": 0, "hold_timeouts": 0, "refused_conns": 0}
+        self._counts = {
+            "requests": 0,
+            "replays": 0,
+            "failed": 0,
+            "rejected": 0,
+            "hold_timeouts": 0,
+            "refused_conns": 0,
+        }
         self._local: dict[str, Handler] = {"/health": self._health}
         if cfg.swap_on_request:
             self._local["/v1/models"] = self._list_models  # every configured model, loaded or not
@@ -217,7 +249,11 @@ class Proxy:
         )
         await self._runner.setup()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=self.max_connections,
+                ttl_dns_cache=60,
+                keepalive_timeout=self.cfg.upstream_keepalive_s,  # below vLLM's own (config.py)
+            ),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=None),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another's request
@@ -394,41 +430,92 @@ class Proxy:
         return _Refuse("too_large", resp)
 
     async def _serve(self, request: web.Request, req: _Req, body: bytes) -> web.StreamResponse:
-        avoid: tuple[int, float] | None = None
+        failed: tuple[_NothingSent, float] | None = None  # the last failure, and when
         while True:
-            route = await self._acquire(request, req, body, avoid)
+            try:
+                route = await self._acquire(request, req, body, failed)
+            except _GiveUp as g:
+                return g.response
             try:
                 return await self._forward(request, req, body, route)
             except _NothingSent as n:
                 if n.refused:
                     self._post(UpstreamRefused(n.gen, n.why))
-                if not self.cfg.replay or req.attempts >= 2:
-                    if n.kept is not None:
-                        return n.kept
-                    return error_response(
-                        502,
-                        f"the server failed before answering ({n.why})"
-                        + ("; already replayed once" if req.attempts >= 2 else ""),
-                        "BadGateway",
-                    )
-                self._counts["replays"] += 1
-                if self._metrics is not None:
-                    self._metrics.proxy_replay()
-                self._emit("proxy_replay", method=req.method, path=req.path, gen=n.gen, reason=n.why)
-                # The next server, not this one again, unless the owner keeps it for a while.
-                avoid = (n.gen, self._clock() + self.cfg.replay_window_s)
+                if not self.cfg.replay:
+                    return self._give_up(req, n, "")
+                failed = (n, self._clock())
+
+    def _resend(self, req: _Req, n: _NothingSent, withdrawn: bool) -> None:
+        """Decide a failed request's re-send, once its server is withdrawn or seen to stay up.
+
+        Withdrawn (it died, hung or was stopped: the owner takes it out of the route at once, or
+        within replay_window_s of a sudden death), the request is replayed once on the next
+        server: once, as it may be what killed this one. A server that stays up and closed the
+        connection unanswered (a keep-alive connection it was closing, aio-libs/aiohttp#2682)
+        gets it once more: no server died, so that must not use up the replay a later death
+        needs (a CI run lost one stream so: its replay then hung with the worker)."""
+        if withdrawn and req.replays:
+            raise _GiveUp(self._give_up(req, n, "; already replayed once"))
+        if not withdrawn and req.retries:
+            raise _GiveUp(self._give_up(req, n, "; already re-sent once to this server, which stays up"))
+        if withdrawn:
+            req.replays += 1
+        else:
+            req.retries += 1
+        self._counts["replays"] += 1
+        if self._metrics is not None:
+            self._metrics.proxy_replay()
+        self._emit(
+            "proxy_replay",
+            method=req.method,
+            path=req.path,
+            gen=n.gen,
+            reason=n.why,
+            attempt=req.attempts,
+            withdrawn=withdrawn,
+        )
+
+    def _give_up(self, req: _Req, n: _NothingSent, why: str) -> web.StreamResponse:
+        """The request's answer when it is not re-sent: the 5xx kept back, or a 502 (an event
+        either way: a request lost is never silent)."""
+        self._counts["failed"] += 1
+        self._emit(
+            "proxy_failed",
+            method=req.method,
+            path=req.path,
+            gen=n.gen,
+            attempts=req.attempts,
+            reason=n.why + why,
+            status=n.kept.status if n.kept is not None else 502,
+        )
+        if n.kept is not None:
+            return n.kept
+        return error_response(502, f"the server failed before answering ({n.why}){why}", "BadGateway")
 
     async def _acquire(
-        self, request: web.Request, req: _Req, body: bytes, avoid: tuple[int, float] | None
+        self, request: web.Request, req: _Req, body: bytes, failed: tuple[_NothingSent, float] | None
     ) -> Route:
-        """A route with an upstream, waiting (held) while the owner says one is coming."""
+        """A route with an upstream, waiting (held) while the owner says one is coming. After a
+        failure, held until its server is withdrawn (then the next one) or replay_window_s
+        shows it stays up (then it again); `_resend` decides whether to go on."""
         deadline: float | None = None
+        avoid: tuple[int, float] | None = None
+        if failed is not None:
+            avoid = (failed[0].gen, failed[1] + self.cfg.replay_window_s)
+        decided = failed is None
         try:
             while True:
                 route = self.gate.route
                 now = self._clock()
                 if route.closing:
                     raise _Refuse("shutting_down", self._closing(route))
+                if not decided and failed is not None and avoid is not None:
+                    if route.upstream is None or route.gen != avoid[0]:
+                        self._resend(req, failed[0], withdrawn=True)
+                        decided = True
+                    elif now >= avoid[1]:  # it stays up: the request goes to it again
+                        self._resend(req, failed[0], withdrawn=False)
+                        decided = True
                 # swap_on_request: a request for another configured model waits for its swap;
                 # requests for the loaded one keep flowing until the swap begins (issue 16).
                 other = req.model is not None and req.model != route.model and req.model in self._models
@@ -601,7 +688,7 @@ class Proxy:
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _NothingSent(f"{type(e).__name__} before the first byte", gen) from None
             sse = up.headers.get("Content-Type", "").startswith("text/event-stream")
-            if sse and self.cfg.replay and req.attempts < 2:
+            if sse and self.cfg.replay and not req.replays:
                 # vLLM answers a stream in flight when its engine dies with 200, then an error
                 # event as the first bytes ("EngineCore encountered an issue"): nothing the
                 # client can use, so it counts as nothing sent if the server is withdrawn, as a
@@ -615,7 +702,7 @@ class Proxy:
                     raise _NothingSent(f"{type(e).__name__} within the first event", gen) from None
                 if _is_error_event(first) and await self._withdrawn_soon(gen):
                     raise _NothingSent("an error event first, from a server that was then withdrawn", gen)
-            if up.status >= 500 and self.cfg.replay and req.attempts < 2:
+            if up.status >= 500 and self.cfg.replay and not req.replays:
                 kept = await self._keep_5xx(up, first, gen)
                 if await self._withdrawn_soon(gen):
                     raise _NothingSent(
