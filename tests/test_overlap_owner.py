@@ -85,16 +85,21 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             assert route.upstream == ("127.0.0.1", PORT) and route.hold  # a serves, held only if it fails
             st = o.sup.status()["overlap"]
             assert st["serving"] == "old" and st["old"]["pid"] == a.pid and st["new"]["pid"] == b.pid
-            # CPU: the serving tree yields the cores to the new one's load (its session's autogroup)
-            assert o.world.host.autogroups == {a.pid: 10} and o.evs("overlap_yield")[0]["was"] == 0
+            # CPU: every tree runs at nice 10 ([vllm] nice's default without GPUs), its session's
+            # autogroup too; the serving tree yields the cores to the new one's load (19)
+            assert [e["nice"] for e in o.evs("spawned")] == [10, 10]
+            assert o.world.host.nices == {a.pid: 10, b.pid: 10}
+            assert (
+                o.world.host.autogroups == {a.pid: 19, b.pid: 10} and o.evs("overlap_yield")[0]["was"] == 10
+            )
             assert st["new"]["port"] == b.port and st["fit"]["ok"]
             b.mode = "ready"
             await o.state("reloading", "retire")
             # the old one drains at its full share, the new one yields meanwhile
-            assert o.world.host.autogroups == {a.pid: 0, b.pid: 10}
+            assert o.world.host.autogroups == {a.pid: 10, b.pid: 19}
             ok, r = await o.reply(t, 15)
             assert ok and r["overlapped"] and r["model"] == "b", r
-            assert o.world.host.autogroups[b.pid] == 0  # serving alone: its full share back
+            assert o.world.host.autogroups[b.pid] == 10  # serving alone: its own share back
             assert [e["tree"] for e in o.evs("overlap_yield")] == [f"t{a.pid}", f"t{b.pid}"]
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "b"
             assert o.sup.gate.route.upstream == ("127.0.0.1", b.port) and o.sup.gate.route.gen == o.sup.gen
@@ -132,7 +137,7 @@ def test_overlapped_reload_of_a_broken_model_never_stops_the_old_one(tmp_path: P
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "a"
             assert o.sup.gen == gen and o.sup.gate.route.upstream == ("127.0.0.1", PORT)
             assert not [s for p, s in o.world.host.signals if p == a.pid]
-            assert o.world.host.autogroups == {a.pid: 0}  # its full CPU share back
+            assert o.world.host.autogroups[a.pid] == 10  # its own CPU share back (the default on CPU)
             assert o.evs("overlap_end")[-1]["outcome"] == "rolled_back"
             assert len(o.evs("incident")) == 1
             assert o.transitions()[-2:] == [("ready", "reloading"), ("reloading", "ready")]

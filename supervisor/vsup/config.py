@@ -52,6 +52,19 @@ class VllmConfig:
     port: int = _f(8000, "TCP port of the OpenAI server", min=1, max=65535)
     log_file: str = _f("/var/log/vsup/vllm.log", "vLLM stdout+stderr, opened for append; vsup tails it")
     module: str = _f(VLLM_MODULE, "module started with `python -m`; tests point it at a fake server")
+    # vLLM's CPU workers spin on their cores while they serve (shm_broadcast's busy loop). With
+    # no core to spare (2 cores, TP=2, measured here) a client on the host waited 2.0-3.2 s median
+    # and 4.5-8.4 s at worst for a 4-token completion, direct or through the proxy, beside a tree
+    # at nice 0, and 0.08-0.09 s median, 0.15 s at worst, at nice 10: the tree's own work is
+    # unchanged, what it starved (the client, vsup, its proxy, `vsup reload`) gets the CPU first.
+    nice: int | None = _f(
+        None,
+        "CPU priority of vLLM's process tree (its session's autogroup nice and its processes' "
+        "nice, set at spawn): unset = 10 on a host without NVML GPUs (vLLM's spinning CPU workers "
+        "then yield to vsup, its proxy and the host), 0 (untouched) with GPUs; below 0 needs root",
+        min=-20,
+        max=19,
+    )
 
 
 @dataclass(frozen=True)

@@ -797,6 +797,17 @@ class Host:
             return None
         return before
 
+    def set_nice(self, pid: int, nice: int) -> int | None:
+        """`pid`'s nice (its main thread; what it forks and starts later inherits it), set to
+        `nice`. Returns the value before, or None where it cannot be set (gone; below 0 needs
+        CAP_SYS_NICE)."""
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, pid)
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        except OSError:
+            return None
+        return before
+
     # ---- reaping -----------------------------------------------------------------------------
     def set_child_subreaper(self) -> bool:
         """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER)."""

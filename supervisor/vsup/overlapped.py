@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import cleanup as cleanup_mod
-from . import detection, launch, overlap, proctree, teardown, watchers
+from . import detection, launch, overlap, proctree, starting, teardown, watchers
 from .config import ModelConfig
 from .gate import UpstreamRefused, UpstreamStalled
 from .observations import Cmd, Exited, Intent, LogSignal, OperationFailed, TreeSeen
@@ -48,8 +48,9 @@ from .watchers import FATAL_KINDS
 if TYPE_CHECKING:
     from .daemon import Supervisor
 
-# The serving tree's autogroup nice while the new one loads beside it on the same CPU cores.
-YIELD_NICE = 10
+# How far the yielding tree's autogroup nice goes above the trees' own ([vllm] nice, 10 on CPU)
+# while the other loads or drains beside it on the same CPU cores (at most 19).
+YIELD_BY = 10
 
 
 @dataclass
@@ -154,7 +155,7 @@ def absorb(o: Supervisor, obs: Any) -> bool:
         _down(o, obs.detail)
         return True
     if isinstance(obs, UpstreamStalled) and obs.gen == old.gen:
-        # Slow, not down: its CPU went to the loading tree (YIELD_NICE), and after the switch it
+        # Slow, not down: its CPU went to the loading tree (_yield), and after the switch it
         # only drains. Taken for down, the route held instead and, worse, the retire skipped the
         # drain and killed the streams still coming: a CI run's clients got "EngineCore
         # encountered an issue" mid-stream. Its streams finish within timeouts.drain_s.
@@ -362,9 +363,12 @@ def _restore(o: Supervisor, outcome: str) -> Old:
 
 
 async def _yield(o: Supervisor, tree: proctree.TreeRecord) -> int | None:
-    """`tree`'s session to autogroup nice YIELD_NICE (CPU only); its nice before, to restore."""
-    was = await o.offload(o.host.autogroup_nice, tree.leader.pid, YIELD_NICE)
-    o.events.emit("overlap_yield", tree=tree.id, autogroup_nice=YIELD_NICE, was=was)
+    """`tree`'s session to autogroup nice YIELD_BY above the trees' own (CPU only); its nice
+    before, to restore. At 0 and 10 the loading tree got 65 % of a core; at 10 (the CPU default
+    since) and 19 the weights are 110 and 15, about the same ratio."""
+    nice = min(19, starting.tree_nice(o) + YIELD_BY)
+    was = await o.offload(o.host.autogroup_nice, tree.leader.pid, nice)
+    o.events.emit("overlap_yield", tree=tree.id, autogroup_nice=nice, was=was)
     return was
 
 

@@ -111,6 +111,11 @@ async def start_tree(
         o._hold_tree(None)
         return Started(False, "cannot record the tree in the ledger: killed it at once", "ledger", None)
     o._publish(pid=spawned.pid, workers=0)
+    nice: int | None = tree_nice(o)
+    if nice:  # before vLLM forks its engine and workers (seconds of imports from now)
+        ok = o.host.set_nice(spawned.pid, nice) is not None
+        ok = o.host.autogroup_nice(spawned.pid, nice) is not None or ok
+        nice = nice if ok else None  # None: it could not be set (gone, or below 0 unprivileged)
     o.events.emit(
         "spawned",
         argv=launch.redact_argv(argv),
@@ -119,6 +124,7 @@ async def start_tree(
         tree=spawned.tree.id,
         files=list(spawned.tree.files),
         remedies=[r.name for r in o.policy.remedies()],
+        nice=nice,
     )
     gen = o.gen
     o._spawn_task(refresher(o, gen))
@@ -223,3 +229,11 @@ def gpu_metrics(metrics: Metrics, gpus: Gpus, rec: proctree.TreeRecord) -> None:
         for g in gpu.status_summary(gpus, {p.pid for p in rec.procs}) or []:
             mib = 1 << 20
             metrics.gpu(g["index"], g["used_mib"] * mib, g["total_mib"] * mib, g["model_mib"] * mib)
+
+
+def tree_nice(o: Supervisor) -> int:
+    """[vllm] nice, or its default: 10 without NVML GPUs (vLLM's CPU workers spin on every
+    core they have; the host, vsup and its proxy come first), 0 (untouched) with them."""
+    if o.cfg.vllm.nice is not None:
+        return o.cfg.vllm.nice
+    return 10 if o.gpus is None else 0

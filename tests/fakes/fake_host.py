@@ -97,6 +97,7 @@ class FakeHost(_HostBase):
         # /proc/meminfo in bytes (overlap.py's CPU fit): 64 GiB, 48 available unless a test says
         self.mem: dict[str, int] = {"MemTotal": 64 << 30, "MemAvailable": 48 << 30}
         self.autogroups: dict[int, int] = {}  # session id -> autogroup nice (0 unless set)
+        self.nices: dict[int, int] = {}  # pid -> nice set by set_nice (0 unless set)
         self.hastened: list[tuple[int, bool]] = []  # (pid, its session too) per hasten_exit
 
     # ---- building the world ------------------------------------------------------------------
@@ -306,6 +307,13 @@ class FakeHost(_HostBase):
         before = self.autogroups.get(self.procs[pid].sid, 0)
         if nice is not None:
             self.autogroups[self.procs[pid].sid] = nice
+        return before
+
+    def set_nice(self, pid: int, nice: int) -> int | None:
+        if pid not in self.procs:
+            return None
+        before = self.nices.get(pid, 0)
+        self.nices[pid] = nice
         return before
 
     def stat(self, path) -> FileStat | None:
