@@ -99,6 +99,13 @@ def header(res: dict[str, Any]) -> list[str]:
         f"Python {m['python']}",
         "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
     ]
+    for r in res.get("resumed") or []:
+        out.append(
+            f"- **Run again later**: {', '.join(r['sections'])} at {r['at']}"
+            + (f", vsup at commit {r['commit']}" if r.get("commit") else "")
+            + (f": {r['note']}" if r.get("note") else "")
+            + "; the other sections are the run above's."
+        )
     ld = res["load"]
     out.append(
         f"- Load average at start {ld['start']}, at end {ld.get('end', '?')}; other people's vLLM "

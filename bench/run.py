@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run --sections again (or the ones a cut-short run missed) into an earlier run's results",
     )
     p.add_argument(
+        "--note",
+        default="",
+        help="with --resume: why the sections ran again (printed in the report's header)",
+    )
+    p.add_argument(
         "--report-only",
         type=Path,
         metavar="JSON",
@@ -221,6 +226,23 @@ def preflight(args: argparse.Namespace) -> None:
         if s in sups.NEEDS_VENV:
             sups.ensure_venv(sups.NEEDS_VENV[s], log)
     sups.ensure_venv("tools", log)
+
+
+def git_commit() -> str | None:
+    """The vsup commit measured (a resumed section may run a later one than the run's)."""
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=BENCH.parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
 
 
 def versions(args: argparse.Namespace, work: Path) -> dict[str, str]:
@@ -374,7 +396,12 @@ class Run:
                 self.res.setdefault("aux", {}).pop(name, None)
         self.res["sections_done"] = [s for s in old.get("sections_done", []) if s not in self.args.sections]
         self.res.setdefault("resumed", []).append(
-            {"at": datetime.now(UTC).isoformat(timespec="seconds"), "sections": self.args.sections}
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "sections": self.args.sections,
+                "commit": git_commit(),
+                "note": self.args.note,
+            }
         )
         self.t0 -= 60 * float(old.get("minutes") or 0)
 
