@@ -385,3 +385,28 @@ def test_overlap_never_is_the_sequential_reload_without_a_word(tmp_path: Path) -
             assert not o.evs("overlap_fallback") and not o.evs("overlap_begin") and o.world.max_alive == 1
 
     run(scenario())
+
+
+def test_sigchld_posts_the_exit_of_either_trees_leader_during_an_overlap() -> None:
+    """runtime's SIGCHLD reaper: the owner's leader and, during an overlapped reload, the old
+    tree's leader each give an Exited with their own generation (the old one's went unposted:
+    its retire then waited its whole stop grace for it); other children give nothing."""
+    from types import SimpleNamespace
+
+    from vsup.observations import Exited
+    from vsup.runtime import Runtime
+
+    posted: list[Any] = []
+    reaped = [(200, 9), (100, 0), (300, 0)]  # waitpid statuses: SIGKILLed, exit 0, exit 0
+    sup: Any = SimpleNamespace(
+        host=SimpleNamespace(reap_children=lambda: reaped),
+        leader=SimpleNamespace(pid=100),
+        gen=5,
+        overlap=SimpleNamespace(old=SimpleNamespace(leader=SimpleNamespace(pid=200), gen=3)),
+        post=posted.append,
+    )
+    Runtime(sup)._reap()
+    assert posted == [Exited(3, 200, -9), Exited(5, 100, 0)]
+    sup.overlap, posted[:] = None, []
+    Runtime(sup)._reap()
+    assert posted == [Exited(5, 100, 0)]

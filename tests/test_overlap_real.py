@@ -132,6 +132,14 @@ def test_overlapped_reload_b_fails_nothing_and_leaves_nothing_of_the_old_tree(
     evs = [e["event"] for e in d.events()[n:]]
     assert "overlap_begin" in evs and "overlap_switch" in evs and "overlap_fallback" not in evs, evs
     assert "proxy_hold" not in evs  # nobody waited for a server
+    # the old tree's retire ended when the tree did, not when its stop grace ran out (its
+    # leader's exit was never posted: 20.0 s every time, its SIGTERM taking well under 1 s)
+    full = d.events()[n:]
+    td = next(
+        e for e in full if e["event"] == "teardown" and e.get("reason") == "overlapped reload: the old tree"
+    )
+    cl = next(e for e in full if e["event"] == "cleanup" and e.get("why") == "overlap-old")
+    assert cl["seconds"] < td["grace_s"], (cl["seconds"], td["grace_s"])
     # status during the overlap: both trees, the old one serving, then the new one
     assert watch.overlaps, "status never showed the overlap"
     assert {o["serving"] for o in watch.overlaps} >= {"old"}

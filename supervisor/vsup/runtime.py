@@ -299,8 +299,16 @@ class Runtime:
         Host.reap_children keeps the statuses of vsup's own helpers (the stack dumper) for them."""
         sup = self.sup
         for pid, status in sup.host.reap_children():
+            code = os.waitstatus_to_exitcode(status)
             if sup.leader is not None and pid == sup.leader.pid:
-                sup.post(_exited(sup.gen, pid, os.waitstatus_to_exitcode(status)))
+                sup.post(_exited(sup.gen, pid, code))
+                continue
+            # An overlapped reload's other tree (issue 23): its leader is ours too. Unposted, a
+            # death of the serving old tree went unseen from here, and its retire waited its
+            # whole stop grace (20 s every time) for an exit that had happened at once.
+            old = sup.overlap.old if sup.overlap is not None else None
+            if old is not None and old.leader is not None and pid == old.leader.pid:
+                sup.post(_exited(old.gen, pid, code))
 
     def _on_ignored(self, sig: signal.Signals) -> None:
         note = (
