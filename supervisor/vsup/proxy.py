@@ -502,20 +502,20 @@ class Proxy:
         avoid: tuple[int, float] | None = None
         if failed is not None:
             avoid = (failed[0].gen, failed[1] + self.cfg.replay_window_s)
-        decided = failed is None
+        undecided = failed[0] if failed is not None else None  # until _resend has decided it
         try:
             while True:
                 route = self.gate.route
                 now = self._clock()
                 if route.closing:
                     raise _Refuse("shutting_down", self._closing(route))
-                if not decided and failed is not None and avoid is not None:
+                if undecided is not None and avoid is not None:
                     if route.upstream is None or route.gen != avoid[0]:
-                        self._resend(req, failed[0], withdrawn=True)
-                        decided = True
+                        self._resend(req, undecided, withdrawn=True)
+                        undecided = None
                     elif now >= avoid[1]:  # it stays up: the request goes to it again
-                        self._resend(req, failed[0], withdrawn=False)
-                        decided = True
+                        self._resend(req, undecided, withdrawn=False)
+                        undecided = None
                 # swap_on_request: a request for another configured model waits for its swap;
                 # requests for the loaded one keep flowing until the swap begins (issue 16).
                 other = req.model is not None and req.model != route.model and req.model in self._models
