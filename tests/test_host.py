@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import posix_ipc
 import psutil
@@ -373,3 +374,53 @@ def test_child_subreaper_adopts_orphans_and_reaps_them():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.startswith("ok"), out.stderr
+
+
+LEADER_GONE_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, socket, sys, threading, time
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sys.argv[1])
+    s.listen(1)
+    f = open(sys.argv[1] + ".held", "wb")
+    def hold():
+        while True:
+            time.sleep(0.05)
+    threading.Thread(target=hold).start()
+    print("up", flush=True)
+    ctypes.CDLL(None).pthread_exit(None)  # the leader thread ends; the process goes on
+    """
+)
+
+
+def test_a_process_whose_leader_thread_ended_is_not_a_zombie_while_a_thread_lives(tmp_path):
+    """The leader thread can end before the others (pthread_exit, or exit_group reaching it
+    first while the last thread still frees the address space): /proc/PID/stat then reads Z and
+    its maps and fds read empty, yet the process holds every file and socket. CI saw a forced
+    exit take such a vLLM worker for gone and leave the tree's TMPDIR "in use" by nobody. The
+    host sees the process alive, its holdings through the live thread, and its exit waited for."""
+    h = Host(tmp_root=tmp_path)
+    path = str(tmp_path / "9a1b2c3d-0000-4000-8000-000000000001")
+    p = subprocess.Popen([sys.executable, "-c", LEADER_GONE_SCRIPT, path], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        stat = Path(f"/proc/{p.pid}/stat")
+        wait_for(
+            lambda: stat.read_bytes().rsplit(b") ", 1)[1][:1] == b"Z", 10, "the leader thread ended", 0.01
+        )
+        info = h.process(p.pid)
+        assert info is not None and not info.zombie and info.state in ("S", "R"), info
+        ino = next(i for i, sp in h.unix_sockets().items() if sp == path)
+        held = h.holdings(p.pid)
+        assert held is not None and ino in held.sockets, held
+        st = os.stat(path + ".held")
+        assert held.files[(st.st_dev, st.st_ino)] == path + ".held"
+        facts = h.exit_facts(p.pid, info.create_time)
+        assert facts is not None and not facts.dying, facts
+        assert h.signal(p.pid, info.create_time, signal.SIGKILL) is SignalResult.SENT
+        wait_for(lambda: h.exit_facts(p.pid, info.create_time) is None, 10, "the exit", 0.01)
+        assert ino not in h.unix_sockets()  # gone with its last thread, not before
+        assert (z := h.process(p.pid)) is None or z.zombie
+    finally:
+        p.kill()
+        p.wait()

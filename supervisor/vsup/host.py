@@ -40,6 +40,7 @@ _SIGKILL_BIT = 1 << (_signal.SIGKILL - 1)
 
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 _DELETED = " (deleted)"
+_DEAD = (b"Z", b"X")  # /proc stat states of a thread that has ended
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,11 @@ class Host:
             return None
         comm = data[lp + 1 : rp].decode("utf-8", "replace")
         fs = data[rp + 2 :].split()
+        state = fs[0]
+        if state in _DEAD:
+            live = self._live_thread(pid)
+            if live is not None:  # the leader is done, the process is not: it holds everything yet
+                state = live[1][0]
         return ProcInfo(
             pid=pid,
             ppid=int(fs[1]),
@@ -240,9 +246,53 @@ class Host:
             sid=int(fs[3]),
             create_time=int(fs[19]) / self._clk_tck + self._btime,
             comm=comm,
-            state=fs[0].decode(),
+            state=state.decode(),
             uid=uid,
         )
+
+    def _live_thread(self, pid: int) -> tuple[str, list[bytes]] | None:
+        """For a process whose thread-group leader reads Z: one of its other threads that has
+        not ended yet, as (its /proc directory, its stat fields); None when there is none.
+
+        The leader thread of a process can end first (it called pthread_exit, or exit_group
+        reached it first) and then reads Z in /proc/PID/stat, with empty maps and fd listings,
+        while another thread still tears the address space down with every file, socket and
+        mapping of the process still open. Seen in CI: a SIGKILLed vLLM worker read as a zombie
+        while its ZMQ socket in the tree's TMPDIR was still live, so the forced exit's cleanup
+        took it for gone and found the directory "in use" by nobody it could see."""
+        base = f"{self._proc}/{pid}/task"
+        try:
+            tids = os.listdir(base)
+        except OSError:
+            return None
+        for tid in tids:
+            if tid == str(pid) or not tid.isdigit():
+                continue
+            try:
+                with open(f"{base}/{tid}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fs = data[data.rfind(b")") + 2 :].split()
+            if len(fs) > 19 and fs[0] not in _DEAD:
+                return f"{base}/{tid}", fs
+        return None
+
+    def _proc_dir(self, pid: int) -> str:
+        """Where the maps and fds of `pid` can be read: its own directory, or that of a thread
+        still running or exiting when its leader thread has ended (see _live_thread)."""
+        base = f"{self._proc}/{pid}"
+        try:
+            with open(f"{base}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            return base
+        fs = data[data.rfind(b")") + 2 :].split()
+        if fs and fs[0] in _DEAD:
+            live = self._live_thread(pid)
+            if live is not None:
+                return live[0]
+        return base
 
     def cmdline(self, pid: int) -> tuple[str, ...] | None:
         """argv as /proc/PID/cmdline shows it; a setproctitle title comes back as one element."""
@@ -329,8 +379,9 @@ class Host:
         """
         h = Holdings()
         root = self._shm_prefix.encode()
+        base = self._proc_dir(pid)
         try:
-            with open(f"{self._proc}/{pid}/maps", "rb") as f:
+            with open(f"{base}/maps", "rb") as f:
                 data = f.read()
         except (FileNotFoundError, ProcessLookupError):
             return None
@@ -350,7 +401,7 @@ class Host:
                     continue
                 dev = os.makedev(int(major, 16), int(minor, 16))
                 h.files.setdefault((dev, ino), line[i:].decode("utf-8", "replace"))
-        fd_dir = f"{self._proc}/{pid}/fd"
+        fd_dir = f"{base}/fd"
         try:
             fds = os.listdir(fd_dir)
         except (FileNotFoundError, ProcessLookupError):
@@ -487,7 +538,7 @@ class Host:
 
     def exit_facts(self, pid: int, create_time: float) -> ExitFacts | None:
         """Is `pid` (still the process born at `create_time`) dying, and is its exit moving?
-        None when it is gone, a zombie or another process now.
+        None when it is gone, a zombie (every thread ended) or another process now.
 
         A SIGKILLed process is not gone when kill() returns: every thread must be scheduled to
         act on the signal, and the last one tears the address space down (exit_mmap) before the
@@ -504,19 +555,33 @@ class Host:
             return None
         rp = data.rfind(b")")
         fs = data[rp + 2 :].split()
-        if len(fs) < 20 or fs[0] in (b"Z", b"X"):
+        if len(fs) < 20:
             return None
         if abs(int(fs[19]) / self._clk_tck + self._btime - create_time) > CREATE_TIME_TOLERANCE_S:
             return None
+        ticks = int(fs[11]) + int(fs[12])  # the leader's stat counts every thread's CPU time
+        wchan_at = f"{self._proc}/{pid}"
+        if fs[0] in _DEAD:
+            # The leader thread has ended; the process has not while another thread is still
+            # exiting (with the address space and every file still held): judge by that thread.
+            live = self._live_thread(pid)
+            if live is None:
+                return None
+            wchan_at, fs = live
+            try:
+                with open(f"{wchan_at}/status", "rb") as f:
+                    status = f.read()
+            except OSError:
+                return None
         pending = 0
         for line in status.splitlines():
             if line.startswith((b"SigPnd:", b"ShdPnd:")):
                 pending |= int(line.split()[1], 16)
         return ExitFacts(
             dying=bool(int(fs[6]) & PF_EXITING or pending & _SIGKILL_BIT),
-            cpu_ticks=int(fs[11]) + int(fs[12]),
+            cpu_ticks=ticks,
             state=fs[0].decode(),
-            wchan=_read_wchan(f"{self._proc}/{pid}/wchan"),
+            wchan=_read_wchan(f"{wchan_at}/wchan"),
         )
 
     def hasten_exit(self, pid: int, create_time: float, session: bool) -> bool:
