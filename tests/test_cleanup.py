@@ -26,7 +26,7 @@ from fakes.trees import (
 )
 from vsup.cleanup import Report, cleanup, find_orphans, port_holder, render_table
 from vsup.host import Host
-from vsup.proctree import IpcRef, refresh
+from vsup.proctree import IpcRef, cap_cgroup, refresh
 
 FAST = dict(grace_s=2.0, tracker_grace_s=3.0, kill_wait_s=2.0, poll_s=0.05)
 
@@ -50,6 +50,36 @@ def test_dead_tree_is_killed_and_its_debris_removed():
     assert {k["pid"] for k in rep.killed} == {501, 502, 503, 504}
     assert sorted(rep.removed_files) == sorted(rec.files)
     assert rep.clean and not rep.remaining
+
+
+def test_a_dead_trees_cpu_cap_is_removed_and_a_dry_run_leaves_it():
+    """A vsup that ended during an overlapped reload leaves the loading tree's CPU cap (a cpu
+    cgroup): the cleanup of that tree's record removes it; a dry run does not; a cgroup that
+    cannot be removed is remaining, with why."""
+    h = FakeHost()
+    _, rec = add_vllm_tree(h, 500, api_alive=False)
+    name = cap_cgroup(rec.id)
+    h.caps[name] = (500, 1.0)
+    h.caps["vsup-cap-someone-elses"] = (900, 1.0)
+    assert name not in run(h, [rec], dry_run=True).removed_files and name in h.caps
+    rep = run(h, [rec])
+    assert f"/fake/cgroup/cpu/{name}" in rep.removed_files and rep.clean
+    assert h.caps == {"vsup-cap-someone-elses": (900, 1.0)}  # only the record's own
+
+    h2 = FakeHost()
+    _, rec2 = add_vllm_tree(h2, 600, api_alive=False)
+
+    def refused(name: str) -> str | None:
+        raise OSError(f"[Errno 16] Device or resource busy: {name}")
+
+    h2.cpu_uncap = refused  # the one case this test is about
+    rep2 = run(h2, [rec2])
+    assert rep2.remaining == [
+        {
+            "name": f"cpu cgroup {cap_cgroup(rec2.id)}",
+            "reason": f"remove refused: [Errno 16] Device or resource busy: {cap_cgroup(rec2.id)}",
+        }
+    ]
 
 
 def test_resource_tracker_is_left_alone_until_the_others_are_gone():

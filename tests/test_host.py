@@ -424,3 +424,45 @@ def test_a_process_whose_leader_thread_ended_is_not_a_zombie_while_a_thread_live
     finally:
         p.kill()
         p.wait()
+
+
+def test_cpu_cap_moves_a_process_into_a_capped_cgroup_and_uncap_removes_it():
+    """cpu_cap makes a cpu cgroup beside vsup's own, capped at the cores asked, with the process
+    in it (and what it forks later); cpu_uncap moves them back and removes it; a second uncap
+    finds none. Needs the cgroup v1 cpu controller writable (root here): otherwise it must
+    refuse with OSError, leaving nothing."""
+    h = Host()
+    name = f"vsup-cap-test{os.getpid()}"
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        try:
+            own = h.cpu_cgroup()
+        except OSError as e:
+            with pytest.raises(OSError):
+                h.cpu_cap(name, p.pid, 1.0)
+            pytest.skip(f"no cgroup v1 cpu controller here: {e}")
+        if os.geteuid() != 0:
+            with pytest.raises(OSError):
+                h.cpu_cap(name, p.pid, 1.0)
+            assert not os.path.exists(f"{own}/{name}")
+            return
+        d = h.cpu_cap(name, p.pid, 1.5)
+        assert d == f"{own}/{name}"
+        period = int(Path(f"{d}/cpu.cfs_period_us").read_text())
+        assert int(Path(f"{d}/cpu.cfs_quota_us").read_text()) == int(period * 1.5)
+        assert Path(f"{d}/cgroup.procs").read_text().split() == [str(p.pid)]
+        with pytest.raises(FileExistsError):
+            h.cpu_cap(name, p.pid, 1.0)
+        assert h.cpu_uncap(name) == d and not os.path.exists(d)
+
+        def cpu_path(pid: int | str) -> str:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            return next(x.split(":", 2)[2] for x in lines if "cpu" in x.split(":")[1].split(","))
+
+        assert cpu_path(p.pid) == cpu_path("self")  # back beside vsup
+        assert h.cpu_uncap(name) is None
+    finally:
+        p.kill()
+        p.wait()
+        with contextlib.suppress(OSError):
+            h.cpu_uncap(name)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fakes.owner_world import Owner, Server
-from vsup import proctree
+from vsup import overlapped, proctree
 from vsup.control import CommandError
 from vsup.gate import UpstreamRefused, UpstreamStalled
 from vsup.observations import Shutdown
@@ -51,6 +51,7 @@ def assert_sound(o: Owner, alive: list[Server]) -> None:
     assert [s.segment for s in gone if s.segment in o.world.host.shm_names()] == []
     assert sorted(r.id for r in proctree.Ledger(o.cfg.state_dir).load()) == sorted(f"t{s.pid}" for s in alive)
     assert all(t.done() and not t.cancelled() for t in o.replies), "a command without a reply"
+    assert o.sup.overlap is not None or o.world.host.caps == {}, "a CPU cap left after the overlap"
 
 
 async def overlapping(o: Owner) -> tuple[Server, Server, asyncio.Task[Any]]:
@@ -72,12 +73,17 @@ def kill(o: Owner, s: Server) -> None:
     h.signal(s.pid, h.procs[s.pid].create_time, signal.SIGKILL)
 
 
-def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("capped", [True, False], ids=["cpu-cap", "no-cgroup-yield"])
+def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path, capped: bool) -> None:
     """reload b: b starts beside a on a port and TMPDIR of its own, both in the ledger; requests
-    go to a until b is proven, then to b; a is stopped and cleaned; ready on b."""
+    go to a until b is proven, then to b; a is stopped and cleaned; ready on b. On CPU the new
+    tree is capped at spawn (a cpu cgroup) until a is retired; where no cgroup can be made, a's
+    session yields its CPU share while b loads, and b's while a drains."""
 
     async def scenario() -> None:
         async with overlap_owner(tmp_path) as o:
+            if not capped:
+                o.world.host.cap_refused = "no cgroup v1 cpu controller"
             a, b, t = await overlapping(o)
             assert a.port == PORT and b.port != PORT and b.private_tmp and not a.private_tmp
             assert sorted(r.id for r in proctree.Ledger(o.cfg.state_dir).load()) == [f"t{a.pid}", f"t{b.pid}"]
@@ -86,21 +92,36 @@ def test_overlapped_reload_switches_then_retires_the_old_tree(tmp_path: Path) ->
             st = o.sup.status()["overlap"]
             assert st["serving"] == "old" and st["old"]["pid"] == a.pid and st["new"]["pid"] == b.pid
             # CPU: every tree runs at nice 10 ([vllm] nice's default without GPUs), its session's
-            # autogroup too; the serving tree yields the cores to the new one's load (19)
+            # autogroup too; the new tree's CPU is capped at all cores but one from its spawn, or
+            # (no cgroup) the serving tree yields the cores to the new one's load (19)
             assert [e["nice"] for e in o.evs("spawned")] == [10, 10]
             assert o.world.host.nices == {a.pid: 10, b.pid: 10}
-            assert (
-                o.world.host.autogroups == {a.pid: 19, b.pid: 10} and o.evs("overlap_yield")[0]["was"] == 10
-            )
+            cap = proctree.cap_cgroup(f"t{b.pid}")
+            if capped:
+                assert o.world.host.caps == {cap: (b.pid, overlapped._cap_cores())}
+                assert o.world.host.autogroups == {a.pid: 10, b.pid: 10} and o.evs("overlap_yield") == []
+                assert o.evs("overlap_cap")[0]["cores"] == overlapped._cap_cores()
+            else:
+                assert o.world.host.caps == {} and o.evs("overlap_cap")[0]["cgroup"] is None
+                assert "cpu controller" in o.evs("overlap_cap")[0]["reason"]
+                assert o.world.host.autogroups == {a.pid: 19, b.pid: 10}
+                assert o.evs("overlap_yield")[0]["was"] == 10
             assert st["new"]["port"] == b.port and st["fit"]["ok"]
             b.mode = "ready"
             await o.state("reloading", "retire")
-            # the old one drains at its full share, the new one yields meanwhile
-            assert o.world.host.autogroups == {a.pid: 10, b.pid: 19}
+            # the old one drains at its full share, the new one still capped or yielding meanwhile
+            if capped:
+                assert o.world.host.autogroups == {a.pid: 10, b.pid: 10} and cap in o.world.host.caps
+            else:
+                assert o.world.host.autogroups == {a.pid: 10, b.pid: 19}
             ok, r = await o.reply(t, 15)
             assert ok and r["overlapped"] and r["model"] == "b", r
             assert o.world.host.autogroups[b.pid] == 10  # serving alone: its own share back
-            assert [e["tree"] for e in o.evs("overlap_yield")] == [f"t{a.pid}", f"t{b.pid}"]
+            assert o.world.host.caps == {}  # ... and no cap
+            if capped:
+                assert o.world.host.caps_made == [cap] and len(o.evs("overlap_uncap")) == 1
+            else:
+                assert [e["tree"] for e in o.evs("overlap_yield")] == [f"t{a.pid}", f"t{b.pid}"]
             assert o.sup.snap.state == State.READY and o.sup.snap.model == "b"
             assert o.sup.gate.route.upstream == ("127.0.0.1", b.port) and o.sup.gate.route.gen == o.sup.gen
             assert "overlap" not in o.sup.status()
@@ -138,6 +159,7 @@ def test_overlapped_reload_of_a_broken_model_never_stops_the_old_one(tmp_path: P
             assert o.sup.gen == gen and o.sup.gate.route.upstream == ("127.0.0.1", PORT)
             assert not [s for p, s in o.world.host.signals if p == a.pid]
             assert o.world.host.autogroups[a.pid] == 10  # its own CPU share back (the default on CPU)
+            assert len(o.world.host.caps_made) == 1 and o.world.host.caps == {}  # the cap went with b
             assert o.evs("overlap_end")[-1]["outcome"] == "rolled_back"
             assert len(o.evs("incident")) == 1
             assert o.transitions()[-2:] == [("ready", "reloading"), ("reloading", "ready")]

@@ -99,6 +99,19 @@ def _judge(load: Load) -> tuple[list[dict[str, Any]], float]:
     return failed, slowest
 
 
+def _assert_capped_then_uncapped(evs: list[dict]) -> None:
+    """The loading tree ran under a CPU cap (a cpu cgroup: root and cgroup v1 here, as in CI),
+    lifted when the overlap ended (or removed with the failed tree by its cleanup), its cgroup
+    gone; vsup made no other."""
+    cap = next(e for e in evs if e["event"] == "overlap_cap")
+    assert cap["cgroup"], f"no CPU cap: {cap.get('reason')}"
+    assert not any(e["event"] == "overlap_yield" for e in evs)
+    assert [e["cgroup"] for e in evs if e["event"] == "overlap_uncap"] in ([], [cap["cgroup"]])
+    assert not Path(cap["cgroup"]).exists()
+    root = Path(cap["cgroup"]).parent
+    assert not list(root.glob("vsup-cap-*")), list(root.glob("vsup-cap-*"))
+
+
 def test_overlapped_reload_b_fails_nothing_and_leaves_nothing_of_the_old_tree(
     real: tuple[Daemon, str],
 ) -> None:
@@ -132,6 +145,7 @@ def test_overlapped_reload_b_fails_nothing_and_leaves_nothing_of_the_old_tree(
     evs = [e["event"] for e in d.events()[n:]]
     assert "overlap_begin" in evs and "overlap_switch" in evs and "overlap_fallback" not in evs, evs
     assert "proxy_hold" not in evs  # nobody waited for a server
+    _assert_capped_then_uncapped(d.events()[n:])
     # the old tree's retire ended when the tree did, not when its stop grace ran out (its
     # leader's exit was never posted: 20.0 s every time, its SIGTERM taking well under 1 s)
     full = d.events()[n:]
@@ -175,6 +189,7 @@ def test_overlapped_reload_to_a_broken_model_never_stops_the_old_one(real: tuple
     evs = d.events()[n:]
     assert any(e["event"] == "overlap_end" and e["outcome"] == "rolled_back" for e in evs)
     assert not any(e["event"] == "proxy_hold" for e in evs)
+    _assert_capped_then_uncapped(evs)
     # the broken tree, as the ledger recorded it while it ran
     broken = [r for led in watch.ledgers for r in led if "tiny-broken" in r.model]
     assert broken, "the broken tree was never seen in the ledger"

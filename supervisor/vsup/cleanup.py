@@ -33,6 +33,7 @@ from vsup.proctree import (
     TREE_TMPDIR,
     ZMQ_SOCKET,
     TreeRecord,
+    cap_cgroup,
     descendants,
     ipc_kind,
     is_api_server,
@@ -598,6 +599,19 @@ def cleanup(
                 continue
         rep.removed_files.append(path)
         say(f"{'would remove' if dry_run else 'removed'} {path}")
+
+    # 5. the CPU cap of a tree that loaded beside a serving one (overlapped.py), left by a vsup
+    # that ended before lifting it: an empty cgroup once the tree is gone, removed.
+    for rec in [] if dry_run else sane:
+        name = cap_cgroup(rec.id)
+        try:
+            cg = host.cpu_uncap(name)
+        except OSError as e:
+            rep.remaining.append({"name": f"cpu cgroup {name}", "reason": f"remove refused: {e}"})
+            continue
+        if cg is not None:
+            rep.removed_files.append(cg)
+            say(f"removed {cg} (the tree's CPU cap)")
 
     say(
         f"cleanup {'(dry run) ' if dry_run else ''}done: {len(rep.killed)} process(es), "

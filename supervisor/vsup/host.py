@@ -862,6 +862,78 @@ class Host:
             return None
         return before
 
+    def cpu_cgroup(self) -> str:
+        """The directory of this process's own cgroup in the cgroup v1 `cpu` hierarchy, where
+        a CPU cap's cgroup is made beside nothing else of the host's. OSError saying why where
+        there is none: cgroup v2 alone (a cap there needs a subtree delegated to vsup, which
+        a service does not have by default), or no cpu controller mounted."""
+        own = None
+        with open(f"{self._proc}/self/cgroup", encoding="utf-8") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                if "cpu" in ctrls.split(","):
+                    own = path
+        if own is None:
+            raise OSError("no cgroup v1 cpu controller (cgroup v2 only: a CPU cap needs a delegated subtree)")
+        with open(f"{self._proc}/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields, sup = pre.split(), post.split()
+                if len(sup) >= 3 and sup[0] == "cgroup" and "cpu" in sup[2].split(","):
+                    root, mnt = fields[3], fields[4]
+                    rel = own[len(root) :] if own.startswith(root) else own
+                    return mnt.rstrip("/") + "/" + rel.strip("/") if rel.strip("/") else mnt
+        raise OSError("the cgroup v1 cpu controller is not mounted")
+
+    def cpu_cap(self, name: str, pid: int, cores: float) -> str:
+        """A cgroup `name` beside this process's own in the cpu hierarchy, its CFS bandwidth
+        capped at `cores` CPUs, with `pid` moved into it (what it forks later is born there).
+        Returns the cgroup's directory; OSError saying why it cannot be done (not root, cgroup
+        v2 alone, ...), with nothing left behind."""
+        d = f"{self.cpu_cgroup()}/{name}"
+        os.mkdir(d, 0o755)
+        try:
+            with open(f"{d}/cpu.cfs_period_us", encoding="ascii") as f:
+                period = int(f.read())
+            with open(f"{d}/cpu.cfs_quota_us", "w", encoding="ascii") as f:
+                f.write(str(max(1000, int(period * cores))))
+            with open(f"{d}/cgroup.procs", "w", encoding="ascii") as f:
+                f.write(str(pid))
+        except (OSError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                self._cgroup_empty(d)
+                os.rmdir(d)
+            raise OSError(f"cannot cap {d}: {e}") from e
+        return d
+
+    def cpu_uncap(self, name: str) -> str | None:
+        """Every process of cgroup `name` (made by cpu_cap) back to this process's own cgroup,
+        and the cgroup removed. Returns its directory, or None where there was none; OSError
+        when it cannot be removed (a process could not be moved out)."""
+        try:
+            d = f"{self.cpu_cgroup()}/{name}"
+        except OSError:
+            return None
+        if not os.path.isdir(d):
+            return None
+        self._cgroup_empty(d)
+        os.rmdir(d)
+        return d
+
+    def _cgroup_empty(self, d: str) -> None:
+        parent = os.path.dirname(d)
+        for _ in range(3):  # a process forked while we moved the others is listed next round
+            with open(f"{d}/cgroup.procs", encoding="ascii") as f:
+                pids = f.read().split()
+            if not pids:
+                return
+            for pid in pids:
+                with (
+                    contextlib.suppress(ProcessLookupError),
+                    open(f"{parent}/cgroup.procs", "w", encoding="ascii") as f,
+                ):
+                    f.write(pid)
+
     def set_nice(self, pid: int, nice: int) -> int | None:
         """`pid`'s nice (its main thread; what it forks and starts later inherits it), set to
         `nice`. Returns the value before, or None where it cannot be set (gone; below 0 needs

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 import signal
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ class Overlap:
     fit: dict[str, Any]
     since: float  # epoch
     serving: str = "old"  # "old" until the new tree is proven, then "new"
+    cap: str | None = None  # the cpu cgroup capping the new tree while the old one serves or drains
 
     def roles(self, new_tree: bool) -> dict[str, int]:
         """For the metrics: how many trees hold each role now."""
@@ -244,13 +246,7 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     if new.model != old.model:
         o.policy.new_model()
     o._use(spec=new)
-    if o.gpus is None:
-        # CPU: both trees share the cores. vLLM's CPU workers spin on theirs while they serve, and
-        # with the scheduler's autogroups (one per session) the new tree's workers, pinned to the
-        # same cores, got no CPU at all (0 ticks in 5 s for minutes, measured here, the load
-        # never finishing); with the serving tree's autogroup at nice 10 they got 65 % of a core
-        # and the old one still answered. Undone on a rollback; a retired tree needs no undoing.
-        prev.nice = await _yield(o, prev.tree)
+    # CPU only: the new tree is capped (or the old one yields) at its spawn, see `spawned`.
     started = await o._start_tree(new, it.reason or "reload", in_reload=True, port=port)
     _roles(o)
     if started.interrupt is not None:
@@ -270,10 +266,11 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     _unyield(o, prev)  # its requests in flight finish at its full share (at nice 10 beside the
     # new tree serving, its streams stalled: measured, 2 cut when the drain ran out)
     new_nice: int | None = None
-    if o.gpus is None:
+    if o.gpus is None and ov.cap is None:
         # ... and the new tree yields while the old one drains: at equal shares the serving tree's
         # spinning workers starved the draining one (4 requests running, 0 tokens for 18 s after
         # the switch, cut when drain_s ran out: a CI run). New requests are served meanwhile, slower.
+        # (Capped, the new tree stays capped until the old one is retired: the same, bounded.)
         new_nice = await _yield(o, o.tree)
     switched_s = round(o.clock.monotonic() - t0, 3)
     o._publish(model=served, model_path=new.model)
@@ -289,6 +286,7 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
     finally:
         if new_nice is not None and o.tree is not None:  # the new tree alone: its full share
             o.host.autogroup_nice(o.tree.leader.pid, new_nice)
+        _uncap(o)  # likewise
     o.overlap = None
     _roles(o)
     secs = round(o.clock.monotonic() - t0, 3)
@@ -349,6 +347,7 @@ def _restore(o: Supervisor, outcome: str) -> Old:
     if ov is None:
         raise RuntimeError("overlap state lost before the rollback")  # a bug: internal_error
     prev = ov.old
+    _uncap(o)  # the new tree is gone: its cgroup is empty
     o.overlap = None
     _unyield(o, prev)  # it serves alone again: its full share
     o._restore_tree(prev.leader, prev.tree, prev.gen, prev.status, prev.ready_at)
@@ -362,11 +361,69 @@ def _restore(o: Supervisor, outcome: str) -> Old:
     return prev
 
 
+def spawned(o: Supervisor, leader: launch.Spawned) -> None:
+    """starting.py, right after it spawned a tree, before vLLM forks its engine and workers:
+    if this is the tree loading beside a serving one on CPU, cap its CPU so the serving one
+    keeps a core. Without a cap (no cgroup v1 cpu controller writable here), the serving tree's
+    session yields instead (`_yield`), which bounds nothing.
+
+    Both trees share the cores, and the scheduler's shares do not protect either: vLLM's CPU
+    workers spin on their cores while they serve and the loader's profile and KV-cache set-up
+    keep both cores busy, in the kernel for seconds. Measured here (2 cores, two TP=2 trees,
+    1 + 1 requests/s to the serving one): at equal autogroup nice the new tree's workers got 0
+    ticks in 5 s for minutes, the load never finishing; with the serving tree's autogroup at
+    nice 19 (weight 15 against 110) it got 12 % of the CPU while the new one loaded, and 0 ticks
+    for 9 s while the new one set its KV cache up: requests waited 11 s. With the new tree's
+    CFS bandwidth capped at all cores but one and no yield: the slowest request 0.79 s, the
+    load 77 s instead of 62 s. The cap is CPU time, not a share: it holds whatever the
+    scheduler's weights and lags do."""
+    ov = o.overlap
+    if ov is None or ov.serving != "old" or o.gpus is not None or o.tree is None:
+        return
+    name, cores = proctree.cap_cgroup(o.tree.id), _cap_cores()
+    try:
+        path = o.host.cpu_cap(name, leader.pid, cores)
+    except OSError as e:
+        o.events.emit("overlap_cap", tree=o.tree.id, cgroup=None, reason=str(e)[:300])
+        ov.old.nice = o.host.autogroup_nice(ov.old.tree.leader.pid, _yield_nice(o))
+        o.events.emit("overlap_yield", tree=ov.old.tree.id, autogroup_nice=_yield_nice(o), was=ov.old.nice)
+        return
+    ov.cap = name
+    o.events.emit("overlap_cap", tree=o.tree.id, cgroup=path, cores=cores)
+
+
+def _cap_cores() -> float:
+    """The new tree's CPU cap: every core this process may use but one (half of one alone)."""
+    n = len(os.sched_getaffinity(0))
+    return float(n - 1) if n > 1 else 0.5
+
+
+def _uncap(o: Supervisor) -> None:
+    """The new tree's CPU cap lifted (its processes back in vsup's own cgroup) and its cgroup
+    removed. A cgroup that cannot be removed is said; the cleanup of the tree's record tries
+    again (cleanup.py, step 5)."""
+    ov = o.overlap
+    if ov is None or ov.cap is None:
+        return
+    name, ov.cap = ov.cap, None
+    try:
+        path = o.host.cpu_uncap(name)
+    except OSError as e:
+        o.events.emit("overlap_uncap", cgroup=name, error=str(e)[:300])
+        return
+    if path is not None:  # None: a failed new tree's cleanup removed it with the tree
+        o.events.emit("overlap_uncap", cgroup=path)
+
+
+def _yield_nice(o: Supervisor) -> int:
+    return min(19, starting.tree_nice(o) + YIELD_BY)
+
+
 async def _yield(o: Supervisor, tree: proctree.TreeRecord) -> int | None:
     """`tree`'s session to autogroup nice YIELD_BY above the trees' own (CPU only); its nice
     before, to restore. At 0 and 10 the loading tree got 65 % of a core; at 10 (the CPU default
     since) and 19 the weights are 110 and 15, about the same ratio."""
-    nice = min(19, starting.tree_nice(o) + YIELD_BY)
+    nice = _yield_nice(o)
     was = await o.offload(o.host.autogroup_nice, tree.leader.pid, nice)
     o.events.emit("overlap_yield", tree=tree.id, autogroup_nice=nice, was=was)
     return was

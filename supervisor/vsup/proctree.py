@@ -50,6 +50,13 @@ DIST_ATTRIBUTION_WINDOW_S = 600.0
 DIST_FILE = re.compile(r"^vllm_dist_[0-9a-f]{32}$")
 # The private TMPDIR vsup gives each tree it starts (see make_tree_tmpdir).
 TREE_TMPDIR = re.compile(r"^vsup-tree-[0-9a-f]{12}$")
+
+
+def cap_cgroup(tree_id: str) -> str:
+    """The name of the cpu cgroup that caps a tree loading beside a serving one (overlapped.py)."""
+    return f"vsup-cap-{tree_id}"
+
+
 # Where every tree's private TMPDIR is made, whatever vsup's own $TMPDIR says: the cleanup
 # judges only paths under the tmp root (a ledger path elsewhere is ignored, so a planted ledger
 # cannot make it remove /etc/...). A tree dir made under another $TMPDIR leaked and its ledger

@@ -126,6 +126,10 @@ async def start_tree(
         remedies=[r.name for r in o.policy.remedies()],
         nice=nice,
     )
+    if o.overlap is not None:  # loading beside a serving tree: its CPU cap, before vLLM forks
+        from . import overlapped  # overlapped imports this module
+
+        overlapped.spawned(o, spawned)
     gen = o.gen
     o._spawn_task(refresher(o, gen))
     deadline_mono = o.clock.monotonic() + t.start_s

@@ -98,6 +98,9 @@ class FakeHost(_HostBase):
         self.mem: dict[str, int] = {"MemTotal": 64 << 30, "MemAvailable": 48 << 30}
         self.autogroups: dict[int, int] = {}  # session id -> autogroup nice (0 unless set)
         self.nices: dict[int, int] = {}  # pid -> nice set by set_nice (0 unless set)
+        self.caps: dict[str, tuple[int, float]] = {}  # cpu cgroup name -> (pid moved in, cores)
+        self.cap_refused: str | None = None  # cpu_cap raises OSError(this) when set
+        self.caps_made: list[str] = []  # every cgroup cpu_cap made, in order
         self.hastened: list[tuple[int, bool]] = []  # (pid, its session too) per hasten_exit
 
     # ---- building the world ------------------------------------------------------------------
@@ -308,6 +311,18 @@ class FakeHost(_HostBase):
         if nice is not None:
             self.autogroups[self.procs[pid].sid] = nice
         return before
+
+    def cpu_cap(self, name: str, pid: int, cores: float) -> str:
+        if self.cap_refused is not None:
+            raise OSError(self.cap_refused)
+        if name in self.caps:
+            raise FileExistsError(name)
+        self.caps[name] = (pid, cores)
+        self.caps_made.append(name)
+        return f"/fake/cgroup/cpu/{name}"
+
+    def cpu_uncap(self, name: str) -> str | None:
+        return f"/fake/cgroup/cpu/{name}" if self.caps.pop(name, None) is not None else None
 
     def set_nice(self, pid: int, nice: int) -> int | None:
         if pid not in self.procs:
