@@ -273,3 +273,16 @@ def test_autogroup_nice_reads_and_sets_a_sessions_share() -> None:
         p.kill()
         p.wait()
     assert Host().autogroup_nice(p.pid) is None  # gone
+
+
+def test_the_cli_line_of_a_reload_names_its_phases_or_the_switch() -> None:
+    """`vsup reload`'s last line: a sequential reload lists its phases; an overlapped one has
+    none (the old server served until the switch) and says when it switched, with no empty
+    list after a semicolon."""
+    from vsup.cli import _summary
+
+    seq = {"model": "b", "seconds": 40.04, "phases": {"drain": 0.1, "ready": 39.0}}
+    assert _summary("reload", seq) == "reload: b serves (40.0s; drain at 0.1s, ready at 39.0s)"
+    ovl = {"model": "b", "seconds": 83.137, "overlapped": True, "switched_at_s": 81.844}
+    assert _summary("reload", ovl) == "reload: b serves (83.1s; overlapped, switched at 81.8s)"
+    assert _summary("reload", {"model": "b", "seconds": 1.0}) == "reload: b serves (1.0s)"

@@ -334,7 +334,10 @@ def _summary(cmd: str, r: Any) -> str:
         return f"{cmd}: ok"
     if cmd == "reload" and "model" in r:
         phases = ", ".join(f"{k} at {v:.1f}s" for k, v in (r.get("phases") or {}).items())
-        return f"reload: {r['model']} serves ({r.get('seconds', 0):.1f}s; {phases})"
+        if r.get("overlapped"):  # no phases: the old server served until the switch
+            phases = f"overlapped, switched at {r.get('switched_at_s', 0):.1f}s"
+        took = f"{r.get('seconds', 0):.1f}s" + (f"; {phases}" if phases else "")
+        return f"reload: {r['model']} serves ({took})"
     if cmd == "unload" and r.get("unloaded"):
         return f"unload: {r.get('model')} off-loaded, machine clean ({r.get('seconds', 0):.1f}s)"
     if r.get("note"):
