@@ -8,6 +8,8 @@ overlap.py showed that both fit. The steps, all inside the owner's `reloading` s
 2. The new tree starts through the ordinary `start_tree`, on a free loopback port of its own and
    with its own TMPDIR, recorded in the ledger from its spawn (a vsup killed now leaves two
    recorded trees; the next start cleans both). Readiness and the canary prove it as always.
+   On CPU its CPU time is capped from its spawn (a cpu cgroup, `spawned`) until the old tree is
+   retired, so the serving tree keeps a core; where no cgroup can be made, the old one yields.
 3. Proven: the route switches (new requests go to the new server; `serving` = "new"); the old
    one's requests in flight finish, bounded by `timeouts.drain_s` (the proxy counts them per
    generation); then the old tree is stopped (SIGTERM, stop_grace_s, the cleanup engine, with the
