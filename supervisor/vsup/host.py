@@ -278,22 +278,6 @@ class Host:
                 return f"{base}/{tid}", fs
         return None
 
-    def _proc_dir(self, pid: int) -> str:
-        """Where the maps and fds of `pid` can be read: its own directory, or that of a thread
-        still running or exiting when its leader thread has ended (see _live_thread)."""
-        base = f"{self._proc}/{pid}"
-        try:
-            with open(f"{base}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            return base
-        fs = data[data.rfind(b")") + 2 :].split()
-        if fs and fs[0] in _DEAD:
-            live = self._live_thread(pid)
-            if live is not None:
-                return live[0]
-        return base
-
     def cmdline(self, pid: int) -> tuple[str, ...] | None:
         """argv as /proc/PID/cmdline shows it; a setproctitle title comes back as one element."""
         try:
@@ -379,14 +363,15 @@ class Host:
         """
         h = Holdings()
         root = self._shm_prefix.encode()
-        base = self._proc_dir(pid)
-        try:
-            with open(f"{base}/maps", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
+        base = f"{self._proc}/{pid}"
+        data = _read_maps(base)
+        if data is None:
             return None
-        except PermissionError:
-            data = b""
+        if not data:  # a kernel thread, another user's process, or a leader thread that has
+            live = self._live_thread(pid)  # ended while another one still holds everything
+            if live is not None:
+                base = live[0]
+                data = _read_maps(base) or b""
         if root in data:
             for line in data.splitlines():
                 i = line.find(root)
@@ -981,6 +966,17 @@ def _with_cmdline(info: ProcInfo, cmdline: tuple[str, ...] | None) -> ProcInfo:
         info.uid,
         cmdline if cmdline is not None else (),
     )
+
+
+def _read_maps(base: str) -> bytes | None:
+    """/proc/PID/maps (or a thread's) under `base`: None when gone, empty when unreadable."""
+    try:
+        with open(f"{base}/maps", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return b""
 
 
 def _read_wchan(path: str) -> str:
