@@ -273,7 +273,7 @@ async def reload(o: Supervisor, it: Intent, new: ModelConfig, old: ModelConfig, 
         # spinning workers starved the draining one (4 requests running, 0 tokens for 18 s after
         # the switch, cut when drain_s ran out: a CI run). New requests are served meanwhile, slower.
         # (Capped, the new tree stays capped until the old one is retired: the same, bounded.)
-        new_nice = await _yield(o, o.tree)
+        new_nice = _yield(o, o.tree)
     switched_s = round(o.clock.monotonic() - t0, 3)
     o._publish(model=served, model_path=new.model)
     o.events.emit("overlap_switch", model=served, tree=o.tree.id, port=port, gen=o.gen, seconds=switched_s)
@@ -387,8 +387,7 @@ def spawned(o: Supervisor, leader: launch.Spawned) -> None:
         path = o.host.cpu_cap(name, leader.pid, cores)
     except OSError as e:
         o.events.emit("overlap_cap", tree=o.tree.id, cgroup=None, reason=str(e)[:300])
-        ov.old.nice = o.host.autogroup_nice(ov.old.tree.leader.pid, _yield_nice(o))
-        o.events.emit("overlap_yield", tree=ov.old.tree.id, autogroup_nice=_yield_nice(o), was=ov.old.nice)
+        ov.old.nice = _yield(o, ov.old.tree)
         return
     ov.cap = name
     o.events.emit("overlap_cap", tree=o.tree.id, cgroup=path, cores=cores)
@@ -417,16 +416,13 @@ def _uncap(o: Supervisor) -> None:
         o.events.emit("overlap_uncap", cgroup=path)
 
 
-def _yield_nice(o: Supervisor) -> int:
-    return min(19, starting.tree_nice(o) + YIELD_BY)
-
-
-async def _yield(o: Supervisor, tree: proctree.TreeRecord) -> int | None:
+def _yield(o: Supervisor, tree: proctree.TreeRecord) -> int | None:
     """`tree`'s session to autogroup nice YIELD_BY above the trees' own (CPU only); its nice
     before, to restore. At 0 and 10 the loading tree got 65 % of a core; at 10 (the CPU default
-    since) and 19 the weights are 110 and 15, about the same ratio."""
-    nice = _yield_nice(o)
-    was = await o.offload(o.host.autogroup_nice, tree.leader.pid, nice)
+    since) and 19 the weights are 110 and 15, about the same ratio. One write to /proc, done in
+    the owner as `_unyield` and starting.py's nice are."""
+    nice = min(19, starting.tree_nice(o) + YIELD_BY)
+    was = o.host.autogroup_nice(tree.leader.pid, nice)
     o.events.emit("overlap_yield", tree=tree.id, autogroup_nice=nice, was=was)
     return was
 
