@@ -310,9 +310,10 @@ class ProxyConfig:
         "keep arriving; the other model's requests wait (oldest waiting model first)",
         min=0,
     )
-    # Issue 23. "never" by default: on 2 shared cores a second TP=2 tree loads 3-7x slower beside
-    # the first (126-158 s instead of ~22 s) and the reload takes that long; "auto" is for a
-    # machine with the room (spare GPUs, or memory for both), where clients then wait for nothing.
+    # Issue 23. "never" by default: on 2 shared cores a second TP=2 tree loads 3-4x slower beside
+    # the first (78-89 s instead of ~22 s, its CPU capped so the serving one keeps a core; the cap
+    # needs root and cgroup v1, else the serving tree only yields and clients wait seconds); "auto"
+    # is for a machine with the room (spare GPUs, or cores to spare), where clients wait for nothing.
     overlap: str = _f(
         "never",
         "reload: 'auto' = start the new server beside the old one when vsup can show both fit (NVML "
